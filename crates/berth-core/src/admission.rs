@@ -1,0 +1,200 @@
+//! Node capacity as the admission committer sees it, and the re-check it
+//! runs on every plan inside its transaction.
+//!
+//! `NodeCapacity` is built from a node and its reservation rows (L2: nothing
+//! else counts). The planner works on a snapshot of these; the committer
+//! rebuilds them from the rows inside its transaction and calls `recheck`
+//! before inserting, so a stale plan is rejected instead of over-committing
+//! (L1). This module must not keep totals of its own between calls.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{MemMib, Node, NodeId, NodeStatus, PortRange, Reservation, ReservationState};
+use crate::placement::Placement;
+
+/// Why a plan does not fit a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Misfit {
+    NodeNotReady,
+    InsufficientMemory,
+    StartLimit,
+    NoFreePort,
+    PortTaken,
+}
+
+impl Misfit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Misfit::NodeNotReady => "node_not_ready",
+            Misfit::InsufficientMemory => "insufficient_memory",
+            Misfit::StartLimit => "start_limit",
+            Misfit::NoFreePort => "no_free_port",
+            Misfit::PortTaken => "port_taken",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCapacity {
+    pub node_id: NodeId,
+    pub status: NodeStatus,
+    pub allocatable: MemMib,
+    /// Sum of the memory of every reservation row on the node.
+    pub reserved: MemMib,
+    /// Reservations not yet confirmed running: instances still starting.
+    pub pending_starts: u32,
+    /// 0 means no limit.
+    pub max_concurrent_starts: u32,
+    pub ports: PortRange,
+    pub used_ports: BTreeSet<u16>,
+}
+
+impl NodeCapacity {
+    /// Derives the node's capacity from its reservation rows; rows of other
+    /// nodes are ignored so callers may pass every row.
+    pub fn from_rows<'a>(node: &Node, rows: impl IntoIterator<Item = &'a Reservation>) -> NodeCapacity {
+        let mut cap = NodeCapacity {
+            node_id: node.id.clone(),
+            status: node.status,
+            allocatable: node.allocatable_mib(),
+            reserved: MemMib(0),
+            pending_starts: 0,
+            max_concurrent_starts: node.max_concurrent_starts,
+            ports: node.ports,
+            used_ports: BTreeSet::new(),
+        };
+        for r in rows.into_iter().filter(|r| r.node_id == node.id) {
+            cap.reserved += r.memory_mib;
+            if r.state == ReservationState::Pending {
+                cap.pending_starts += 1;
+            }
+            cap.used_ports.insert(r.port);
+        }
+        cap
+    }
+
+    pub fn free(&self) -> MemMib {
+        self.allocatable.saturating_sub(self.reserved)
+    }
+
+    /// Whether a new placement of `memory` fits, ignoring ports.
+    pub fn fits_memory(&self, memory: MemMib) -> Result<(), Misfit> {
+        if !self.status.can_place() {
+            return Err(Misfit::NodeNotReady);
+        }
+        if self.max_concurrent_starts > 0 && self.pending_starts >= self.max_concurrent_starts {
+            return Err(Misfit::StartLimit);
+        }
+        if self.reserved + memory > self.allocatable {
+            return Err(Misfit::InsufficientMemory);
+        }
+        Ok(())
+    }
+
+    pub fn first_free_port(&self) -> Option<u16> {
+        (self.ports.min..=self.ports.max).find(|p| !self.used_ports.contains(p))
+    }
+
+    /// Records a placement in this capacity view.
+    pub fn take(&mut self, memory: MemMib, port: u16) {
+        self.reserved += memory;
+        self.pending_starts += 1;
+        self.used_ports.insert(port);
+    }
+}
+
+/// The committer's re-check of one plan against capacity derived from the
+/// latest rows. `Ok` means the plan may be inserted; the caller must then
+/// `take` it before checking the next plan for the same node.
+pub fn recheck(node: &NodeCapacity, plan: &Placement) -> Result<(), Misfit> {
+    node.fits_memory(plan.memory_mib)?;
+    if !node.ports.contains(plan.port) || node.used_ports.contains(&plan.port) {
+        return Err(Misfit::PortTaken);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ServerId;
+
+    pub(crate) fn node(id: &str, alloc: u64) -> Node {
+        Node {
+            id: NodeId(id.into()),
+            name: id.into(),
+            address: String::new(),
+            driver: "process".into(),
+            total_mib: MemMib(alloc),
+            system_reserved_mib: MemMib(0),
+            cpu_cores: 2,
+            status: NodeStatus::Ready,
+            max_concurrent_starts: 0,
+            ports: PortRange { min: 30000, max: 30009 },
+            epoch: 1,
+            sync_seq: 0,
+            last_sync_at: None,
+            registered_at: 0,
+            host_total_mib: MemMib(alloc),
+            host_available_mib: MemMib(alloc),
+        }
+    }
+
+    fn res(server: &str, node: &str, mem: u64, port: u16) -> Reservation {
+        Reservation {
+            server_id: ServerId(server.into()),
+            generation: 1,
+            node_id: NodeId(node.into()),
+            memory_mib: MemMib(mem),
+            port,
+            state: ReservationState::Pending,
+            created_at: 0,
+        }
+    }
+
+    fn plan(server: &str, node: &str, mem: u64, port: u16) -> Placement {
+        Placement {
+            server_id: ServerId(server.into()),
+            expected_generation: 0,
+            node_id: NodeId(node.into()),
+            memory_mib: MemMib(mem),
+            port,
+        }
+    }
+
+    #[test]
+    fn the_incident_third_gigabyte_does_not_fit_on_2500() {
+        let n = node("n1", 2500);
+        let rows = vec![res("a", "n1", 1024, 30000), res("b", "n1", 1024, 30001)];
+        let cap = NodeCapacity::from_rows(&n, &rows);
+        assert_eq!(cap.reserved, MemMib(2048));
+        assert_eq!(recheck(&cap, &plan("c", "n1", 1024, 30002)), Err(Misfit::InsufficientMemory));
+        assert_eq!(recheck(&cap, &plan("c", "n1", 452, 30002)), Ok(()));
+    }
+
+    #[test]
+    fn rows_of_other_nodes_do_not_count() {
+        let n = node("n1", 2500);
+        let rows = vec![res("a", "n2", 2048, 30000)];
+        assert_eq!(NodeCapacity::from_rows(&n, &rows).reserved, MemMib(0));
+    }
+
+    #[test]
+    fn taken_port_and_start_limit_and_status_reject() {
+        let mut n = node("n1", 8000);
+        let rows = vec![res("a", "n1", 100, 30000)];
+        let cap = NodeCapacity::from_rows(&n, &rows);
+        assert_eq!(recheck(&cap, &plan("b", "n1", 100, 30000)), Err(Misfit::PortTaken));
+        assert_eq!(recheck(&cap, &plan("b", "n1", 100, 40000)), Err(Misfit::PortTaken));
+        n.max_concurrent_starts = 1;
+        let cap = NodeCapacity::from_rows(&n, &rows);
+        assert_eq!(recheck(&cap, &plan("b", "n1", 100, 30001)), Err(Misfit::StartLimit));
+        n.max_concurrent_starts = 0;
+        n.status = NodeStatus::Draining;
+        let cap = NodeCapacity::from_rows(&n, &rows);
+        assert_eq!(recheck(&cap, &plan("b", "n1", 100, 30001)), Err(Misfit::NodeNotReady));
+    }
+}

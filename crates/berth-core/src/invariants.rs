@@ -1,0 +1,239 @@
+//! The invariant checker: a pure function over a store snapshot, and
+//! optionally over what drivers really run, that reports every breach of
+//! the laws of DESIGN.md it can see.
+//!
+//! - L1: per node, the sum of reservation rows is at most allocatable.
+//! - L2: every reservation belongs to a server that is placed on that node
+//!   with that generation, and every placed server has exactly one
+//!   reservation (reserved memory is derived from rows, nothing else).
+//! - L3: at most one live instance per server, and none older than the
+//!   server's generation while the newer one runs.
+//! - L5: a server's status agrees with what it holds (one placement at a
+//!   time, only along the state machine).
+//!
+//! Tests, simulations and the admin API call it after steps; it never
+//! repairs anything.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Generation, MemMib, Node, NodeId, Reservation, Server, ServerId, ServerStatus};
+
+/// An instance some driver reports as alive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveInstance {
+    pub node_id: NodeId,
+    pub server_id: ServerId,
+    pub generation: Generation,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "law", rename_all = "snake_case")]
+pub enum Violation {
+    L1 { node_id: NodeId, reserved_mib: MemMib, allocatable_mib: MemMib },
+    L2 { server_id: ServerId, detail: String },
+    L3 { server_id: ServerId, detail: String },
+    L5 { server_id: ServerId, detail: String },
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Violation::L1 { node_id, reserved_mib, allocatable_mib } => {
+                write!(f, "L1: node {node_id} has {reserved_mib} reserved but only {allocatable_mib} allocatable")
+            }
+            Violation::L2 { server_id, detail } => write!(f, "L2: server {server_id}: {detail}"),
+            Violation::L3 { server_id, detail } => write!(f, "L3: server {server_id}: {detail}"),
+            Violation::L5 { server_id, detail } => write!(f, "L5: server {server_id}: {detail}"),
+        }
+    }
+}
+
+pub fn check(nodes: &[Node], servers: &[Server], reservations: &[Reservation], live: Option<&[LiveInstance]>) -> Vec<Violation> {
+    let mut out = Vec::new();
+
+    // L1
+    let mut per_node: BTreeMap<&NodeId, MemMib> = BTreeMap::new();
+    for r in reservations {
+        *per_node.entry(&r.node_id).or_default() += r.memory_mib;
+    }
+    for n in nodes {
+        let reserved = per_node.get(&n.id).copied().unwrap_or_default();
+        if reserved > n.allocatable_mib() {
+            out.push(Violation::L1 { node_id: n.id.clone(), reserved_mib: reserved, allocatable_mib: n.allocatable_mib() });
+        }
+    }
+
+    // L2
+    let by_id: BTreeMap<&ServerId, &Server> = servers.iter().map(|s| (&s.id, s)).collect();
+    let mut rows_per_server: BTreeMap<&ServerId, usize> = BTreeMap::new();
+    for r in reservations {
+        *rows_per_server.entry(&r.server_id).or_default() += 1;
+        if !nodes.iter().any(|n| n.id == r.node_id) {
+            out.push(Violation::L2 { server_id: r.server_id.clone(), detail: format!("reservation on unknown node {}", r.node_id) });
+        }
+        match by_id.get(&r.server_id) {
+            None => out.push(Violation::L2 { server_id: r.server_id.clone(), detail: "reservation of an unknown server".into() }),
+            Some(s) => {
+                if !s.status.holds_reservation() {
+                    out.push(Violation::L2 {
+                        server_id: s.id.clone(),
+                        detail: format!("reservation held by a server that is {}", s.status),
+                    });
+                }
+                if s.generation != r.generation || s.node_id.as_ref() != Some(&r.node_id) {
+                    out.push(Violation::L2 {
+                        server_id: s.id.clone(),
+                        detail: format!(
+                            "reservation (generation {}, node {}) does not match the server (generation {}, node {:?})",
+                            r.generation, r.node_id, s.generation, s.node_id
+                        ),
+                    });
+                }
+                if s.memory_mib != r.memory_mib {
+                    out.push(Violation::L2 { server_id: s.id.clone(), detail: "reservation memory differs from the server's".into() });
+                }
+            }
+        }
+    }
+    for s in servers {
+        let rows = rows_per_server.get(&s.id).copied().unwrap_or(0);
+        if s.status.holds_reservation() && rows != 1 {
+            out.push(Violation::L2 { server_id: s.id.clone(), detail: format!("{} server has {rows} reservations", s.status) });
+        }
+        // L5: the record agrees with the state machine.
+        let placed = s.node_id.is_some();
+        if s.status.holds_reservation() != placed {
+            out.push(Violation::L5 {
+                server_id: s.id.clone(),
+                detail: format!("{} server {} a node", s.status, if placed { "has" } else { "has no" }),
+            });
+        }
+        if s.status == ServerStatus::Queued && s.queued_at.is_none() {
+            out.push(Violation::L5 { server_id: s.id.clone(), detail: "queued server without a queue time".into() });
+        }
+    }
+
+    // L3
+    if let Some(live) = live {
+        let mut per_server: BTreeMap<&ServerId, Vec<&LiveInstance>> = BTreeMap::new();
+        for i in live {
+            per_server.entry(&i.server_id).or_default().push(i);
+        }
+        for (sid, insts) in per_server {
+            if insts.len() > 1 {
+                let desc: Vec<String> = insts.iter().map(|i| format!("generation {} on {}", i.generation, i.node_id)).collect();
+                out.push(Violation::L3 { server_id: sid.clone(), detail: format!("{} live instances: {}", insts.len(), desc.join(", ")) });
+            }
+            if let Some(s) = by_id.get(sid) {
+                for i in insts {
+                    if i.generation > s.generation {
+                        out.push(Violation::L3 {
+                            server_id: sid.clone(),
+                            detail: format!("instance of generation {} is newer than the server's {}", i.generation, s.generation),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{PortRange, ReservationState};
+
+    fn node(id: &str, alloc: u64) -> Node {
+        Node {
+            id: NodeId(id.into()),
+            name: id.into(),
+            address: String::new(),
+            driver: "process".into(),
+            total_mib: MemMib(alloc),
+            system_reserved_mib: MemMib(0),
+            cpu_cores: 1,
+            status: crate::model::NodeStatus::Ready,
+            max_concurrent_starts: 0,
+            ports: PortRange { min: 1, max: 10 },
+            epoch: 1,
+            sync_seq: 0,
+            last_sync_at: None,
+            registered_at: 0,
+            host_total_mib: MemMib(0),
+            host_available_mib: MemMib(0),
+        }
+    }
+
+    fn placed(id: &str, node: &str, mem: u64, gen: u64) -> (Server, Reservation) {
+        let mut s = crate::reconcile_test_server();
+        s.id = ServerId(id.into());
+        s.status = ServerStatus::Running;
+        s.node_id = Some(NodeId(node.into()));
+        s.generation = gen;
+        s.memory_mib = MemMib(mem);
+        let r = Reservation {
+            server_id: s.id.clone(),
+            generation: gen,
+            node_id: NodeId(node.into()),
+            memory_mib: MemMib(mem),
+            port: 1,
+            state: ReservationState::Active,
+            created_at: 0,
+        };
+        (s, r)
+    }
+
+    #[test]
+    fn a_consistent_world_has_no_violation() {
+        let (s1, r1) = placed("a", "n1", 1024, 1);
+        let (s2, r2) = placed("b", "n1", 1024, 1);
+        let v = check(&[node("n1", 2500)], &[s1, s2], &[r1, r2], Some(&[]));
+        assert!(v.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn overcommit_is_an_l1_violation() {
+        let (s1, r1) = placed("a", "n1", 1024, 1);
+        let (s2, r2) = placed("b", "n1", 1024, 1);
+        let (s3, r3) = placed("c", "n1", 1024, 1);
+        let v = check(&[node("n1", 2500)], &[s1, s2, s3], &[r1, r2, r3], None);
+        assert!(matches!(v.as_slice(), [Violation::L1 { .. }]), "{v:?}");
+    }
+
+    #[test]
+    fn leaked_and_mismatched_reservations_are_l2_violations() {
+        let (mut s1, r1) = placed("a", "n1", 100, 1);
+        s1.status = ServerStatus::Stopped;
+        s1.node_id = None;
+        let v = check(&[node("n1", 2500)], &[s1], &[r1], None);
+        assert!(v.iter().any(|x| matches!(x, Violation::L2 { .. })), "{v:?}");
+        let (s2, mut r2) = placed("b", "n1", 100, 2);
+        r2.generation = 1;
+        let v = check(&[node("n1", 2500)], &[s2.clone()], &[r2], None);
+        assert!(v.iter().any(|x| matches!(x, Violation::L2 { .. })), "{v:?}");
+        let v = check(&[node("n1", 2500)], &[s2], &[], None);
+        assert!(v.iter().any(|x| matches!(x, Violation::L2 { .. })), "running server without a reservation: {v:?}");
+    }
+
+    #[test]
+    fn two_live_instances_are_an_l3_violation() {
+        let (s1, r1) = placed("a", "n1", 100, 2);
+        let live = [
+            LiveInstance { node_id: NodeId("n1".into()), server_id: s1.id.clone(), generation: 2 },
+            LiveInstance { node_id: NodeId("n2".into()), server_id: s1.id.clone(), generation: 1 },
+        ];
+        let v = check(&[node("n1", 2500)], &[s1], &[r1], Some(&live));
+        assert!(matches!(v.as_slice(), [Violation::L3 { .. }]), "{v:?}");
+    }
+
+    #[test]
+    fn a_queued_server_on_a_node_is_an_l5_violation() {
+        let (mut s1, _) = placed("a", "n1", 100, 1);
+        s1.status = ServerStatus::Queued;
+        let v = check(&[node("n1", 2500)], &[s1], &[], None);
+        assert!(v.iter().any(|x| matches!(x, Violation::L5 { .. })), "{v:?}");
+    }
+}

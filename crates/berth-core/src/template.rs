@@ -1,0 +1,349 @@
+//! Templates: what a server runs, and the schema its config must satisfy.
+//!
+//! A template is data (parsed from TOML at the edge, never here). This
+//! module validates a requested config against the schema (types, ranges,
+//! enums, unknown keys), fills defaults, and renders the instance spec an
+//! agent receives. Placeholders the control plane cannot know (`{data_dir}`,
+//! `{berth_exe}`) are left for the agent.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::model::{Generation, MemMib, Server, ServerId};
+use crate::CoreError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// A stateless server may be replaced anywhere with a fresh data dir.
+    #[serde(default)]
+    pub stateless: bool,
+    /// Only admin tokens may create servers from it (e.g. arbitrary commands).
+    #[serde(default)]
+    pub admin_only: bool,
+    #[serde(default)]
+    pub min_memory_mib: u64,
+    pub process: Option<ProcessSpec>,
+    #[serde(default)]
+    pub config: BTreeMap<String, ConfigField>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_s: u64,
+    #[serde(default)]
+    pub ready: ReadyCheck,
+    #[serde(default = "default_ready_timeout")]
+    pub ready_timeout_s: u64,
+}
+
+fn default_stop_signal() -> String {
+    "SIGTERM".into()
+}
+fn default_stop_timeout() -> u64 {
+    10
+}
+fn default_ready_timeout() -> u64 {
+    120
+}
+
+/// How the agent decides an instance is running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyCheck {
+    /// A TCP connect to the instance's port succeeds.
+    #[default]
+    Tcp,
+    /// A UDP socket is bound to the instance's port (e.g. Minetest).
+    Udp,
+    /// The process is alive.
+    Alive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    Integer,
+    String,
+    Boolean,
+    Enum,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigField {
+    #[serde(rename = "type")]
+    pub kind: FieldType,
+    #[serde(default)]
+    pub description: String,
+    pub min: Option<i64>,
+    pub max: Option<i64>,
+    /// Allowed values of an enum field.
+    #[serde(default)]
+    pub values: Vec<String>,
+    pub max_length: Option<usize>,
+    pub default: Option<Value>,
+    #[serde(default)]
+    pub required: bool,
+}
+
+/// What an agent needs to run one instance. Sent in the sync answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    pub server_id: ServerId,
+    pub generation: Generation,
+    pub template: String,
+    pub memory_mib: MemMib,
+    pub port: u16,
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub stop_signal: String,
+    pub stop_timeout_ms: u64,
+    pub ready: ReadyCheck,
+    pub ready_timeout_ms: u64,
+}
+
+const MAX_STRING: usize = 4096;
+
+impl Template {
+    /// Checks the template itself, so a broken operator file is refused at
+    /// load time rather than when a server starts.
+    pub fn check(&self) -> Result<(), CoreError> {
+        let bad = |message: String| CoreError::InvalidTemplate { name: self.name.clone(), message };
+        crate::validate::name(&self.name).map_err(|_| bad("the name must be 1-63 letters, digits, '-' or '_'".into()))?;
+        if self.process.is_none() {
+            return Err(bad("no [process] section".into()));
+        }
+        for (key, f) in &self.config {
+            if f.kind == FieldType::Enum && f.values.is_empty() {
+                return Err(bad(format!("enum field {key} has no values")));
+            }
+            if let Some(d) = &f.default {
+                check_field(key, f, d).map_err(|e| bad(format!("default of {key}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates a requested config (`None` means empty) and returns it
+    /// with defaults filled in.
+    pub fn validate_config(&self, requested: Option<&Value>) -> Result<Map<String, Value>, CoreError> {
+        let empty = Map::new();
+        let obj = match requested {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(o)) => o,
+            Some(_) => return Err(CoreError::InvalidConfig { path: "config".into(), message: "must be an object".into() }),
+        };
+        for key in obj.keys() {
+            if !self.config.contains_key(key) {
+                let known: Vec<&str> = self.config.keys().map(|k| k.as_str()).collect();
+                return Err(CoreError::InvalidConfig {
+                    path: format!("config.{key}"),
+                    message: format!("unknown key for template {} (known: {})", self.name, known.join(", ")),
+                });
+            }
+        }
+        let mut out = Map::new();
+        for (key, field) in &self.config {
+            match obj.get(key).filter(|v| !v.is_null()).or(field.default.as_ref()) {
+                Some(v) => {
+                    check_field(key, field, v)
+                        .map_err(|message| CoreError::InvalidConfig { path: format!("config.{key}"), message })?;
+                    out.insert(key.clone(), v.clone());
+                }
+                None if field.required => {
+                    return Err(CoreError::InvalidConfig { path: format!("config.{key}"), message: "is required".into() })
+                }
+                None => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Renders the instance spec for a placed server. `{port}`,
+    /// `{memory_mib}`, `{name}` and `{config.KEY}` are substituted here.
+    pub fn render(&self, server: &Server, port: u16) -> Result<InstanceSpec, CoreError> {
+        let p = self.process.as_ref().ok_or_else(|| CoreError::InvalidTemplate {
+            name: self.name.clone(),
+            message: "no [process] section".into(),
+        })?;
+        let subst = |s: &str| substitute(s, server, port);
+        Ok(InstanceSpec {
+            server_id: server.id.clone(),
+            generation: server.generation,
+            template: self.name.clone(),
+            memory_mib: server.memory_mib,
+            port,
+            command: subst(&p.command),
+            args: p.args.iter().map(|a| subst(a)).collect(),
+            env: p.env.iter().map(|(k, v)| (k.clone(), subst(v))).collect(),
+            stop_signal: p.stop_signal.clone(),
+            stop_timeout_ms: p.stop_timeout_s * 1000,
+            ready: p.ready,
+            ready_timeout_ms: p.ready_timeout_s * 1000,
+        })
+    }
+}
+
+fn substitute(s: &str, server: &Server, port: u16) -> String {
+    let mut out = s
+        .replace("{port}", &port.to_string())
+        .replace("{memory_mib}", &server.memory_mib.0.to_string())
+        .replace("{name}", &server.name);
+    for (k, v) in &server.config {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        out = out.replace(&format!("{{config.{k}}}"), &text);
+    }
+    out
+}
+
+fn check_field(key: &str, f: &ConfigField, v: &Value) -> Result<(), String> {
+    let _ = key;
+    match f.kind {
+        FieldType::Integer => {
+            let n = v.as_i64().ok_or_else(|| format!("must be an integer, got {}", kind_of(v)))?;
+            if let Some(min) = f.min {
+                if n < min {
+                    return Err(format!("must be at least {min}, got {n}"));
+                }
+            }
+            if let Some(max) = f.max {
+                if n > max {
+                    return Err(format!("must be at most {max}, got {n}"));
+                }
+            }
+        }
+        FieldType::Boolean => {
+            v.as_bool().ok_or_else(|| format!("must be true or false, got {}", kind_of(v)))?;
+        }
+        FieldType::String => {
+            let s = v.as_str().ok_or_else(|| format!("must be a string, got {}", kind_of(v)))?;
+            let limit = f.max_length.unwrap_or(MAX_STRING);
+            if s.len() > limit {
+                return Err(format!("must be at most {limit} bytes long"));
+            }
+            if s.contains('\0') {
+                return Err("must not contain NUL".into());
+            }
+        }
+        FieldType::Enum => {
+            let s = v.as_str().ok_or_else(|| format!("must be one of {}", f.values.join(", ")))?;
+            if !f.values.iter().any(|x| x == s) {
+                return Err(format!("must be one of {}, got {s:?}", f.values.join(", ")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "an integer",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn t() -> Template {
+        let mut config = BTreeMap::new();
+        config.insert(
+            "max_players".into(),
+            ConfigField {
+                kind: FieldType::Integer,
+                description: String::new(),
+                min: Some(1),
+                max: Some(1000),
+                values: vec![],
+                max_length: None,
+                default: Some(json!(20)),
+                required: false,
+            },
+        );
+        config.insert(
+            "mode".into(),
+            ConfigField {
+                kind: FieldType::Enum,
+                description: String::new(),
+                min: None,
+                max: None,
+                values: vec!["survival".into(), "creative".into()],
+                max_length: None,
+                default: None,
+                required: false,
+            },
+        );
+        Template {
+            name: "g".into(),
+            description: String::new(),
+            stateless: false,
+            admin_only: false,
+            min_memory_mib: 0,
+            process: Some(ProcessSpec {
+                command: "{berth_exe}".into(),
+                args: vec!["--port".into(), "{port}".into(), "--players={config.max_players}".into()],
+                env: BTreeMap::new(),
+                stop_signal: "SIGTERM".into(),
+                stop_timeout_s: 10,
+                ready: ReadyCheck::Tcp,
+                ready_timeout_s: 60,
+            }),
+            config,
+        }
+    }
+
+    #[test]
+    fn defaults_are_filled_and_ranges_enforced() {
+        let c = t().validate_config(None).unwrap();
+        assert_eq!(c["max_players"], json!(20));
+        let e = t().validate_config(Some(&json!({"max_players": 0}))).unwrap_err();
+        assert_eq!(e.to_string(), "invalid config at config.max_players: must be at least 1, got 0");
+        assert!(t().validate_config(Some(&json!({"max_players": 1001}))).is_err());
+        assert!(t().validate_config(Some(&json!({"max_players": "ten"}))).is_err());
+        assert!(t().validate_config(Some(&json!({"max_players": 2.5}))).is_err());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_enums_are_refused() {
+        let e = t().validate_config(Some(&json!({"maxplayers": 5}))).unwrap_err();
+        assert!(matches!(e, CoreError::InvalidConfig { ref path, .. } if path == "config.maxplayers"));
+        assert!(t().validate_config(Some(&json!({"mode": "hardcore"}))).is_err());
+        assert!(t().validate_config(Some(&json!({"mode": "creative"}))).is_ok());
+        assert!(t().validate_config(Some(&json!([1]))).is_err());
+    }
+
+    #[test]
+    fn render_substitutes_port_and_config() {
+        let mut s = crate::reconcile_test_server();
+        s.config = t().validate_config(None).unwrap();
+        let spec = t().render(&s, 30005).unwrap();
+        assert_eq!(spec.args, vec!["--port", "30005", "--players=20"]);
+        assert_eq!(spec.command, "{berth_exe}", "agent-side placeholders stay");
+    }
+}
