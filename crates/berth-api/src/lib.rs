@@ -1,1 +1,264 @@
-//! placeholder
+//! berth-api: the wire types of the HTTP API and of the agent protocol, and
+//! their conversions from core types.
+//!
+//! Everything a client or an agent sends or receives is defined here, once,
+//! so the control plane, the agent, the CLI and the tests agree on names.
+//! Times on the wire are RFC 3339 strings. This crate must not contain
+//! behaviour beyond conversions.
+
+use berth_core::invariants::Violation;
+use berth_core::reconcile::InstanceReport;
+use berth_core::template::InstanceSpec;
+use berth_core::{Event, LastExit, MemMib, Millis, Node, NodeStatus, PortRange, Server, ServerStatus};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Formats a time for the wire.
+pub fn rfc3339(ms: Millis) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateServer {
+    pub name: String,
+    pub template: String,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub config: Value,
+    /// Admin tokens may create a server for a tenant; tenant tokens always
+    /// create for their own tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerView {
+    pub id: String,
+    pub name: String,
+    pub tenant: String,
+    pub template: String,
+    pub memory_mib: u64,
+    pub config: Map<String, Value>,
+    pub status: ServerStatus,
+    pub node_id: Option<String>,
+    pub generation: u64,
+    pub port: Option<u16>,
+    pub last_exit: Option<LastExit>,
+    pub attempts: u32,
+    pub next_attempt_at: Option<String>,
+    pub last_error: Option<String>,
+    pub used_mib: Option<u64>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&Server> for ServerView {
+    fn from(s: &Server) -> Self {
+        ServerView {
+            id: s.id.0.clone(),
+            name: s.name.clone(),
+            tenant: s.tenant.clone(),
+            template: s.template.clone(),
+            memory_mib: s.memory_mib.0,
+            config: s.config.clone(),
+            status: s.status,
+            node_id: s.node_id.as_ref().map(|n| n.0.clone()),
+            generation: s.generation,
+            port: s.port,
+            last_exit: s.last_exit.clone(),
+            attempts: s.attempts,
+            next_attempt_at: s.next_attempt_at.map(rfc3339),
+            last_error: s.last_error.clone(),
+            used_mib: s.used_mib.map(|m| m.0),
+            created_at: rfc3339(s.created_at),
+            updated_at: rfc3339(s.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerList {
+    pub servers: Vec<ServerView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeMemory {
+    pub total_mib: u64,
+    pub allocatable_mib: u64,
+    pub reserved_mib: u64,
+    pub used_mib: u64,
+    pub available_mib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: String,
+    pub name: String,
+    pub status: NodeStatus,
+    pub driver: String,
+    pub address: String,
+    pub memory: NodeMemory,
+    pub ports: PortRange,
+    pub max_concurrent_starts: u32,
+    /// Servers holding a reservation on the node.
+    pub servers: u32,
+    pub last_sync_at: Option<String>,
+}
+
+impl NodeView {
+    pub fn new(n: &Node, reserved: MemMib, servers: u32) -> NodeView {
+        NodeView {
+            id: n.id.0.clone(),
+            name: n.name.clone(),
+            status: n.status,
+            driver: n.driver.clone(),
+            address: n.address.clone(),
+            memory: NodeMemory {
+                total_mib: n.total_mib.0,
+                allocatable_mib: n.allocatable_mib().0,
+                reserved_mib: reserved.0,
+                used_mib: n.used_mib().0,
+                available_mib: n.host_available_mib.0,
+            },
+            ports: n.ports,
+            max_concurrent_starts: n.max_concurrent_starts,
+            servers,
+            last_sync_at: n.last_sync_at.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeList {
+    pub nodes: Vec<NodeView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateToken {
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The secret; shown once, stored only hashed.
+    pub token: String,
+    pub kind: String,
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventView {
+    pub seq: i64,
+    pub at: String,
+    pub kind: String,
+    pub server_id: Option<String>,
+    pub node_id: Option<String>,
+    pub message: String,
+}
+
+impl From<&Event> for EventView {
+    fn from(e: &Event) -> Self {
+        EventView {
+            seq: e.seq,
+            at: rfc3339(e.at),
+            kind: e.kind.clone(),
+            server_id: e.server_id.as_ref().map(|s| s.0.clone()),
+            node_id: e.node_id.as_ref().map(|n| n.0.clone()),
+            message: e.message.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventList {
+    pub events: Vec<EventView>,
+    /// Pass as `after` to read the next page.
+    pub next_cursor: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvariantReport {
+    pub violations: Vec<Violation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateView {
+    pub name: String,
+    pub description: String,
+    pub stateless: bool,
+    pub admin_only: bool,
+    pub config: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateList {
+    pub templates: Vec<TemplateView>,
+}
+
+// ---- agent protocol ----
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub name: String,
+    #[serde(default)]
+    pub address: String,
+    pub driver: String,
+    pub total_mib: u64,
+    pub allocatable_mib: u64,
+    pub cpu_cores: u32,
+    pub ports: PortRange,
+    #[serde(default)]
+    pub max_concurrent_starts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub node_id: String,
+    /// Every sync must carry this epoch; a newer registration fences older
+    /// runs of the agent.
+    pub epoch: u64,
+    pub sync_interval_ms: u64,
+    pub lease_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostStats {
+    pub total_mib: u64,
+    pub available_mib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub node_id: String,
+    pub epoch: u64,
+    /// Strictly increasing within an epoch; older requests are refused.
+    pub seq: u64,
+    pub instances: Vec<InstanceReport>,
+    pub host: HostStats,
+    /// Long-poll: if nothing is to change, the answer may wait this long
+    /// for new work.
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    /// The complete set of instances the node should run.
+    pub desired: Vec<InstanceSpec>,
+    pub lease_ttl_ms: u64,
+    pub sync_interval_ms: u64,
+}

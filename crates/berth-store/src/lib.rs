@@ -1,1 +1,139 @@
-//! placeholder
+//! berth-store: persistence behind one `Store` trait.
+//!
+//! The store owns durable state: tokens, nodes, servers, reservation rows
+//! and events. Every state change is one short transaction that calls pure
+//! core decisions and never awaits foreign I/O. The store never calls
+//! `now()` and never invents ids: both are passed in. The SQLite backend is
+//! the default; a PostgreSQL backend implements the same trait and runs the
+//! same test suite.
+
+mod error;
+mod sqlite;
+
+use async_trait::async_trait;
+use berth_core::admission::Misfit;
+use berth_core::placement::{Placement, QueuedServer};
+use berth_core::reconcile::Reconciled;
+use berth_core::{Event, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, PortRange, Reservation, Server, ServerId, TokenKind};
+
+pub use error::StoreError;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRecord {
+    pub id: String,
+    /// SHA-256 of the secret, hex; the secret itself is never stored.
+    pub hash: String,
+    pub kind: TokenKind,
+    pub tenant: Option<String>,
+    pub created_at: Millis,
+}
+
+/// What an agent declares about its node when it registers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRegistration {
+    pub name: String,
+    pub address: String,
+    pub driver: String,
+    pub total_mib: MemMib,
+    pub system_reserved_mib: MemMib,
+    pub cpu_cores: u32,
+    pub ports: PortRange,
+    pub max_concurrent_starts: u32,
+}
+
+/// Everything the queue worker plans from.
+#[derive(Debug, Clone, Default)]
+pub struct QueueSnapshot {
+    pub nodes: Vec<Node>,
+    pub reservations: Vec<Reservation>,
+    pub queued: Vec<QueuedServer>,
+}
+
+/// Everything the invariant checker looks at.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub nodes: Vec<Node>,
+    pub servers: Vec<Server>,
+    pub reservations: Vec<Reservation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacementOutcome {
+    Committed { generation: u64 },
+    /// The node no longer fits the plan; the server stays queued.
+    Rejected(Misfit),
+    /// The server changed since the snapshot (stopped, deleted, placed).
+    Stale,
+}
+
+/// A sync report, as far as the store needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncInput {
+    pub node_id: NodeId,
+    pub epoch: u64,
+    pub seq: u64,
+    pub host_total_mib: MemMib,
+    pub host_available_mib: MemMib,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventFilter {
+    pub server_id: Option<ServerId>,
+    pub node_id: Option<NodeId>,
+    pub kind: Option<String>,
+    /// Only events with a larger sequence number.
+    pub after: Option<i64>,
+    pub limit: u32,
+}
+
+/// Per-node totals derived from reservation rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeUsage {
+    pub node_id: NodeId,
+    pub reserved: MemMib,
+    pub servers: u32,
+}
+
+/// The pure decision `sync_node` runs inside its transaction.
+pub type Decide<'a> = &'a (dyn Fn(&[Server]) -> Reconciled + Send + Sync);
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    async fn count_tokens(&self, kind: TokenKind) -> Result<u64, StoreError>;
+
+    /// Registers a node, or re-registers the node of that name with a new
+    /// epoch (fencing syncs of the agent's previous run).
+    async fn register_node(&self, reg: &NodeRegistration, new_id: &NodeId, now: Millis) -> Result<Node, StoreError>;
+    async fn list_nodes(&self) -> Result<Vec<Node>, StoreError>;
+    async fn get_node(&self, id_or_name: &str) -> Result<Option<Node>, StoreError>;
+    async fn set_node_status(&self, id: &NodeId, status: NodeStatus) -> Result<Node, StoreError>;
+    async fn node_usage(&self) -> Result<Vec<NodeUsage>, StoreError>;
+
+    /// Inserts a new server; a live server of the same name is a conflict.
+    async fn insert_server(&self, s: &Server, event: &NewEvent) -> Result<(), StoreError>;
+    async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError>;
+    async fn list_servers(&self, tenant: Option<&str>) -> Result<Vec<Server>, StoreError>;
+    async fn request_start(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError>;
+    async fn request_stop(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError>;
+    async fn delete_server(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError>;
+
+    async fn queue_snapshot(&self) -> Result<QueueSnapshot, StoreError>;
+    /// The admission commit: one transaction that re-checks every plan
+    /// against the reservation rows and inserts those that fit.
+    async fn commit_placements(&self, plans: &[Placement], now: Millis) -> Result<Vec<PlacementOutcome>, StoreError>;
+
+    /// Applies one agent sync in one transaction: refuses an old epoch or
+    /// sequence, records the lease renewal and host stats, runs `decide` on
+    /// the servers placed on the node and applies its changes, each
+    /// conditional on the server's generation and status.
+    async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide<'_>) -> Result<(Node, Reconciled), StoreError>;
+    /// Servers placed on the node that it should run now.
+    async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError>;
+
+    async fn insert_events(&self, events: &[NewEvent], now: Millis) -> Result<(), StoreError>;
+    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;
+    async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+}

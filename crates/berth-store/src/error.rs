@@ -1,0 +1,19 @@
+//! Store errors: typed so the control plane maps each to one HTTP status.
+
+use berth_core::CoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Invalid(#[from] CoreError),
+    #[error("stale sync: {0}")]
+    StaleSync(String),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
