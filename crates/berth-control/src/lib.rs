@@ -1,1 +1,136 @@
-//! placeholder
+//! berth-control: the control plane as a library.
+//!
+//! It owns desired state and every decision: the HTTP API (`http`), the use
+//! cases behind it (`service`), the admission committer and queue worker
+//! (`admission`), and bootstrap of the first tokens. It stores everything
+//! through `berth_store::Store` and never talks to a runtime directly:
+//! agents pull their desired instances over the sync protocol.
+
+pub mod admission;
+pub mod auth;
+pub mod clock;
+pub mod error;
+pub mod http;
+pub mod service;
+pub mod templates;
+pub mod waker;
+pub mod worker;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_core::placement::PlannerConfig;
+use berth_core::retry::RetryPolicy;
+use berth_core::TokenKind;
+use berth_store::{Store, TokenRecord};
+use tokio::sync::{watch, Notify};
+
+pub use error::ControlError;
+pub use service::App;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ControlConfig {
+    pub lease_ttl_ms: u64,
+    pub sync_interval_ms: u64,
+    /// Longest time a sync answer is held for new work.
+    pub long_poll_max_ms: u64,
+    pub planner: PlannerConfig,
+    pub retry: RetryPolicy,
+    /// How long the committer gathers plans before one transaction.
+    pub commit_window: Duration,
+    pub commit_max_batch: usize,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            lease_ttl_ms: 10_000,
+            sync_interval_ms: 2_000,
+            long_poll_max_ms: 30_000,
+            planner: PlannerConfig::default(),
+            retry: RetryPolicy::default(),
+            commit_window: Duration::from_millis(2),
+            commit_max_batch: 512,
+        }
+    }
+}
+
+/// A running control plane: the shared state and its background workers.
+pub struct ControlPlane {
+    pub app: Arc<App>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl ControlPlane {
+    /// Builds the app and starts the committer and the queue worker.
+    pub fn start(store: Arc<dyn Store>, templates: templates::Templates, cfg: ControlConfig) -> ControlPlane {
+        let clock: Arc<dyn clock::Clock> = Arc::new(clock::SystemClock);
+        let committer = admission::Committer::spawn(store.clone(), clock.clone(), cfg.commit_window, cfg.commit_max_batch);
+        let queue_wake = Arc::new(Notify::new());
+        let nodes = waker::NodeWaker::default();
+        let (shutdown, rx) = watch::channel(false);
+        worker::spawn(
+            admission::QueueWorker {
+                store: store.clone(),
+                clock: clock.clone(),
+                committer: committer.clone(),
+                wake: queue_wake.clone(),
+                nodes: nodes.clone(),
+                cfg,
+            },
+            rx,
+        );
+        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes });
+        // Servers may be waiting in the queue from before a restart.
+        app.queue_wake.notify_one();
+        ControlPlane { app, shutdown }
+    }
+
+    pub fn router(&self) -> axum::Router {
+        http::router(self.app.clone())
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Creates a token of `kind` and writes its secret to `path` (mode 0600)
+/// unless that file already exists. Returns the secret if one was created.
+/// The admin token of a fresh store is made this way.
+pub async fn ensure_token_file(store: &dyn Store, kind: TokenKind, path: &Path, now: i64) -> Result<Option<String>, ControlError> {
+    if path.exists() {
+        return Ok(None);
+    }
+    if kind == TokenKind::Admin && store.count_tokens(TokenKind::Admin).await? > 0 {
+        // The store already has an admin whose secret we cannot recover;
+        // do not mint another one silently.
+        return Ok(None);
+    }
+    let secret = auth::new_secret(kind);
+    store
+        .insert_token(&TokenRecord {
+            id: format!("tok_{:016x}", rand::random::<u64>()),
+            hash: auth::hash_secret(&secret),
+            kind,
+            tenant: None,
+            created_at: now,
+        })
+        .await?;
+    write_secret(path, &secret).map_err(|e| ControlError::Startup(format!("cannot write {}: {e}", path.display())))?;
+    Ok(Some(secret))
+}
+
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

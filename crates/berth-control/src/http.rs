@@ -1,0 +1,170 @@
+//! The HTTP surface: routing, authentication, JSON parsing and rendering.
+//! Handlers parse and authenticate, call one `App` use case, and render its
+//! result; every failure becomes `{"error":{"code","message"}}` through
+//! `ControlError`. Bodies are parsed here so malformed JSON is a 400 with a
+//! clear message, never a framework default.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use berth_api::{CreateToken, EventList, EventView, NodeList, RegisterRequest, ServerList, ServerView, SyncRequest, TemplateList};
+use berth_core::NodeId;
+use berth_store::EventFilter;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::{authenticate, Caller};
+use crate::error::ControlError;
+use crate::service::App;
+
+type AppState = State<Arc<App>>;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/servers", get(list_servers).post(create_server))
+        .route("/v1/servers/:id", get(get_server).delete(delete_server))
+        .route("/v1/servers/:id/start", post(start_server))
+        .route("/v1/servers/:id/stop", post(stop_server))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/:id/drain", post(drain_node))
+        .route("/v1/nodes/:id/undrain", post(undrain_node))
+        .route("/v1/events", get(list_events))
+        .route("/v1/tokens", post(create_token))
+        .route("/v1/templates", get(list_templates))
+        .route("/v1/invariants", get(invariants))
+        .route("/v1/agent/register", post(agent_register))
+        .route("/v1/agent/sync", post(agent_sync))
+        .fallback(not_found)
+        .with_state(app)
+}
+
+fn parse_value(body: &Bytes) -> Result<Value, ControlError> {
+    serde_json::from_slice(body).map_err(|e| ControlError::MalformedJson(e.to_string()))
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ControlError> {
+    let v = parse_value(body)?;
+    serde_json::from_value(v).map_err(|e| ControlError::invalid("invalid_request", e.to_string()))
+}
+
+async fn caller(app: &App, headers: &HeaderMap) -> Result<Caller, ControlError> {
+    authenticate(app.store.as_ref(), headers).await
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn not_found() -> ControlError {
+    ControlError::NotFound("route".into())
+}
+
+async fn create_server(State(app): AppState, headers: HeaderMap, body: Bytes) -> Result<Response, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let v = parse_value(&body)?;
+    let s = app.create_server(&c, &v).await?;
+    Ok((StatusCode::CREATED, Json(ServerView::from(&s))).into_response())
+}
+
+async fn list_servers(State(app): AppState, headers: HeaderMap) -> Result<Json<ServerList>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let servers = app.list_servers(&c).await?;
+    Ok(Json(ServerList { servers: servers.iter().map(ServerView::from).collect() }))
+}
+
+async fn get_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<ServerView>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(ServerView::from(&app.find_server(&c, &id).await?)))
+}
+
+async fn start_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let s = app.start_server(&c, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(ServerView::from(&s))).into_response())
+}
+
+async fn stop_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let s = app.stop_server(&c, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(ServerView::from(&s))).into_response())
+}
+
+async fn delete_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<ServerView>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(ServerView::from(&app.delete_server(&c, &id).await?)))
+}
+
+async fn list_nodes(State(app): AppState, headers: HeaderMap) -> Result<Json<NodeList>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(NodeList { nodes: app.list_nodes(&c).await? }))
+}
+
+async fn drain_node(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(app.set_draining(&c, &id, true).await?).into_response())
+}
+
+async fn undrain_node(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(app.set_draining(&c, &id, false).await?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    server: Option<String>,
+    node: Option<String>,
+    kind: Option<String>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn list_events(State(app): AppState, headers: HeaderMap, query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<EventList>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let Query(q) = query.map_err(|e| ControlError::invalid("invalid_request", e.body_text()))?;
+    let server_id = match q.server {
+        Some(s) => Some(app.find_server(&c, &s).await?.id),
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let filter = EventFilter { server_id, node_id: q.node.map(NodeId), kind: q.kind, after: q.after, limit };
+    let events = app.list_events(&c, filter).await?;
+    let next_cursor = if events.len() as u32 == limit { events.last().map(|e| e.seq) } else { None };
+    Ok(Json(EventList { events: events.iter().map(EventView::from).collect(), next_cursor }))
+}
+
+async fn create_token(State(app): AppState, headers: HeaderMap, body: Bytes) -> Result<Response, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let req: CreateToken = parse(&body)?;
+    Ok((StatusCode::CREATED, Json(app.create_token(&c, &req).await?)).into_response())
+}
+
+async fn list_templates(State(app): AppState, headers: HeaderMap) -> Result<Json<TemplateList>, ControlError> {
+    caller(&app, &headers).await?.require_user()?;
+    Ok(Json(TemplateList { templates: app.template_views() }))
+}
+
+async fn invariants(State(app): AppState, headers: HeaderMap) -> Result<Response, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(app.invariants(&c).await?).into_response())
+}
+
+async fn agent_register(State(app): AppState, headers: HeaderMap, body: Bytes) -> Result<Response, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let req: RegisterRequest = parse(&body)?;
+    Ok(Json(app.register(&c, &req).await?).into_response())
+}
+
+async fn agent_sync(State(app): AppState, headers: HeaderMap, body: Bytes) -> Result<Response, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let req: SyncRequest = parse(&body)?;
+    Ok(Json(app.sync(&c, req).await?).into_response())
+}
+
