@@ -92,10 +92,19 @@ pub async fn minecraft_ping(addr: SocketAddr, timeout: Duration) -> Result<PingS
     write_varint(&mut handshake, NEXT_STATE_STATUS);
     let mut request = minecraft_frame(0x00, &handshake);
     request.extend_from_slice(&minecraft_frame(STATUS_PACKET_ID, &[]));
-    within(timeout, "sending status request", stream.write_all(&request)).await??;
+    within(
+        timeout,
+        "sending status request",
+        stream.write_all(&request),
+    )
+    .await??;
 
-    let (packet_id, payload) =
-        within(timeout, "reading status response", read_minecraft_packet(&mut stream)).await??;
+    let (packet_id, payload) = within(
+        timeout,
+        "reading status response",
+        read_minecraft_packet(&mut stream),
+    )
+    .await??;
     if packet_id != STATUS_PACKET_ID {
         return Err(ProbeError::UnexpectedPacket(packet_id));
     }
@@ -107,7 +116,8 @@ pub async fn minecraft_ping(addr: SocketAddr, timeout: Duration) -> Result<PingS
     let sent_at = Instant::now();
     let ping = minecraft_frame(PING_PACKET_ID, &payload.to_be_bytes());
     within(timeout, "sending ping", stream.write_all(&ping)).await??;
-    let (packet_id, pong) = within(timeout, "reading pong", read_minecraft_packet(&mut stream)).await??;
+    let (packet_id, pong) =
+        within(timeout, "reading pong", read_minecraft_packet(&mut stream)).await??;
     let latency = sent_at.elapsed();
     if packet_id != PING_PACKET_ID {
         return Err(ProbeError::UnexpectedPacket(packet_id));
@@ -125,7 +135,11 @@ pub async fn minecraft_ping(addr: SocketAddr, timeout: Duration) -> Result<PingS
 /// Extracts the fields we use; `latency_ms` is left 0 for the caller.
 fn parse_status_json(json: &str) -> Result<PingStatus, ProbeError> {
     let value: serde_json::Value = serde_json::from_str(json)?;
-    let field = |pointer: &'static str| value.pointer(pointer).ok_or(ProbeError::StatusField(pointer));
+    let field = |pointer: &'static str| {
+        value
+            .pointer(pointer)
+            .ok_or(ProbeError::StatusField(pointer))
+    };
     let integer = |pointer: &'static str| {
         field(pointer)?
             .as_i64()
@@ -154,7 +168,11 @@ pub struct RconClient {
 impl RconClient {
     /// Connects and logs in; `timeout` bounds each step here and in later
     /// commands.
-    pub async fn connect(addr: SocketAddr, password: &str, timeout: Duration) -> Result<RconClient, ProbeError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        password: &str,
+        timeout: Duration,
+    ) -> Result<RconClient, ProbeError> {
         let stream = connect(addr, timeout).await?;
         let mut client = RconClient {
             stream,
@@ -182,9 +200,17 @@ impl RconClient {
     /// into several packets is joined.
     pub async fn command(&mut self, cmd: &str) -> Result<String, ProbeError> {
         let id = self.send(RCON_TYPE_COMMAND, cmd).await?;
-        let mut output = String::new();
+        // Bytes, not strings: a chunk boundary may split a UTF-8 character.
+        let mut output = Vec::new();
+        let mut chunks = 0;
         loop {
-            let reply = self.read_reply("reading rcon command response").await?;
+            let reply = match self.read_reply("reading rcon command response").await {
+                Ok(reply) => reply,
+                // Output of exactly a multiple of the chunk size looks
+                // unfinished; silence after a full chunk means it was not.
+                Err(ProbeError::Timeout { .. }) if chunks > 0 => break,
+                Err(err) => return Err(err),
+            };
             if reply.id == RCON_AUTH_FAILED_ID {
                 return Err(ProbeError::RconAuthFailed);
             }
@@ -193,12 +219,13 @@ impl RconClient {
             if reply.id != id || reply.kind != RCON_TYPE_RESPONSE {
                 continue;
             }
-            let complete = reply.body.len() < RCON_MAX_RESPONSE_CHUNK;
-            output.push_str(&String::from_utf8_lossy(&reply.body));
-            if complete {
-                return Ok(output);
+            chunks += 1;
+            output.extend_from_slice(&reply.body);
+            if reply.body.len() < RCON_MAX_RESPONSE_CHUNK {
+                break;
             }
         }
+        Ok(String::from_utf8_lossy(&output).into_owned())
     }
 
     async fn send(&mut self, kind: i32, body: &str) -> Result<i32, ProbeError> {
@@ -209,7 +236,12 @@ impl RconClient {
         self.last_request_id = self.last_request_id.checked_add(1).unwrap_or(1);
         let id = self.last_request_id;
         let frame = rcon_frame(id, kind, body.as_bytes())?;
-        within(self.timeout, "sending rcon request", self.stream.write_all(&frame)).await??;
+        within(
+            self.timeout,
+            "sending rcon request",
+            self.stream.write_all(&frame),
+        )
+        .await??;
         Ok(id)
     }
 
@@ -220,7 +252,10 @@ impl RconClient {
 
 /// True if a TCP connection to `addr` is accepted within `timeout`.
 pub async fn tcp_ready(addr: SocketAddr, timeout: Duration) -> bool {
-    matches!(tokio::time::timeout(timeout, TcpStream::connect(addr)).await, Ok(Ok(_)))
+    matches!(
+        tokio::time::timeout(timeout, TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
 }
 
 /// True if any UDP socket (IPv4 or IPv6) is bound to local port `port`.
@@ -254,7 +289,8 @@ fn proc_net_table_has_port(table: &str, port: u16, required_state: Option<u8>) -
             .and_then(|address| address.rsplit_once(':'))
             .and_then(|(_, hex_port)| u16::from_str_radix(hex_port, 16).ok());
         let state = state.and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        local_port == Some(port) && required_state.map_or(state.is_some(), |wanted| state == Some(wanted))
+        local_port == Some(port)
+            && required_state.map_or(state.is_some(), |wanted| state == Some(wanted))
     })
 }
 
@@ -276,7 +312,10 @@ async fn within<T>(
 ) -> Result<T, ProbeError> {
     tokio::time::timeout(timeout, step)
         .await
-        .map_err(|_| ProbeError::Timeout { stage, after: timeout })
+        .map_err(|_| ProbeError::Timeout {
+            stage,
+            after: timeout,
+        })
 }
 
 /// EOF at a frame boundary means the server hung up on us.
@@ -324,7 +363,10 @@ async fn read_minecraft_packet(stream: &mut TcpStream) -> Result<(i32, Vec<u8>),
         return Err(ProbeError::FrameLength(0));
     }
     let mut packet = vec![0u8; length];
-    stream.read_exact(&mut packet).await.map_err(eof_as_closed)?;
+    stream
+        .read_exact(&mut packet)
+        .await
+        .map_err(eof_as_closed)?;
     let mut body = packet.as_slice();
     let packet_id = read_varint(&mut body)?;
     Ok((packet_id, body.to_vec()))
@@ -372,7 +414,8 @@ fn read_string(buffer: &mut &[u8]) -> Result<String, ProbeError> {
     }
     let (bytes, rest) = buffer.split_at(length);
     *buffer = rest;
-    String::from_utf8(bytes.to_vec()).map_err(|_| ProbeError::MalformedPacket("string is not utf-8"))
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| ProbeError::MalformedPacket("string is not utf-8"))
 }
 
 struct RconPacket {
@@ -402,7 +445,10 @@ async fn read_rcon_packet(stream: &mut TcpStream) -> Result<RconPacket, ProbeErr
         return Err(ProbeError::FrameLength(length as i64));
     }
     let mut packet = vec![0u8; length];
-    stream.read_exact(&mut packet).await.map_err(eof_as_closed)?;
+    stream
+        .read_exact(&mut packet)
+        .await
+        .map_err(eof_as_closed)?;
     Ok(parse_rcon_packet(&packet))
 }
 
@@ -449,13 +495,21 @@ mod tests {
     #[test]
     fn finds_listening_tcp_port() {
         // 0x63DD = 25565
-        assert!(proc_net_table_has_port(TCP_TABLE, 25565, Some(TCP_STATE_LISTEN)));
+        assert!(proc_net_table_has_port(
+            TCP_TABLE,
+            25565,
+            Some(TCP_STATE_LISTEN)
+        ));
     }
 
     #[test]
     fn ignores_tcp_port_not_in_listen_state() {
         // 0x1F90 = 8080, but ESTABLISHED (01).
-        assert!(!proc_net_table_has_port(TCP_TABLE, 8080, Some(TCP_STATE_LISTEN)));
+        assert!(!proc_net_table_has_port(
+            TCP_TABLE,
+            8080,
+            Some(TCP_STATE_LISTEN)
+        ));
         assert!(proc_net_table_has_port(TCP_TABLE, 8080, None));
     }
 
@@ -468,8 +522,16 @@ mod tests {
     #[test]
     fn finds_listening_tcp6_port() {
         // 0x1F41 = 8001
-        assert!(proc_net_table_has_port(TCP6_TABLE, 8001, Some(TCP_STATE_LISTEN)));
-        assert!(!proc_net_table_has_port(TCP6_TABLE, 8000, Some(TCP_STATE_LISTEN)));
+        assert!(proc_net_table_has_port(
+            TCP6_TABLE,
+            8001,
+            Some(TCP_STATE_LISTEN)
+        ));
+        assert!(!proc_net_table_has_port(
+            TCP6_TABLE,
+            8000,
+            Some(TCP_STATE_LISTEN)
+        ));
     }
 
     #[test]
@@ -482,7 +544,11 @@ mod tests {
     #[test]
     fn header_and_garbage_rows_never_match() {
         assert!(!proc_net_table_has_port("", 0, None));
-        assert!(!proc_net_table_has_port("header\nnot a row\n   3: nocolon 0A\n", 0, None));
+        assert!(!proc_net_table_has_port(
+            "header\nnot a row\n   3: nocolon 0A\n",
+            0,
+            None
+        ));
     }
 
     #[test]
@@ -490,13 +556,19 @@ mod tests {
         let json = r#"{"version":{"name":"1.20.4","protocol":765},"players":{"max":20,"online":3,"sample":[]},"description":{"text":"hi"}}"#;
         let status = parse_status_json(json).unwrap();
         assert_eq!(status.version_name, "1.20.4");
-        assert_eq!((status.protocol, status.max_players, status.online_players), (765, 20, 3));
+        assert_eq!(
+            (status.protocol, status.max_players, status.online_players),
+            (765, 20, 3)
+        );
     }
 
     #[test]
     fn status_json_missing_players_is_an_error() {
         let json = r#"{"version":{"name":"x","protocol":1}}"#;
-        assert!(matches!(parse_status_json(json), Err(ProbeError::StatusField("/players/max"))));
+        assert!(matches!(
+            parse_status_json(json),
+            Err(ProbeError::StatusField("/players/max"))
+        ));
     }
 
     #[test]
@@ -512,8 +584,14 @@ mod tests {
 
     #[test]
     fn absurd_frame_length_is_rejected() {
-        assert!(matches!(checked_frame_length(2 * 1024 * 1024), Err(ProbeError::FrameLength(_))));
-        assert!(matches!(checked_frame_length(-5), Err(ProbeError::FrameLength(-5))));
+        assert!(matches!(
+            checked_frame_length(2 * 1024 * 1024),
+            Err(ProbeError::FrameLength(_))
+        ));
+        assert!(matches!(
+            checked_frame_length(-5),
+            Err(ProbeError::FrameLength(-5))
+        ));
         assert_eq!(checked_frame_length(1024).unwrap(), 1024);
     }
 
@@ -522,6 +600,9 @@ mod tests {
         let frame = rcon_frame(9, RCON_TYPE_COMMAND, b"list").unwrap();
         assert_eq!(&frame[..4], &14i32.to_le_bytes());
         let packet = parse_rcon_packet(&frame[4..]);
-        assert_eq!((packet.id, packet.kind, packet.body.as_slice()), (9, 2, &b"list"[..]));
+        assert_eq!(
+            (packet.id, packet.kind, packet.body.as_slice()),
+            (9, 2, &b"list"[..])
+        );
     }
 }

@@ -173,7 +173,9 @@ impl World {
     /// Rewrites level.dat with a fresh `saved_at`, keeping everything else
     /// (notably `created_at`, which tests use to detect a recreated world).
     fn save(&self) -> io::Result<()> {
-        let _guard = SAVE_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = SAVE_LOCK
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let previous = fs::read_to_string(&self.level_dat).unwrap_or_default();
         let mut contents: String = previous
             .lines()
@@ -281,7 +283,9 @@ fn watch_for_stop_signal(world: &World) {
 
 /// The graceful stop shared by signals and RCON `stop`.
 fn save_and_exit(world: &World) -> ! {
-    let _exiting = EXIT_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _exiting = EXIT_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Err(err) = world.save() {
         eprintln!("fakegame: save failed while stopping: {err}");
         exit_holding_lock(1);
@@ -292,7 +296,9 @@ fn save_and_exit(world: &World) -> ! {
 }
 
 fn exit_process(code: i32) -> ! {
-    let _exiting = EXIT_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _exiting = EXIT_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     exit_holding_lock(code);
 }
 
@@ -355,7 +361,10 @@ fn sniff_protocol(stream: &TcpStream) -> io::Result<Option<ClientProtocol>> {
             // peek returns whatever has arrived so far; wait for the rest.
             Ok(_) => thread::sleep(Duration::from_millis(10)),
             Err(err)
-                if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
             {
                 return Ok(None)
             }
@@ -385,7 +394,9 @@ fn serve_minecraft_ping(mut stream: TcpStream, server: &ServerInfo) -> io::Resul
 
     let (packet_id, handshake) = read_minecraft_packet(&mut stream)?;
     if packet_id != HANDSHAKE_PACKET_ID {
-        return Err(invalid_data(format!("expected handshake, got packet {packet_id:#x}")));
+        return Err(invalid_data(format!(
+            "expected handshake, got packet {packet_id:#x}"
+        )));
     }
     let mut fields = handshake.as_slice();
     let _protocol_version = read_varint(&mut fields)?;
@@ -447,7 +458,11 @@ fn read_minecraft_packet(stream: &mut impl Read) -> io::Result<(i32, Vec<u8>)> {
 }
 
 /// Writes a whole packet with one `write_all` so it leaves in one segment.
-fn write_minecraft_packet(stream: &mut impl Write, packet_id: i32, payload: &[u8]) -> io::Result<()> {
+fn write_minecraft_packet(
+    stream: &mut impl Write,
+    packet_id: i32,
+    payload: &[u8],
+) -> io::Result<()> {
     let mut body = Vec::with_capacity(payload.len() + 5);
     write_varint(&mut body, packet_id);
     body.extend_from_slice(payload);
@@ -541,11 +556,20 @@ fn serve_rcon(mut stream: TcpStream, server: &ServerInfo) -> io::Result<()> {
                     None => true,
                     Some(password) => *password == request.body,
                 };
-                let id = if authenticated { request.id } else { RCON_AUTH_FAILED_ID };
+                let id = if authenticated {
+                    request.id
+                } else {
+                    RCON_AUTH_FAILED_ID
+                };
                 write_rcon_packet(&mut stream, id, RCON_TYPE_AUTH_RESPONSE, "")?;
             }
             RCON_TYPE_COMMAND if !authenticated => {
-                write_rcon_packet(&mut stream, RCON_AUTH_FAILED_ID, RCON_TYPE_AUTH_RESPONSE, "")?;
+                write_rcon_packet(
+                    &mut stream,
+                    RCON_AUTH_FAILED_ID,
+                    RCON_TYPE_AUTH_RESPONSE,
+                    "",
+                )?;
             }
             RCON_TYPE_COMMAND => {
                 let (reply, after) = run_rcon_command(&request.body, server)?;
@@ -569,7 +593,12 @@ fn serve_rcon(mut stream: TcpStream, server: &ServerInfo) -> io::Result<()> {
 fn run_rcon_command(command: &str, server: &ServerInfo) -> io::Result<(String, AfterCommand)> {
     // Minecraft accepts commands with or without the leading slash, and
     // extra arguments (`save-all flush`) don't change what we do.
-    let name = command.trim().trim_start_matches('/').split_whitespace().next().unwrap_or("");
+    let name = command
+        .trim()
+        .trim_start_matches('/')
+        .split_whitespace()
+        .next()
+        .unwrap_or("");
     let reply = match name {
         "list" => format!(
             "There are 0 of a max of {} players online: ",
@@ -650,7 +679,19 @@ mod tests {
 
     #[test]
     fn varint_round_trips() {
-        for value in [0, 1, 127, 128, 300, 765, 25565, i32::MAX, -1, -765, i32::MIN] {
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            300,
+            765,
+            25565,
+            i32::MAX,
+            -1,
+            -765,
+            i32::MIN,
+        ] {
             let bytes = encoded(value);
             let mut reader = bytes.as_slice();
             assert_eq!(read_varint(&mut reader).unwrap(), value);
@@ -695,7 +736,10 @@ mod tests {
         write_rcon_packet(&mut frame, 7, RCON_TYPE_COMMAND, "list").unwrap();
         assert_eq!(&frame[..4], &14i32.to_le_bytes());
         let request = read_rcon_request(&mut frame.as_slice()).unwrap();
-        assert_eq!((request.id, request.kind, request.body.as_str()), (7, 2, "list"));
+        assert_eq!(
+            (request.id, request.kind, request.body.as_str()),
+            (7, 2, "list")
+        );
     }
 
     #[test]

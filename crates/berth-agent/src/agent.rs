@@ -1,0 +1,406 @@
+//! The agent: registers its node, then syncs in a loop, converging what
+//! runs to what the control plane wants; a supervisor tick watches every
+//! instance (readiness, exit, memory, stop deadlines).
+//!
+//! Sync is level-triggered and idempotent: every request carries the full
+//! set of instances; every answer the full desired set. The agent starts a
+//! (server, generation) at most once in its life (an ended generation is
+//! never restarted), runs only the newest generation of a server, and
+//! keeps an ended instance in its reports until the control plane stops
+//! desiring it, so an exit is never lost. It never decides placement.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_api::{RegisterRequest, SyncRequest};
+use berth_client::{Client, ClientError};
+use berth_core::reconcile::{ErrorClass, InstanceReport, InstanceState};
+use berth_core::template::{InstanceSpec, ReadyCheck};
+use berth_core::{LastExit, MemMib, PortRange};
+use tokio::sync::{watch, Notify};
+
+use crate::driver::{Driver, Key, Observed};
+use crate::{host, preflight, probe};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub control_plane: String,
+    pub token: String,
+    pub name: String,
+    pub address: String,
+    /// Memory berth may reserve on this node; `None` is the host's total
+    /// minus a system reserve.
+    pub memory_mib: Option<u64>,
+    pub ports: PortRange,
+    pub max_concurrent_starts: u32,
+    /// Extra host memory a start must find free beyond its reservation.
+    pub headroom_mib: u64,
+    pub sync_interval: Duration,
+    pub tick: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(control_plane: &str, token: &str, name: &str) -> AgentConfig {
+        AgentConfig {
+            control_plane: control_plane.to_string(),
+            token: token.to_string(),
+            name: name.to_string(),
+            address: String::new(),
+            memory_mib: None,
+            ports: PortRange { min: 30000, max: 30999 },
+            max_concurrent_starts: 0,
+            headroom_mib: 64,
+            sync_interval: Duration::from_secs(2),
+            tick: Duration::from_millis(200),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Instance {
+    spec: InstanceSpec,
+    state: InstanceState,
+    exit: Option<LastExit>,
+    error: Option<(ErrorClass, String)>,
+    used_mib: Option<u64>,
+    since: Instant,
+    stop_deadline: Option<Instant>,
+}
+
+impl Instance {
+    fn new(spec: InstanceSpec, state: InstanceState) -> Instance {
+        Instance { spec, state, exit: None, error: None, used_mib: None, since: Instant::now(), stop_deadline: None }
+    }
+
+    fn report(&self) -> InstanceReport {
+        InstanceReport {
+            server_id: self.spec.server_id.clone(),
+            generation: self.spec.generation,
+            state: self.state,
+            exit: self.exit.clone(),
+            error_class: self.error.as_ref().map(|e| e.0),
+            error: self.error.as_ref().map(|e| e.1.clone()),
+            used_mib: self.used_mib.map(MemMib),
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        matches!(self.state, InstanceState::Starting | InstanceState::Running | InstanceState::Stopping)
+    }
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    driver: Arc<dyn Driver>,
+    client: Client,
+    instances: Mutex<HashMap<Key, Instance>>,
+    /// Generations that ended here; never started again.
+    finished: Mutex<HashSet<Key>>,
+    changed: Notify,
+}
+
+const SYSTEM_RESERVE_MIB: u64 = 512;
+
+impl Agent {
+    pub fn new(cfg: AgentConfig, driver: Arc<dyn Driver>) -> Arc<Agent> {
+        let client = Client::with_timeout(&cfg.control_plane, &cfg.token, Duration::from_secs(30));
+        Arc::new(Agent { cfg, driver, client, instances: Mutex::new(HashMap::new()), finished: Mutex::new(HashSet::new()), changed: Notify::new() })
+    }
+
+    /// Runs until `shutdown` turns true. Instances keep running after the
+    /// agent stops: they are re-adopted by the next run.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        self.adopt().await;
+        let sup = self.clone();
+        let sup_shutdown = shutdown.clone();
+        let supervisor = tokio::spawn(async move { sup.supervise(sup_shutdown).await });
+        tokio::select! {
+            _ = self.sync_loop() => {}
+            _ = shutdown.changed() => {}
+        }
+        supervisor.abort();
+    }
+
+    async fn adopt(&self) {
+        match self.driver.adopt().await {
+            Ok(found) => {
+                let mut inst = self.instances.lock().expect("instances lock");
+                for (spec, obs) in found {
+                    let key = (spec.server_id.clone(), spec.generation);
+                    let mut i = Instance::new(spec, InstanceState::Starting);
+                    if let Observed::Exited(e) = obs {
+                        i.state = InstanceState::Exited;
+                        i.exit = Some(e);
+                    }
+                    inst.insert(key, i);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "adoption failed; instances left by a previous run are not tracked"),
+        }
+    }
+
+    fn registration(&self) -> RegisterRequest {
+        let mem = host::memory();
+        let allocatable = self.cfg.memory_mib.unwrap_or(mem.total_mib.saturating_sub(SYSTEM_RESERVE_MIB));
+        RegisterRequest {
+            name: self.cfg.name.clone(),
+            address: self.cfg.address.clone(),
+            driver: self.driver.name().to_string(),
+            total_mib: mem.total_mib.max(allocatable),
+            allocatable_mib: allocatable,
+            cpu_cores: host::cpu_cores(),
+            ports: self.cfg.ports,
+            max_concurrent_starts: self.cfg.max_concurrent_starts,
+        }
+    }
+
+    async fn register(&self) -> (String, u64) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.client.register(&self.registration()).await {
+                Ok(r) => {
+                    tracing::info!(node = %r.node_id, epoch = r.epoch, "registered");
+                    return (r.node_id, r.epoch);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "registration failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.cfg.sync_interval);
+                }
+            }
+        }
+    }
+
+    fn report(&self) -> Vec<berth_core::reconcile::InstanceReport> {
+        let inst = self.instances.lock().expect("instances lock");
+        let mut r: Vec<_> = inst.values().map(Instance::report).collect();
+        r.sort_by(|a, b| (&a.server_id, a.generation).cmp(&(&b.server_id, b.generation)));
+        r
+    }
+
+    async fn sync_loop(&self) {
+        let (mut node_id, mut epoch) = self.register().await;
+        let mut seq = 0u64;
+        loop {
+            seq += 1;
+            let req = SyncRequest {
+                node_id: node_id.clone(),
+                epoch,
+                seq,
+                instances: self.report(),
+                host: host::memory(),
+                wait_ms: self.cfg.sync_interval.as_millis() as u64,
+            };
+            let sent = Instant::now();
+            let resp = tokio::select! {
+                r = self.client.sync(&req) => r,
+                // A local change (ready, exited) is reported at once; the
+                // held request is abandoned, its report already applied.
+                _ = self.changed.notified() => continue,
+            };
+            match resp {
+                Ok(resp) => {
+                    let acted = self.converge(resp.desired).await;
+                    if !acted && sent.elapsed() < Duration::from_millis(50) {
+                        // Guard against a hot loop if the two sides ever
+                        // disagree about whether there is work.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                Err(ClientError::Api { status: 404 | 409, message, .. }) => {
+                    tracing::warn!(%message, "sync refused; registering again");
+                    (node_id, epoch) = self.register().await;
+                    seq = 0;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "sync failed");
+                    tokio::time::sleep(self.cfg.sync_interval).await;
+                }
+            }
+        }
+    }
+
+    /// Converges local instances to `desired`. Returns whether it acted.
+    async fn converge(&self, desired: Vec<InstanceSpec>) -> bool {
+        let want: HashSet<Key> = desired.iter().map(|s| (s.server_id.clone(), s.generation)).collect();
+        let mut acted = false;
+
+        // Stop or drop what is no longer wanted.
+        let (to_stop, to_forget): (Vec<_>, Vec<_>) = {
+            let inst = self.instances.lock().expect("instances lock");
+            let unwanted: Vec<_> = inst.iter().filter(|(k, _)| !want.contains(*k)).map(|(k, i)| (k.clone(), i.state)).collect();
+            unwanted.into_iter().partition(|(_, st)| matches!(st, InstanceState::Starting | InstanceState::Running))
+        };
+        for (key, _) in to_stop {
+            self.begin_stop(&key).await;
+            acted = true;
+        }
+        for (key, state) in to_forget {
+            if matches!(state, InstanceState::Exited | InstanceState::Failed) {
+                self.instances.lock().expect("instances lock").remove(&key);
+                self.finished.lock().expect("finished lock").insert(key.clone());
+                self.driver.forget(&key).await;
+                acted = true;
+            }
+        }
+
+        // Start what is wanted and new here.
+        for spec in desired {
+            let key: Key = (spec.server_id.clone(), spec.generation);
+            if self.finished.lock().expect("finished lock").contains(&key) {
+                continue;
+            }
+            let older_live: Vec<Key> = {
+                let inst = self.instances.lock().expect("instances lock");
+                if inst.contains_key(&key) {
+                    continue;
+                }
+                inst.iter().filter(|(k, i)| k.0 == key.0 && k.1 != key.1 && i.is_live()).map(|(k, _)| k.clone()).collect()
+            };
+            if !older_live.is_empty() {
+                // L3 on one node: the old generation must be gone before the
+                // new one starts on the same data.
+                for k in older_live {
+                    self.begin_stop(&k).await;
+                }
+                acted = true;
+                continue;
+            }
+            acted = true;
+            let mem = host::memory();
+            let port_free = preflight::port_is_free(spec.port);
+            let mut inst = match preflight::check(mem.available_mib, spec.memory_mib.0, self.cfg.headroom_mib, spec.port, port_free) {
+                Err(e) => {
+                    tracing::warn!(server = %spec.server_id, error = %e, "preflight failed");
+                    let mut i = Instance::new(spec.clone(), InstanceState::Failed);
+                    i.error = Some((ErrorClass::Transient, format!("preflight: {e}")));
+                    i
+                }
+                Ok(()) => match self.driver.start(&spec).await {
+                    Ok(()) => Instance::new(spec.clone(), InstanceState::Starting),
+                    Err(e) => {
+                        tracing::warn!(server = %spec.server_id, error = %e, "start failed");
+                        let mut i = Instance::new(spec.clone(), InstanceState::Failed);
+                        i.error = Some((e.class(), e.to_string()));
+                        i
+                    }
+                },
+            };
+            inst.since = Instant::now();
+            self.instances.lock().expect("instances lock").insert(key, inst);
+        }
+        acted
+    }
+
+    async fn begin_stop(&self, key: &Key) {
+        let (signal, timeout) = {
+            let mut inst = self.instances.lock().expect("instances lock");
+            let Some(i) = inst.get_mut(key) else { return };
+            if !matches!(i.state, InstanceState::Starting | InstanceState::Running) {
+                return;
+            }
+            i.state = InstanceState::Stopping;
+            i.stop_deadline = Some(Instant::now() + Duration::from_millis(i.spec.stop_timeout_ms));
+            (i.spec.stop_signal.clone(), i.spec.stop_timeout_ms)
+        };
+        tracing::info!(server = %key.0, generation = key.1, %signal, timeout_ms = timeout, "stopping instance");
+        if let Err(e) = self.driver.stop(key, &signal).await {
+            tracing::warn!(error = %e, "graceful stop failed; killing");
+            let _ = self.driver.kill(key, "stopped").await;
+        }
+    }
+
+    /// The supervisor tick: observes every instance and moves it along its
+    /// life (starting → running, → exited), enforces memory limits the
+    /// driver does not, and kills instances past their stop deadline.
+    async fn supervise(&self, shutdown: watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let observed = self.driver.observe_all().await;
+            let snapshot: Vec<(Key, Instance)> =
+                self.instances.lock().expect("instances lock").iter().map(|(k, i)| (k.clone(), i.clone())).collect();
+            let mut changed = false;
+            for (key, inst) in snapshot {
+                if !inst.is_live() {
+                    continue;
+                }
+                match observed.get(&key) {
+                    Some(Observed::Exited(exit)) => {
+                        let mut exit = exit.clone();
+                        if inst.state == InstanceState::Stopping && exit.reason != "oom" {
+                            exit.reason = "stopped".into();
+                        }
+                        tracing::info!(server = %key.0, generation = key.1, reason = %exit.reason, code = ?exit.code, "instance ended");
+                        self.update(&key, |i| {
+                            i.state = InstanceState::Exited;
+                            i.exit = Some(exit);
+                        });
+                        changed = true;
+                    }
+                    Some(Observed::Alive { used_mib }) => {
+                        if let Some(used) = used_mib {
+                            self.update(&key, |i| i.used_mib = Some(*used));
+                            if *used > inst.spec.memory_mib.0 && !self.driver.enforces_memory_limit(&key) {
+                                tracing::warn!(server = %key.0, used, limit = inst.spec.memory_mib.0, "memory limit exceeded; killing");
+                                let _ = self.driver.kill(&key, "oom").await;
+                                continue;
+                            }
+                        }
+                        match inst.state {
+                            InstanceState::Starting => {
+                                if ready(&inst.spec).await {
+                                    tracing::info!(server = %key.0, generation = key.1, "instance ready");
+                                    self.update(&key, |i| i.state = InstanceState::Running);
+                                    changed = true;
+                                } else if inst.since.elapsed() > Duration::from_millis(inst.spec.ready_timeout_ms) {
+                                    tracing::warn!(server = %key.0, "instance not ready in time; killing");
+                                    let _ = self.driver.kill(&key, "ready_timeout").await;
+                                }
+                            }
+                            InstanceState::Stopping => {
+                                if inst.stop_deadline.is_some_and(|d| Instant::now() > d) {
+                                    tracing::warn!(server = %key.0, "graceful stop timed out; killing");
+                                    let _ = self.driver.kill(&key, "stopped").await;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    None => {
+                        // The driver lost the instance (should not happen):
+                        // report it ended rather than running forever.
+                        self.update(&key, |i| {
+                            i.state = InstanceState::Exited;
+                            i.exit = Some(LastExit { reason: "lost".into(), code: None });
+                        });
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                self.changed.notify_one();
+            }
+            tokio::time::sleep(self.cfg.tick).await;
+        }
+    }
+
+    fn update(&self, key: &Key, f: impl FnOnce(&mut Instance)) {
+        if let Some(i) = self.instances.lock().expect("instances lock").get_mut(key) {
+            f(i);
+        }
+    }
+}
+
+async fn ready(spec: &InstanceSpec) -> bool {
+    match spec.ready {
+        ReadyCheck::Alive => true,
+        ReadyCheck::Tcp => {
+            probe::tcp_ready(SocketAddr::from((Ipv4Addr::LOCALHOST, spec.port)), Duration::from_millis(300)).await
+        }
+        ReadyCheck::Udp => probe::udp_port_bound(spec.port),
+    }
+}

@@ -1,0 +1,74 @@
+//! The driver seam: how an agent runs instances, whatever the runtime.
+//!
+//! A driver starts, observes, signals and kills instances keyed by
+//! (server, generation), and finds the instances it left running before an
+//! agent restart (`adopt`). It decides nothing: the agent decides what
+//! should run; the driver only does it and reports what it sees. Every
+//! driver (process, docker, sim) implements this one trait, and fakes for
+//! tests implement it too.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use berth_core::reconcile::ErrorClass;
+use berth_core::template::InstanceSpec;
+use berth_core::{Generation, LastExit, ServerId};
+
+pub type Key = (ServerId, Generation);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    /// May succeed later (resources, timing, a busy runtime).
+    #[error("{0}")]
+    Transient(String),
+    /// Will not succeed without a change (missing binary or image, bad spec).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl DriverError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            DriverError::Transient(_) => ErrorClass::Transient,
+            DriverError::Permanent(_) => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// What a driver sees of one instance right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    Alive { used_mib: Option<u64> },
+    Exited(LastExit),
+}
+
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// Instances left by a previous run of the agent, alive or not.
+    async fn adopt(&self) -> Result<Vec<(InstanceSpec, Observed)>, DriverError>;
+
+    async fn start(&self, spec: &InstanceSpec) -> Result<(), DriverError>;
+
+    /// Observes every instance the driver knows, in one pass.
+    async fn observe_all(&self) -> HashMap<Key, Observed>;
+
+    /// Asks the instance to stop gracefully (`signal` is e.g. "SIGTERM").
+    async fn stop(&self, key: &Key, signal: &str) -> Result<(), DriverError>;
+
+    /// Ends the instance at once. `reason` is recorded as its exit reason
+    /// (e.g. "oom" when the agent enforces a memory limit).
+    async fn kill(&self, key: &Key, reason: &str) -> Result<(), DriverError>;
+
+    /// Forgets an ended instance: its records go, its data dir stays.
+    async fn forget(&self, key: &Key);
+
+    /// True if the driver enforces memory limits itself (cgroup, engine);
+    /// otherwise the agent watches usage and kills at the limit.
+    fn enforces_memory_limit(&self, key: &Key) -> bool;
+
+    /// Where the server's persistent data lives on this node.
+    fn data_dir(&self, server: &ServerId) -> PathBuf;
+}
