@@ -63,6 +63,9 @@ impl ProcessDriver {
     /// `{berth_exe}` in commands.
     pub fn new(root: PathBuf, berth_exe: PathBuf, use_cgroups: bool) -> std::io::Result<ProcessDriver> {
         fs::create_dir_all(&root)?;
+        // Instances run with their data dir as cwd, so every path handed to
+        // them must be absolute.
+        let root = fs::canonicalize(&root)?;
         let cgroups = if use_cgroups { Cgroups::detect() } else { None };
         match &cgroups {
             Some(c) => tracing::info!(root = %c.root.display(), v2 = c.v2, "memory limits through cgroups"),

@@ -90,6 +90,16 @@ impl ControlPlane {
     pub fn router(&self) -> axum::Router {
         http::router(self.app.clone())
     }
+
+    /// Serves the API on `listener` until `shutdown` completes.
+    pub fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
+        let router = self.router();
+        async move { axum::serve(listener, router).with_graceful_shutdown(shutdown).await }
+    }
 }
 
 impl Drop for ControlPlane {

@@ -1,1 +1,34 @@
-fn main() {}
+//! The `berth` command: runs the control plane, the agent, or both (`dev`),
+//! and talks to a control plane as a client (`server`, `node`, `token`,
+//! `events`). It wires the libraries together and owns process concerns:
+//! flags, logging, signals, files in the data dir. Decisions live in the
+//! libraries, not here.
+
+mod cli;
+mod daemon;
+mod fakegame;
+mod output;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    if let cli::Cmd::Fakegame(a) = cli.cmd {
+        // The workload is plain threads: no runtime, no logging setup.
+        return match fakegame::run(a.into()) {
+            Ok(code) => std::process::ExitCode::from(code as u8),
+            Err(e) => {
+                eprintln!("fakegame: {e}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(cli::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

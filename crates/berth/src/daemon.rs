@@ -1,0 +1,147 @@
+//! Long-running modes: `control-plane`, `agent`, and `dev` (both in one
+//! process). Owns the data-dir files (`berth.db`, `admin.token`,
+//! `agent.token`, `addr`) and shutdown on SIGINT/SIGTERM. Instances are
+//! never stopped on shutdown: they outlive the agent and are re-adopted.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use berth_agent::{Agent, AgentConfig, ProcessDriver};
+use berth_control::templates::Templates;
+use berth_control::{ensure_token_file, ControlConfig, ControlPlane};
+use berth_core::{PortRange, TokenKind};
+use berth_store::{SqliteStore, Store};
+use tokio::sync::watch;
+
+pub struct ControlOpts {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub templates_dir: Option<PathBuf>,
+    pub cfg: ControlConfig,
+}
+
+pub struct AgentOpts {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub memory_mib: Option<u64>,
+    pub ports: PortRange,
+    pub max_concurrent_starts: u32,
+    pub headroom_mib: u64,
+    pub sync_interval: Duration,
+    pub cgroups: bool,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+pub fn parse_ports(s: &str) -> Result<PortRange> {
+    let (a, b) = s.split_once('-').context("ports must look like 30000-30999")?;
+    let r = PortRange { min: a.trim().parse().context("bad first port")?, max: b.trim().parse().context("bad last port")? };
+    if r.min == 0 || r.max < r.min {
+        bail!("ports must be a non-empty range of non-zero ports, got {s}");
+    }
+    Ok(r)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// A running control plane with its HTTP listener bound.
+struct Started {
+    url: String,
+    store: Arc<dyn Store>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    _cp: ControlPlane,
+}
+
+async fn start_control(opts: &ControlOpts, shutdown: watch::Receiver<bool>) -> Result<Started> {
+    std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("cannot create {}", opts.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&opts.data_dir.join("berth.db"))
+            .await
+            .with_context(|| format!("cannot open the store in {}", opts.data_dir.display()))?,
+    );
+    let templates = Templates::load(opts.templates_dir.as_deref())?;
+    let cp = ControlPlane::start(store.clone(), templates, opts.cfg);
+    let admin_path = opts.data_dir.join("admin.token");
+    let created = ensure_token_file(store.as_ref(), TokenKind::Admin, &admin_path, now_ms()).await?;
+    let listener = tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let mut addr = listener.local_addr()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{addr}");
+    std::fs::write(opts.data_dir.join("addr"), format!("{url}\n"))?;
+    println!("berth control plane listening on {url}");
+    match created {
+        Some(secret) => println!("admin token (also in {}): {secret}", admin_path.display()),
+        None => println!("admin token in {}", admin_path.display()),
+    }
+    let mut sd = shutdown.clone();
+    let server = tokio::spawn(cp.serve(listener, async move {
+        let _ = sd.wait_for(|v| *v).await;
+    }));
+    Ok(Started { url, store, server, _cp: cp })
+}
+
+fn start_agent(url: &str, token: &str, opts: &AgentOpts, shutdown: watch::Receiver<bool>) -> Result<tokio::task::JoinHandle<()>> {
+    let exe = std::env::current_exe().context("cannot find the berth executable")?;
+    let driver = ProcessDriver::new(opts.data_dir.join("instances"), exe, opts.cgroups)
+        .with_context(|| format!("cannot prepare {}", opts.data_dir.display()))?;
+    let mut cfg = AgentConfig::new(url, token, &opts.name);
+    cfg.memory_mib = opts.memory_mib;
+    cfg.ports = opts.ports;
+    cfg.max_concurrent_starts = opts.max_concurrent_starts;
+    cfg.headroom_mib = opts.headroom_mib;
+    cfg.sync_interval = opts.sync_interval;
+    let agent = Agent::new(cfg, Arc::new(driver));
+    Ok(tokio::spawn(agent.run(shutdown)))
+}
+
+pub async fn control_plane(opts: ControlOpts) -> Result<()> {
+    let (tx, rx) = watch::channel(false);
+    let started = start_control(&opts, rx).await?;
+    shutdown_signal().await;
+    let _ = tx.send(true);
+    let _ = started.server.await;
+    Ok(())
+}
+
+pub async fn agent(url: &str, token: &str, opts: AgentOpts) -> Result<()> {
+    std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("cannot create {}", opts.data_dir.display()))?;
+    let (tx, rx) = watch::channel(false);
+    let handle = start_agent(url, token, &opts, rx)?;
+    println!("berth agent {} syncing with {url}", opts.name);
+    shutdown_signal().await;
+    let _ = tx.send(true);
+    let _ = handle.await;
+    Ok(())
+}
+
+fn read_secret(path: &Path) -> Result<String> {
+    Ok(std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?.trim().to_string())
+}
+
+pub async fn dev(control: ControlOpts, agent: AgentOpts) -> Result<()> {
+    let (tx, rx) = watch::channel(false);
+    let started = start_control(&control, rx.clone()).await?;
+    let agent_token_path = control.data_dir.join("agent.token");
+    ensure_token_file(started.store.as_ref(), TokenKind::Agent, &agent_token_path, now_ms()).await?;
+    let token = read_secret(&agent_token_path)?;
+    let handle = start_agent(&started.url, &token, &agent, rx)?;
+    println!("local agent {} ready; try: berth server create mc1 --template fakegame --memory-mib 512", agent.name);
+    shutdown_signal().await;
+    let _ = tx.send(true);
+    let _ = handle.await;
+    let _ = started.server.await;
+    Ok(())
+}
