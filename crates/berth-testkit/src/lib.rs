@@ -1,1 +1,294 @@
-//! placeholder
+//! berth-testkit: helpers for end-to-end tests that run the real `berth`
+//! binary. It starts control planes, agents and `berth dev` on port 0 in
+//! temp dirs, talks HTTP to them, waits for conditions with bounded
+//! timeouts, and cleans up every process it caused by pid: the berth
+//! processes it spawned and the instance process groups recorded in pid
+//! records under the data dirs it was given. It never kills by name.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A spawned berth process, killed (SIGKILL, by pid) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`, then reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on a pid we spawned and have not reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Kills, on drop, every instance recorded under the given agent data dirs
+/// (their process groups, by the pids in the records) and removes the
+/// memory cgroups the records name.
+#[derive(Default)]
+pub struct InstanceReaper {
+    dirs: Vec<PathBuf>,
+}
+
+impl InstanceReaper {
+    pub fn watch(&mut self, agent_data_dir: &Path) {
+        self.dirs.push(agent_data_dir.to_path_buf());
+    }
+
+    pub fn kill_all(&self) {
+        for d in &self.dirs {
+            for rec in pid_records(d) {
+                if rec.pid > 1 {
+                    // SAFETY: kill(2) of a process group recorded by the agent.
+                    unsafe {
+                        libc::kill(-rec.pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        for d in &self.dirs {
+            for rec in pid_records(d) {
+                if let Some(cg) = rec.cgroup {
+                    let _ = std::fs::remove_dir(cg);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for InstanceReaper {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PidRecord {
+    pub server_id: String,
+    pub generation: u64,
+    pub pid: i32,
+    pub cgroup: Option<PathBuf>,
+}
+
+/// Reads every `instance-*.json` under `agent_data_dir/instances/*/`.
+pub fn pid_records(agent_data_dir: &Path) -> Vec<PidRecord> {
+    let mut out = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(agent_data_dir.join("instances")) else { return out };
+    for d in dirs.flatten() {
+        let Ok(files) = std::fs::read_dir(d.path()) else { continue };
+        for f in files.flatten() {
+            let name = f.file_name().to_string_lossy().to_string();
+            if !(name.starts_with("instance-") && name.ends_with(".json")) {
+                continue;
+            }
+            let Ok(v) = std::fs::read(f.path()).map(|b| serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null)) else { continue };
+            out.push(PidRecord {
+                server_id: v["spec"]["server_id"].as_str().unwrap_or_default().to_string(),
+                generation: v["spec"]["generation"].as_u64().unwrap_or(0),
+                pid: v["pid"].as_i64().unwrap_or(0) as i32,
+                cgroup: v["cgroup"].as_str().map(PathBuf::from),
+            });
+        }
+    }
+    out
+}
+
+/// True if a process with this pid exists and is not a zombie.
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next().map(|x| x.to_string()));
+            !matches!(state.as_deref(), Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+pub fn spawn(bin: &Path, args: &[String], log: &Path, envs: &[(&str, &str)]) -> Proc {
+    let out = std::fs::File::create(log).expect("log file");
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out).env("RUST_LOG", "info,sqlx=warn");
+    cmd.env_remove("BERTH_TOKEN").env_remove("BERTH_ADDR");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn berth");
+    Proc { child, name: args.first().cloned().unwrap_or_default(), log: log.to_path_buf() }
+}
+
+/// Waits for `DATA_DIR/addr` (written once the listener is bound) and for
+/// /healthz to answer, then returns the URL.
+pub fn wait_for_addr(data_dir: &Path, proc_: &mut Proc, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = proc_.child.try_wait() {
+            panic!("{} exited early with {status}:\n{}", proc_.name, proc_.log_tail());
+        }
+        if let Ok(a) = std::fs::read_to_string(data_dir.join("addr")) {
+            let url = a.trim().to_string();
+            if reqwest::blocking::get(format!("{url}/healthz")).map(|r| r.status().is_success()).unwrap_or(false) {
+                return url;
+            }
+        }
+        assert!(Instant::now() < deadline, "{} did not come up:\n{}", proc_.name, proc_.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `berth dev` (or `control-plane`) in `data_dir`, listening on port 0.
+pub fn start_control(bin: &Path, mode: &str, data_dir: &Path, extra: &[&str]) -> (Proc, String, String) {
+    std::fs::create_dir_all(data_dir).unwrap();
+    let _ = std::fs::remove_file(data_dir.join("addr"));
+    let mut args = vec![mode.to_string(), "--data-dir".into(), data_dir.display().to_string(), "--listen".into(), "127.0.0.1:0".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let log = data_dir.join(format!("{mode}-{}.log", unique()));
+    let mut p = spawn(bin, &args, &log, &[]);
+    let url = wait_for_addr(data_dir, &mut p, Duration::from_secs(30));
+    let token = std::fs::read_to_string(data_dir.join("admin.token")).expect("admin.token").trim().to_string();
+    (p, url, token)
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// A blocking JSON client for tests; returns status and body for every
+/// call so tests can assert on errors too.
+#[derive(Clone)]
+pub struct Api {
+    pub url: String,
+    pub token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Api {
+    pub fn new(url: &str, token: &str) -> Api {
+        Api {
+            url: url.to_string(),
+            token: token.to_string(),
+            http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+        }
+    }
+
+    pub fn with_token(&self, token: &str) -> Api {
+        Api { token: token.to_string(), ..self.clone() }
+    }
+
+    pub fn raw(&self, method: &str, path: &str, body: Option<&[u8]>, token: Option<&str>) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(m, format!("{}{}", self.url, path));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_vec());
+        }
+        let resp = req.send().unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let bytes = body.map(|b| serde_json::to_vec(b).unwrap());
+        self.raw(method, path, bytes.as_deref(), Some(&self.token))
+    }
+
+    /// Like `call`, but panics unless the status is 2xx.
+    pub fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
+        let (s, v) = self.call(method, path, body);
+        assert!((200..300).contains(&s), "{method} {path} -> {s}: {v}");
+        v
+    }
+
+    pub fn create_server(&self, name: &str, template: &str, memory: u64, config: Value) -> Value {
+        self.ok("POST", "/v1/servers", Some(&serde_json::json!({"name": name, "template": template, "memory_mib": memory, "config": config})))
+    }
+
+    pub fn server(&self, id: &str) -> Value {
+        self.ok("GET", &format!("/v1/servers/{id}"), None)
+    }
+
+    pub fn servers(&self) -> Vec<Value> {
+        self.ok("GET", "/v1/servers", None)["servers"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn nodes(&self) -> Vec<Value> {
+        self.ok("GET", "/v1/nodes", None)["nodes"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn status_counts(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for s in self.servers() {
+            *m.entry(s["status"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        }
+        m
+    }
+
+    pub fn violations(&self) -> Vec<Value> {
+        self.ok("GET", "/v1/invariants", None)["violations"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn create_token(&self, kind: &str, tenant: Option<&str>) -> String {
+        let v = self.ok("POST", "/v1/tokens", Some(&serde_json::json!({"kind": kind, "tenant": tenant})));
+        v["token"].as_str().unwrap().to_string()
+    }
+}
+
+/// Polls `cond` every 50 ms until it returns `Some`, or panics with `what`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// True if `minetestserver` from Debian's package is installed.
+pub fn minetest_installed() -> bool {
+    Path::new("/usr/games/minetestserver").exists()
+}
+
+/// In CI a missing tool is a failure, not a skip.
+pub fn require_or_skip(present: bool, what: &str) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is required in CI but missing; .ci/run installs it");
+    }
+    eprintln!("skipping: {what} is not installed");
+    false
+}
