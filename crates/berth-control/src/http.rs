@@ -68,6 +68,7 @@ async fn not_found() -> ControlError {
 
 async fn create_server(State(app): AppState, headers: HeaderMap, body: Bytes) -> Result<Response, ControlError> {
     let c = caller(&app, &headers).await?;
+    c.require_user()?;
     let v = parse_value(&body)?;
     let s = app.create_server(&c, &v).await?;
     Ok((StatusCode::CREATED, Json(ServerView::from(&s))).into_response())
@@ -128,7 +129,11 @@ struct EventQuery {
 
 async fn list_events(State(app): AppState, headers: HeaderMap, query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<EventList>, ControlError> {
     let c = caller(&app, &headers).await?;
-    let Query(q) = query.map_err(|e| ControlError::invalid("invalid_request", e.body_text()))?;
+    let Query(q) = query.map_err(|e| {
+        let text = e.body_text();
+        let detail = text.split_once(": ").map(|(_, d)| d.to_string()).unwrap_or(text);
+        ControlError::invalid("invalid_request", format!("invalid query: {detail}"))
+    })?;
     let server_id = match q.server {
         Some(s) => Some(app.find_server(&c, &s).await?.id),
         None => None,
@@ -142,6 +147,7 @@ async fn list_events(State(app): AppState, headers: HeaderMap, query: Result<Que
 
 async fn create_token(State(app): AppState, headers: HeaderMap, body: Bytes) -> Result<Response, ControlError> {
     let c = caller(&app, &headers).await?;
+    c.require_admin()?;
     let req: CreateToken = parse(&body)?;
     Ok((StatusCode::CREATED, Json(app.create_token(&c, &req).await?)).into_response())
 }
@@ -158,12 +164,14 @@ async fn invariants(State(app): AppState, headers: HeaderMap) -> Result<Response
 
 async fn agent_register(State(app): AppState, headers: HeaderMap, body: Bytes) -> Result<Response, ControlError> {
     let c = caller(&app, &headers).await?;
+    c.require_agent()?;
     let req: RegisterRequest = parse(&body)?;
     Ok(Json(app.register(&c, &req).await?).into_response())
 }
 
 async fn agent_sync(State(app): AppState, headers: HeaderMap, body: Bytes) -> Result<Response, ControlError> {
     let c = caller(&app, &headers).await?;
+    c.require_agent()?;
     let req: SyncRequest = parse(&body)?;
     Ok(Json(app.sync(&c, req).await?).into_response())
 }
