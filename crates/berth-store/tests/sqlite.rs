@@ -1,0 +1,64 @@
+//! The store suite against SQLite, plus what only a file database shows:
+//! committed rows survive closing and reopening (L6).
+
+mod suite;
+
+use std::sync::Arc;
+
+use berth_core::{MemMib, NodeId};
+use berth_store::{SqliteStore, Store};
+
+async fn open(dir: &tempfile::TempDir) -> SqliteStore {
+    SqliteStore::open(&dir.path().join("berth.db")).await.unwrap()
+}
+
+macro_rules! suite_tests {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(&dir).await;
+            suite::$name(&store).await;
+        }
+    )*};
+}
+
+suite_tests!(
+    stale_plans_cannot_overcommit,
+    ports_are_unique_and_stale_servers_refused,
+    syncs_are_fenced_by_epoch_and_sequence,
+    report_changes_are_conditional_on_generation,
+    names_and_transitions,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_never_exceed_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(open(&dir).await);
+    suite::concurrent_commits_never_exceed_a_node(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_survive_reopening_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(&dir).await;
+        suite::stale_plans_cannot_overcommit(&store).await;
+    }
+    let store = open(&dir).await;
+    let usage = store.node_usage().await.unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0].reserved, MemMib(2048));
+    assert_eq!(usage[0].node_id, NodeId("node_0000000000000001".into()));
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(&dir).await);
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("berth.db").display())).await.unwrap();
+    sqlx::query("INSERT INTO schema_migrations (version) VALUES (99)").execute(&pool).await.unwrap();
+    pool.close().await;
+    let e = SqliteStore::open(&dir.path().join("berth.db")).await.err().expect("refused");
+    assert!(e.to_string().contains("newer"), "{e}");
+}
