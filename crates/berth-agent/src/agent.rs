@@ -361,12 +361,11 @@ impl Agent {
                                     let _ = self.driver.kill(&key, "ready_timeout").await;
                                 }
                             }
-                            InstanceState::Stopping => {
-                                if inst.stop_deadline.is_some_and(|d| Instant::now() > d) {
+                            InstanceState::Stopping
+                                if inst.stop_deadline.is_some_and(|d| Instant::now() > d) => {
                                     tracing::warn!(server = %key.0, "graceful stop timed out; killing");
                                     let _ = self.driver.kill(&key, "stopped").await;
                                 }
-                            }
                             _ => {}
                         }
                     }

@@ -212,7 +212,7 @@ mod tests {
         assert!(v.iter().any(|x| matches!(x, Violation::L2 { .. })), "{v:?}");
         let (s2, mut r2) = placed("b", "n1", 100, 2);
         r2.generation = 1;
-        let v = check(&[node("n1", 2500)], &[s2.clone()], &[r2], None);
+        let v = check(&[node("n1", 2500)], std::slice::from_ref(&s2), &[r2], None);
         assert!(v.iter().any(|x| matches!(x, Violation::L2 { .. })), "{v:?}");
         let v = check(&[node("n1", 2500)], &[s2], &[], None);
         assert!(v.iter().any(|x| matches!(x, Violation::L2 { .. })), "running server without a reservation: {v:?}");
