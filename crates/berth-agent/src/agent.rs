@@ -295,7 +295,7 @@ impl Agent {
     }
 
     async fn begin_stop(&self, key: &Key) {
-        let (signal, timeout) = {
+        let spec = {
             let mut inst = self.instances.lock().expect("instances lock");
             let Some(i) = inst.get_mut(key) else { return };
             if !matches!(i.state, InstanceState::Starting | InstanceState::Running) {
@@ -303,10 +303,10 @@ impl Agent {
             }
             i.state = InstanceState::Stopping;
             i.stop_deadline = Some(Instant::now() + Duration::from_millis(i.spec.stop_timeout_ms));
-            (i.spec.stop_signal.clone(), i.spec.stop_timeout_ms)
+            i.spec.clone()
         };
-        tracing::info!(server = %key.0, generation = key.1, %signal, timeout_ms = timeout, "stopping instance");
-        if let Err(e) = self.driver.stop(key, &signal).await {
+        tracing::info!(server = %key.0, generation = key.1, signal = %spec.stop_signal, command = ?spec.stop_command, timeout_ms = spec.stop_timeout_ms, "stopping instance");
+        if let Err(e) = self.driver.stop(&spec).await {
             tracing::warn!(error = %e, "graceful stop failed; killing");
             let _ = self.driver.kill(key, "stopped").await;
         }

@@ -55,8 +55,9 @@ pub trait Driver: Send + Sync + 'static {
     /// Observes every instance the driver knows, in one pass.
     async fn observe_all(&self) -> HashMap<Key, Observed>;
 
-    /// Asks the instance to stop gracefully (`signal` is e.g. "SIGTERM").
-    async fn stop(&self, key: &Key, signal: &str) -> Result<(), DriverError>;
+    /// Asks the instance to stop gracefully: the spec's stop command if it
+    /// has one, else its stop signal.
+    async fn stop(&self, spec: &InstanceSpec) -> Result<(), DriverError>;
 
     /// Ends the instance at once. `reason` is recorded as its exit reason
     /// (e.g. "oom" when the agent enforces a memory limit).

@@ -362,12 +362,40 @@ impl Driver for ProcessDriver {
         out
     }
 
-    async fn stop(&self, key: &Key, signal: &str) -> Result<(), DriverError> {
-        let sig = signal_number(signal).ok_or_else(|| DriverError::Permanent(format!("unknown stop signal {signal}")))?;
-        let procs = self.procs.lock().expect("procs lock");
-        if let Some(p) = procs.get(key).filter(|p| p.exited.is_none()) {
-            kill_group(p.pid, sig);
+    async fn stop(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
+        let key: Key = (spec.server_id.clone(), spec.generation);
+        let pid = match self.procs.lock().expect("procs lock").get(&key).filter(|p| p.exited.is_none()) {
+            Some(p) => p.pid,
+            None => return Ok(()),
+        };
+        if let Some((program, args)) = spec.stop_command.split_first() {
+            // The stop command runs beside the instance, in its data dir; if
+            // it does not end the instance, the agent kills it at the stop
+            // deadline.
+            let dir = self.data_dir(&spec.server_id);
+            let dir_s = dir.to_string_lossy().to_string();
+            let exe_s = self.berth_exe.to_string_lossy().to_string();
+            let resolve = |s: &str| s.replace("{data_dir}", &dir_s).replace("{berth_exe}", &exe_s);
+            let mut child = Command::new(resolve(program))
+                .args(args.iter().map(|a| resolve(a)))
+                .current_dir(&dir)
+                .env_remove("BERTH_TOKEN")
+                .env("BERTH_PORT", spec.port.to_string())
+                .env("BERTH_DATA_DIR", &dir_s)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| DriverError::Transient(format!("cannot run the stop command: {e}")))?;
+            // Reap it in the background so it does not linger as a zombie.
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+            return Ok(());
         }
+        let signal = &spec.stop_signal;
+        let sig = signal_number(signal).ok_or_else(|| DriverError::Permanent(format!("unknown stop signal {signal}")))?;
+        kill_group(pid, sig);
         Ok(())
     }
 
@@ -488,6 +516,7 @@ mod tests {
             args: args.iter().map(|s| s.to_string()).collect(),
             env: Default::default(),
             stop_signal: "SIGTERM".into(),
+            stop_command: vec![],
             stop_timeout_ms: 1000,
             ready: berth_core::template::ReadyCheck::Alive,
             ready_timeout_ms: 1000,
@@ -509,7 +538,7 @@ mod tests {
         let adopted = d2.adopt().await.unwrap();
         assert_eq!(adopted.len(), 1);
         assert!(matches!(adopted[0].1, Observed::Alive { .. }));
-        d2.stop(&key, "SIGTERM").await.unwrap();
+        d2.stop(&s).await.unwrap();
         let mut exited = None;
         for _ in 0..50 {
             if let Some(Observed::Exited(e)) = d2.observe_all().await.get(&key) {

@@ -43,6 +43,10 @@ pub struct ProcessSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default = "default_stop_signal")]
     pub stop_signal: String,
+    /// A command (argv) that asks the server to stop, run instead of
+    /// sending `stop_signal` (e.g. an RCON `stop`). Empty: use the signal.
+    #[serde(default)]
+    pub stop_command: Vec<String>,
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_s: u64,
     #[serde(default)]
@@ -113,6 +117,8 @@ pub struct InstanceSpec {
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub stop_signal: String,
+    #[serde(default)]
+    pub stop_command: Vec<String>,
     pub stop_timeout_ms: u64,
     pub ready: ReadyCheck,
     pub ready_timeout_ms: u64,
@@ -193,6 +199,7 @@ impl Template {
             args: p.args.iter().map(|a| subst(a)).collect(),
             env: p.env.iter().map(|(k, v)| (k.clone(), subst(v))).collect(),
             stop_signal: p.stop_signal.clone(),
+            stop_command: p.stop_command.iter().map(|a| subst(a)).collect(),
             stop_timeout_ms: p.stop_timeout_s * 1000,
             ready: p.ready,
             ready_timeout_ms: p.ready_timeout_s * 1000,
@@ -310,6 +317,7 @@ mod tests {
                 args: vec!["--port".into(), "{port}".into(), "--players={config.max_players}".into()],
                 env: BTreeMap::new(),
                 stop_signal: "SIGTERM".into(),
+                stop_command: vec![],
                 stop_timeout_s: 10,
                 ready: ReadyCheck::Tcp,
                 ready_timeout_s: 60,

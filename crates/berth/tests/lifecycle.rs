@@ -164,3 +164,31 @@ fn a_draining_node_receives_no_placements() {
     api.ok("POST", "/v1/nodes/local/undrain", None);
     wait_status(&api, "w", "running", 30);
 }
+
+#[test]
+fn a_template_stop_command_stops_the_instance_gracefully() {
+    let tmp = tempfile::tempdir().unwrap();
+    let templates = tmp.path().join("templates");
+    std::fs::create_dir_all(&templates).unwrap();
+    // The workload ignores SIGTERM: only its stop command ends it in time.
+    std::fs::write(
+        templates.join("waiter.toml"),
+        r#"name = "waiter"
+[process]
+command = "/bin/sh"
+args = ["-c", "trap '' TERM; while [ ! -f stop-now ]; do sleep 0.1; done; exit 0"]
+stop_command = ["/bin/sh", "-c", "touch stop-now"]
+stop_timeout_s = 30
+ready = "alive"
+"#,
+    )
+    .unwrap();
+    let dir = templates.display().to_string();
+    let (_p, api, _r) = dev(&tmp, "d", &["--ports", "33700-33799", "--no-cgroups", "--templates-dir", &dir]);
+    api.create_server("w", "waiter", 64, json!({}));
+    api.ok("POST", "/v1/servers/w/start", None);
+    wait_status(&api, "w", "running", 30);
+    api.ok("POST", "/v1/servers/w/stop", None);
+    let s = wait_status(&api, "w", "stopped", 10);
+    assert_eq!(s["last_exit"], json!({"reason": "stopped", "code": 0}), "ended by its stop command, not killed");
+}
