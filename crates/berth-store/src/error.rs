@@ -12,6 +12,8 @@ pub enum StoreError {
     Invalid(#[from] CoreError),
     #[error("stale sync: {0}")]
     StaleSync(String),
+    #[error("this replica is not the leader (lease of {holder} at epoch {epoch} is gone)")]
+    NotLeader { holder: String, epoch: u64 },
     #[error("corrupt row: {0}")]
     Corrupt(String),
     #[error("database error: {0}")]

@@ -8,6 +8,7 @@
 //! same test suite.
 
 mod error;
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use berth_core::reconcile::Reconciled;
 use berth_core::{Event, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, PortRange, Reservation, Server, ServerId, TokenKind};
 
 pub use error::StoreError;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -95,6 +97,24 @@ pub struct NodeUsage {
     pub servers: u32,
 }
 
+/// A control-plane replica, as it last announced itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaInfo {
+    pub id: String,
+    pub address: String,
+    pub started_at: Millis,
+    pub last_seen: Millis,
+}
+
+/// The lease that decides which replica runs the background workers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaderLease {
+    pub holder: String,
+    /// Grows whenever leadership changes hands; fences a deposed leader.
+    pub epoch: u64,
+    pub expires_at: Millis,
+}
+
 /// The pure decision `sync_node` runs inside its transaction.
 pub type Decide<'a> = &'a (dyn Fn(&[Server]) -> Reconciled + Send + Sync);
 
@@ -132,6 +152,17 @@ pub trait Store: Send + Sync + 'static {
     async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide<'_>) -> Result<(Node, Reconciled), StoreError>;
     /// Servers placed on the node that it should run now.
     async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError>;
+
+    /// Takes or renews the leader lease for `replica` until `now + ttl_ms`.
+    /// Returns the lease if `replica` holds it afterwards. All replicas pass
+    /// their own clock; leases are long against clock skew.
+    async fn try_lead(&self, replica: &str, ttl_ms: i64, now: Millis) -> Result<Option<LeaderLease>, StoreError>;
+    async fn heartbeat(&self, replica: &ReplicaInfo) -> Result<(), StoreError>;
+    async fn cluster(&self) -> Result<(Vec<ReplicaInfo>, Option<LeaderLease>), StoreError>;
+    /// While set, `commit_placements` commits only if the leader lease still
+    /// has this holder and epoch (checked inside its transaction), so a
+    /// replica that lost leadership cannot commit placements.
+    fn set_fence(&self, fence: Option<(String, u64)>);
 
     async fn insert_events(&self, events: &[NewEvent], now: Millis) -> Result<(), StoreError>;
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;

@@ -23,15 +23,19 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use crate::{
-    Decide, EventFilter, NodeRegistration, NodeUsage, PlacementOutcome, QueueSnapshot, Snapshot, Store, StoreError,
-    SyncInput, TokenRecord,
+    Decide, EventFilter, LeaderLease, NodeRegistration, NodeUsage, PlacementOutcome, QueueSnapshot, ReplicaInfo, Snapshot,
+    Store, StoreError, SyncInput, TokenRecord,
 };
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../migrations/sqlite/0002_cluster.sql")),
+];
 
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
+    fence: std::sync::Mutex<Option<(String, u64)>>,
 }
 
 const SERVER_COLS: &str = "id, tenant, name, template, memory_mib, config, status, node_id, generation, port, last_exit, \
@@ -52,7 +56,7 @@ impl SqliteStore {
         let write = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
         migrate(&write).await?;
         let read = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
-        Ok(SqliteStore { write, read })
+        Ok(SqliteStore { write, read, fence: std::sync::Mutex::new(None) })
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
@@ -516,6 +520,14 @@ impl Store for SqliteStore {
 
     async fn commit_placements(&self, plans: &[Placement], now: Millis) -> Result<Vec<PlacementOutcome>, StoreError> {
         let mut tx = self.begin().await?;
+        let fence = self.fence.lock().expect("fence lock").clone();
+        if let Some((holder, epoch)) = fence {
+            let row = sqlx::query("SELECT holder, epoch FROM leader WHERE id = 1").fetch_optional(&mut *tx).await?;
+            let current = row.map(|r| -> Result<(String, i64), sqlx::Error> { Ok((r.try_get("holder")?, r.try_get("epoch")?)) }).transpose()?;
+            if current != Some((holder.clone(), epoch as i64)) {
+                return Err(StoreError::NotLeader { holder, epoch });
+            }
+        }
         // Capacity per node is derived from the rows inside this
         // transaction, then updated as plans are accepted, so every plan is
         // checked against everything committed before it (L1, L2).
@@ -666,6 +678,44 @@ impl Store for SqliteStore {
         rows.iter().map(server_from_row).collect()
     }
 
+    async fn try_lead(&self, replica: &str, ttl_ms: i64, now: Millis) -> Result<Option<LeaderLease>, StoreError> {
+        let row = sqlx::query(LEAD_SQL_SQLITE)
+            .bind(replica)
+            .bind(now + ttl_ms)
+            .bind(now)
+            .fetch_optional(&self.write)
+            .await?;
+        row.map(|r| lease_from_row(&r)).transpose()
+    }
+
+    async fn heartbeat(&self, r: &ReplicaInfo) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO replicas (id, address, started_at, last_seen) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET address = excluded.address, started_at = excluded.started_at, last_seen = excluded.last_seen",
+        )
+        .bind(&r.id)
+        .bind(&r.address)
+        .bind(r.started_at)
+        .bind(r.last_seen)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn cluster(&self) -> Result<(Vec<ReplicaInfo>, Option<LeaderLease>), StoreError> {
+        let rows = sqlx::query("SELECT id, address, started_at, last_seen FROM replicas ORDER BY id").fetch_all(&self.read).await?;
+        let replicas = rows
+            .iter()
+            .map(|r| Ok(ReplicaInfo { id: r.try_get("id")?, address: r.try_get("address")?, started_at: r.try_get("started_at")?, last_seen: r.try_get("last_seen")? }))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let lease = sqlx::query("SELECT holder, epoch, expires_at FROM leader WHERE id = 1").fetch_optional(&self.read).await?;
+        Ok((replicas, lease.map(|r| lease_from_row(&r)).transpose()?))
+    }
+
+    fn set_fence(&self, fence: Option<(String, u64)>) {
+        *self.fence.lock().expect("fence lock") = fence;
+    }
+
     async fn insert_events(&self, events: &[NewEvent], now: Millis) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         insert_events_tx(&mut tx, events, now).await?;
@@ -712,6 +762,20 @@ impl Store for SqliteStore {
             reservations: res.iter().map(reservation_from_row).collect::<Result<_, _>>()?,
         })
     }
+}
+
+/// Takes the lease if it is free or expired, renews it if held; the epoch
+/// grows only when the holder changes or its lease had lapsed. Binds:
+/// replica, new expiry, now.
+const LEAD_SQL_SQLITE: &str = "INSERT INTO leader (id, holder, epoch, expires_at) VALUES (1, ?1, 1, ?2) \
+     ON CONFLICT (id) DO UPDATE SET \
+       epoch = CASE WHEN leader.holder = excluded.holder AND leader.expires_at >= ?3 THEN leader.epoch ELSE leader.epoch + 1 END, \
+       holder = excluded.holder, expires_at = excluded.expires_at \
+     WHERE leader.holder = excluded.holder OR leader.expires_at < ?3 \
+     RETURNING holder, epoch, expires_at";
+
+fn lease_from_row(r: &SqliteRow) -> Result<LeaderLease, StoreError> {
+    Ok(LeaderLease { holder: r.try_get("holder")?, epoch: r.try_get::<i64, _>("epoch")? as u64, expires_at: r.try_get("expires_at")? })
 }
 
 /// Pairs each change with the event the reconciler emitted for it, if any:

@@ -1,6 +1,7 @@
 //! The store suite against SQLite, plus what only a file database shows:
 //! committed rows survive closing and reopening (L6).
 
+#[allow(dead_code)] // the two-replica case needs a server database
 mod suite;
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ suite_tests!(
     syncs_are_fenced_by_epoch_and_sequence,
     report_changes_are_conditional_on_generation,
     names_and_transitions,
+    events_filter_and_page,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,4 +63,10 @@ async fn a_newer_schema_is_refused() {
     pool.close().await;
     let e = SqliteStore::open(&dir.path().join("berth.db")).await.err().expect("refused");
     assert!(e.to_string().contains("newer"), "{e}");
+}
+
+#[tokio::test]
+async fn leadership_is_exclusive_and_fences_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    suite::leadership_is_exclusive_and_fences_commits(&open(&dir).await).await;
 }

@@ -292,3 +292,139 @@ pub fn require_or_skip(present: bool, what: &str) -> bool {
     eprintln!("skipping: {what} is not installed");
     false
 }
+
+/// A throwaway PostgreSQL cluster under a temp dir, on a free loopback
+/// port, started from the installed server binaries (`initdb`,
+/// `postgres`). When the tests run as root it runs as the `postgres` user,
+/// as PostgreSQL refuses root. Stopped by pid on drop.
+pub struct PgServer {
+    pub port: u16,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    uid_gid: Option<(u32, u32)>,
+}
+
+fn pg_bin_dir() -> Option<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql").ok()?.flatten().map(|e| e.path().join("bin")).collect();
+    versions.retain(|p| p.join("initdb").exists() && p.join("postgres").exists());
+    versions.sort();
+    versions.pop()
+}
+
+fn postgres_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    let line = passwd.lines().find(|l| l.starts_with("postgres:"))?;
+    let f: Vec<&str> = line.split(':').collect();
+    Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl PgServer {
+    /// True if PostgreSQL's server binaries are installed.
+    pub fn available() -> bool {
+        pg_bin_dir().is_some()
+    }
+
+    /// Starts a new cluster, or returns `None` if PostgreSQL is not installed.
+    pub fn start() -> Option<PgServer> {
+        let bin = pg_bin_dir()?;
+        let dir = tempfile::Builder::new().prefix("berth-pg").tempdir().unwrap();
+        let uid_gid = postgres_user();
+        if let Some((uid, gid)) = uid_gid {
+            let c = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: chown(2) on a path we just created.
+            assert_eq!(unsafe { libc::chown(c.as_ptr(), uid, gid) }, 0, "chown of the cluster dir");
+        }
+        let mut init = Command::new(bin.join("initdb"));
+        init.args(["-D", &dir.path().join("data").display().to_string(), "-U", "berth", "-A", "trust", "-E", "UTF8", "--no-sync"]);
+        if let Some((uid, gid)) = uid_gid {
+            use std::os::unix::process::CommandExt;
+            init.uid(uid).gid(gid);
+        }
+        let out = init.output().expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut pg = PgServer { port: free_port(), bin, dir, child: None, uid_gid };
+        pg.resume();
+        Some(pg)
+    }
+
+    /// Starts (again) the server process on the same data and port.
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join(format!("postgres-{}.log", unique()))).unwrap();
+        let mut cmd = Command::new(self.bin.join("postgres"));
+        cmd.args([
+            "-D",
+            &self.dir.path().join("data").display().to_string(),
+            "-p",
+            &self.port.to_string(),
+            "-k",
+            &self.dir.path().display().to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=300",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        if let Some((uid, gid)) = self.uid_gid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+        }
+        self.child = Some(cmd.spawn().expect("start postgres"));
+        wait_until(Duration::from_secs(30), "postgres to accept connections", || self.psql("postgres", "SELECT 1").then_some(()));
+    }
+
+    /// Fast shutdown (SIGINT) and wait; the data stays for `resume`.
+    pub fn pause(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) of the postgres postmaster we spawned.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGINT);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn psql(&self, db: &str, sql: &str) -> bool {
+        Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "berth", "-d", db, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Creates a fresh database and returns its URL.
+    pub fn database(&self, name: &str) -> String {
+        assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'), "plain database names only");
+        assert!(self.psql("postgres", &format!("CREATE DATABASE {name}")), "create database {name}");
+        format!("postgres://berth@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -202,3 +202,87 @@ pub async fn names_and_transitions(store: &dyn Store) {
     assert_eq!(store.list_servers(None).await.unwrap().len(), 1);
     assert!(matches!(store.request_start(&a.id, 6).await, Err(StoreError::NotFound { .. })));
 }
+
+/// Leadership: one holder at a time, renewals keep the epoch, a takeover
+/// after expiry bumps it, and a fenced commit of a deposed leader fails.
+pub async fn leadership_is_exclusive_and_fences_commits(store: &dyn Store) {
+    let a = store.try_lead("a", 1000, 0).await.unwrap().expect("a leads a fresh cluster");
+    assert_eq!(a.epoch, 1);
+    assert!(store.try_lead("b", 1000, 500).await.unwrap().is_none(), "b must wait for a's lease");
+    let renewed = store.try_lead("a", 1000, 600).await.unwrap().unwrap();
+    assert_eq!(renewed.epoch, 1, "a renewal keeps the epoch");
+    assert_eq!(renewed.expires_at, 1600);
+    let b = store.try_lead("b", 1000, 1700).await.unwrap().expect("b takes over after expiry");
+    assert_eq!(b.epoch, 2);
+    assert!(store.try_lead("a", 1000, 1800).await.unwrap().is_none());
+
+    let node = store.register_node(&reg("n1", 8000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
+    let s = queued(store, "x", 100).await;
+    store.set_fence(Some(("a".into(), 1)));
+    let e = store.commit_placements(&[plan(&s, &node.id, 30000)], 1900).await.unwrap_err();
+    assert!(matches!(e, StoreError::NotLeader { .. }), "{e:?}");
+    assert!(store.node_usage().await.unwrap().is_empty(), "the deposed leader committed nothing");
+    store.set_fence(Some(("b".into(), 2)));
+    let out = store.commit_placements(&[plan(&s, &node.id, 30000)], 1900).await.unwrap();
+    assert_eq!(out[0], PlacementOutcome::Committed { generation: 1 });
+    store.set_fence(None);
+
+    let now = 2000;
+    store.heartbeat(&berth_store::ReplicaInfo { id: "b".into(), address: "http://b".into(), started_at: 1, last_seen: now }).await.unwrap();
+    let (replicas, lease) = store.cluster().await.unwrap();
+    assert_eq!(replicas.len(), 1);
+    assert_eq!(lease.unwrap().holder, "b");
+}
+
+/// Two replicas (two stores on one database) committing at once for the
+/// same nodes never over-commit.
+pub async fn two_replicas_committing_never_overcommit(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    let n1 = a.register_node(&reg("n1", 1000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
+    let n2 = a.register_node(&reg("n2", 1000), &NodeId("node_0000000000000002".into()), 0).await.unwrap();
+    let mut servers = Vec::new();
+    for i in 0..60 {
+        servers.push(queued(a.as_ref(), &format!("s{i}"), 100).await);
+    }
+    let tasks: Vec<_> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            // Each plan names both nodes' worth of work in one batch, in
+            // opposite node orders on the two replicas.
+            let (first, second) = if i % 2 == 0 { (&n1.id, &n2.id) } else { (&n2.id, &n1.id) };
+            let p1 = plan(s, first, 30000 + i as u16);
+            let mut p2 = plan(s, second, 30100 + i as u16);
+            p2.expected_generation = 99; // the duplicate for the other node is stale
+            tokio::spawn(async move { store.commit_placements(&[p1, p2], 20).await.unwrap() })
+        })
+        .collect();
+    let mut committed = 0;
+    for t in tasks {
+        committed += t.await.unwrap().iter().filter(|o| matches!(o, PlacementOutcome::Committed { .. })).count();
+    }
+    assert_eq!(committed, 20, "two nodes of 1000 MiB hold exactly twenty 100 MiB servers");
+    for u in a.node_usage().await.unwrap() {
+        assert_eq!(u.reserved, MemMib(1000));
+    }
+    assert_no_violations(a.as_ref()).await;
+}
+
+/// Events filter by server, node and kind, and page by sequence.
+pub async fn events_filter_and_page(store: &dyn Store) {
+    let node = store.register_node(&reg("n1", 8000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
+    let a = queued(store, "a", 100).await;
+    let _b = queued(store, "b", 100).await;
+    let all = store.list_events(&berth_store::EventFilter { limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(all.len(), 5, "{all:?}"); // node_registered, 2x created, 2x queued
+    let of_a = store.list_events(&berth_store::EventFilter { server_id: Some(a.id.clone()), limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(of_a.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["server_queued"], "created events carry no id in this suite");
+    let of_node = store.list_events(&berth_store::EventFilter { node_id: Some(node.id.clone()), limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(of_node.len(), 1);
+    let queued_kind = store.list_events(&berth_store::EventFilter { kind: Some("server_queued".into()), limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(queued_kind.len(), 2);
+    let page1 = store.list_events(&berth_store::EventFilter { limit: 2, ..Default::default() }).await.unwrap();
+    let page2 = store.list_events(&berth_store::EventFilter { limit: 100, after: Some(page1[1].seq), ..Default::default() }).await.unwrap();
+    assert_eq!(page1.len() + page2.len(), all.len());
+    assert!(page2[0].seq > page1[1].seq);
+}

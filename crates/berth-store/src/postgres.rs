@@ -1,0 +1,894 @@
+//! The PostgreSQL backend, for several control-plane replicas on one
+//! database. Same schema and semantics as SQLite; what differs is
+//! concurrency: writers are concurrent here, so every read that a write
+//! decision depends on takes a row lock (`FOR UPDATE`), and the admission
+//! commit locks the affected node rows in id order before re-checking their
+//! reservation rows, so two committers can never both fit the same memory.
+//! Migrations run under an advisory lock so replicas starting together do
+//! not race. Transactions contain queries and pure calls only.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use berth_core::admission::{recheck, NodeCapacity};
+use berth_core::placement::{Placement, QueuedServer};
+use berth_core::reconcile::{Change, Reconciled};
+use berth_core::{
+    Event, LastExit, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, PortRange, Reservation, ReservationState, Server,
+    ServerId, ServerStatus, TokenKind,
+};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+
+use crate::{
+    Decide, EventFilter, LeaderLease, NodeRegistration, NodeUsage, PlacementOutcome, QueueSnapshot, ReplicaInfo, Snapshot,
+    Store, StoreError, SyncInput, TokenRecord,
+};
+
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/postgres/0001_init.sql")),
+    (2, include_str!("../migrations/postgres/0002_cluster.sql")),
+];
+
+pub struct PostgresStore {
+    write: PgPool,
+    read: PgPool,
+    fence: std::sync::Mutex<Option<(String, u64)>>,
+}
+
+const SERVER_COLS: &str = "id, tenant, name, template, memory_mib, config, status, node_id, generation, port, last_exit, \
+     queued_at, attempts, next_attempt_at, last_error, used_mib, created_at, updated_at";
+const NODE_COLS: &str = "id, name, address, driver, total_mib, system_reserved_mib, cpu_cores, status, \
+     max_concurrent_starts, port_min, port_max, epoch, sync_seq, last_sync_at, registered_at, host_total_mib, host_available_mib";
+const RES_COLS: &str = "server_id, generation, node_id, memory_mib, port, state, created_at";
+
+impl PostgresStore {
+    /// Connects to `url` and migrates the database. Acquiring a connection
+    /// gives up after a few seconds, so requests fail fast (503) while the
+    /// database is away instead of piling up.
+    pub async fn open(url: &str) -> Result<PostgresStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(url)
+            .await?;
+        migrate(&pool).await?;
+        Ok(PostgresStore { write: pool.clone(), read: pool, fence: std::sync::Mutex::new(None) })
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        Ok(self.write.begin().await?)
+    }
+}
+
+/// Key of the advisory lock that serializes migrations between replicas.
+const MIGRATION_LOCK: i64 = 0x6265_7274_685f_6d67;
+
+async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(MIGRATION_LOCK).execute(&mut *conn).await?;
+    let result = migrate_locked(&mut conn).await;
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATION_LOCK).execute(&mut *conn).await?;
+    result
+}
+
+async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)").execute(&mut *conn).await?;
+    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations").fetch_one(&mut *conn).await?;
+    let current = current.unwrap_or(0);
+    if let Some((latest, _)) = MIGRATIONS.last() {
+        if current > *latest {
+            return Err(StoreError::Corrupt(format!(
+                "database schema version {current} is newer than this berth ({latest}); refusing to run"
+            )));
+        }
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::raw_sql(sql).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO schema_migrations (version) VALUES ($1)").bind(version).execute(&mut *tx).await?;
+        tx.commit().await?;
+        tracing::info!(version, "applied migration");
+    }
+    Ok(())
+}
+
+fn corrupt(what: &str, v: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {v}"))
+}
+
+fn server_from_row(r: &PgRow) -> Result<Server, StoreError> {
+    let status: String = r.try_get("status")?;
+    let config: String = r.try_get("config")?;
+    let last_exit: Option<String> = r.try_get("last_exit")?;
+    Ok(Server {
+        id: ServerId(r.try_get("id")?),
+        tenant: r.try_get("tenant")?,
+        name: r.try_get("name")?,
+        template: r.try_get("template")?,
+        memory_mib: MemMib(r.try_get::<i64, _>("memory_mib")? as u64),
+        config: serde_json::from_str(&config).map_err(|e| corrupt("server config", e))?,
+        status: ServerStatus::parse(&status).ok_or_else(|| corrupt("server status", &status))?,
+        node_id: r.try_get::<Option<String>, _>("node_id")?.map(NodeId),
+        generation: r.try_get::<i64, _>("generation")? as u64,
+        port: r.try_get::<Option<i64>, _>("port")?.map(|p| p as u16),
+        last_exit: match last_exit {
+            Some(s) => Some(serde_json::from_str::<LastExit>(&s).map_err(|e| corrupt("last_exit", e))?),
+            None => None,
+        },
+        queued_at: r.try_get("queued_at")?,
+        attempts: r.try_get::<i64, _>("attempts")? as u32,
+        next_attempt_at: r.try_get("next_attempt_at")?,
+        last_error: r.try_get("last_error")?,
+        used_mib: r.try_get::<Option<i64>, _>("used_mib")?.map(|m| MemMib(m as u64)),
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn node_from_row(r: &PgRow) -> Result<Node, StoreError> {
+    let status: String = r.try_get("status")?;
+    Ok(Node {
+        id: NodeId(r.try_get("id")?),
+        name: r.try_get("name")?,
+        address: r.try_get("address")?,
+        driver: r.try_get("driver")?,
+        total_mib: MemMib(r.try_get::<i64, _>("total_mib")? as u64),
+        system_reserved_mib: MemMib(r.try_get::<i64, _>("system_reserved_mib")? as u64),
+        cpu_cores: r.try_get::<i64, _>("cpu_cores")? as u32,
+        status: NodeStatus::parse(&status).ok_or_else(|| corrupt("node status", &status))?,
+        max_concurrent_starts: r.try_get::<i64, _>("max_concurrent_starts")? as u32,
+        ports: PortRange { min: r.try_get::<i64, _>("port_min")? as u16, max: r.try_get::<i64, _>("port_max")? as u16 },
+        epoch: r.try_get::<i64, _>("epoch")? as u64,
+        sync_seq: r.try_get::<i64, _>("sync_seq")? as u64,
+        last_sync_at: r.try_get("last_sync_at")?,
+        registered_at: r.try_get("registered_at")?,
+        host_total_mib: MemMib(r.try_get::<i64, _>("host_total_mib")? as u64),
+        host_available_mib: MemMib(r.try_get::<i64, _>("host_available_mib")? as u64),
+    })
+}
+
+fn reservation_from_row(r: &PgRow) -> Result<Reservation, StoreError> {
+    let state: String = r.try_get("state")?;
+    Ok(Reservation {
+        server_id: ServerId(r.try_get("server_id")?),
+        generation: r.try_get::<i64, _>("generation")? as u64,
+        node_id: NodeId(r.try_get("node_id")?),
+        memory_mib: MemMib(r.try_get::<i64, _>("memory_mib")? as u64),
+        port: r.try_get::<i64, _>("port")? as u16,
+        state: ReservationState::parse(&state).ok_or_else(|| corrupt("reservation state", &state))?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn token_from_row(r: &PgRow) -> Result<TokenRecord, StoreError> {
+    let kind: String = r.try_get("kind")?;
+    Ok(TokenRecord {
+        id: r.try_get("id")?,
+        hash: r.try_get("hash")?,
+        kind: TokenKind::parse(&kind).ok_or_else(|| corrupt("token kind", &kind))?,
+        tenant: r.try_get("tenant")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+async fn insert_events_tx(tx: &mut Transaction<'_, Postgres>, events: &[NewEvent], now: Millis) -> Result<(), StoreError> {
+    for e in events {
+        sqlx::query("INSERT INTO events (at, kind, server_id, node_id, message) VALUES ($1, $2, $3, $4, $5)")
+            .bind(now)
+            .bind(e.kind)
+            .bind(e.server_id.as_ref().map(|s| s.0.as_str()))
+            .bind(e.node_id.as_ref().map(|n| n.0.as_str()))
+            .bind(&e.message)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn server_by_id_tx(tx: &mut Transaction<'_, Postgres>, id: &ServerId) -> Result<Server, StoreError> {
+    let row = sqlx::query(&format!("SELECT {SERVER_COLS} FROM servers WHERE id = $1 AND status <> 'deleted' FOR UPDATE"))
+        .bind(&id.0)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound { what: format!("server {id}") })?;
+    server_from_row(&row)
+}
+
+/// Moves a server to `to` if it still has `generation` and `from`; returns
+/// whether it did. Every status write derived from a report goes through a
+/// conditional update like this one (L3 fencing).
+async fn transition_tx(
+    tx: &mut Transaction<'_, Postgres>,
+    id: &ServerId,
+    generation: u64,
+    from: ServerStatus,
+    to: ServerStatus,
+    now: Millis,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query("UPDATE servers SET status = $1, updated_at = $2 WHERE id = $3 AND generation = $4 AND status = $5")
+        .bind(to.as_str())
+        .bind(now)
+        .bind(&id.0)
+        .bind(generation as i64)
+        .bind(from.as_str())
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    Ok(done == 1)
+}
+
+async fn release_tx(tx: &mut Transaction<'_, Postgres>, id: &ServerId, generation: u64) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM reservations WHERE server_id = $1 AND generation = $2")
+        .bind(&id.0)
+        .bind(generation as i64)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE servers SET node_id = NULL, port = NULL, used_mib = NULL WHERE id = $1 AND generation = $2")
+        .bind(&id.0)
+        .bind(generation as i64)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO tokens (id, hash, kind, tenant, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&t.id)
+            .bind(&t.hash)
+            .bind(t.kind.as_str())
+            .bind(&t.tenant)
+            .bind(t.created_at)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row = sqlx::query("SELECT id, hash, kind, tenant, created_at FROM tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn count_tokens(&self, kind: TokenKind) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tokens WHERE kind = $1").bind(kind.as_str()).fetch_one(&self.read).await?;
+        Ok(n as u64)
+    }
+
+    async fn register_node(&self, reg: &NodeRegistration, new_id: &NodeId, now: Millis) -> Result<Node, StoreError> {
+        let mut tx = self.begin().await?;
+        let existing = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE name = $1 FOR UPDATE"))
+            .bind(&reg.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let id = match existing {
+            Some(row) => {
+                let node = node_from_row(&row)?;
+                // A draining node stays draining across agent restarts; any
+                // other status becomes ready because the agent is back.
+                let status = if node.status == NodeStatus::Draining { NodeStatus::Draining } else { NodeStatus::Ready };
+                sqlx::query(
+                    "UPDATE nodes SET address = $1, driver = $2, total_mib = $3, system_reserved_mib = $4, cpu_cores = $5, \
+                     status = $6, max_concurrent_starts = $7, port_min = $8, port_max = $9, epoch = epoch + 1, sync_seq = 0, \
+                     last_sync_at = $10 WHERE id = $11",
+                )
+                .bind(&reg.address)
+                .bind(&reg.driver)
+                .bind(reg.total_mib.0 as i64)
+                .bind(reg.system_reserved_mib.0 as i64)
+                .bind(reg.cpu_cores as i64)
+                .bind(status.as_str())
+                .bind(reg.max_concurrent_starts as i64)
+                .bind(reg.ports.min as i64)
+                .bind(reg.ports.max as i64)
+                .bind(now)
+                .bind(&node.id.0)
+                .execute(&mut *tx)
+                .await?;
+                insert_events_tx(
+                    &mut tx,
+                    &[NewEvent { kind: "node_registered", server_id: None, node_id: Some(node.id.clone()), message: format!("node {} re-registered", reg.name) }],
+                    now,
+                )
+                .await?;
+                node.id
+            }
+            None => {
+                sqlx::query(&format!(
+                    "INSERT INTO nodes ({NODE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 'ready', $8, $9, $10, 1, 0, $11, $12, 0, 0)"
+                ))
+                .bind(&new_id.0)
+                .bind(&reg.name)
+                .bind(&reg.address)
+                .bind(&reg.driver)
+                .bind(reg.total_mib.0 as i64)
+                .bind(reg.system_reserved_mib.0 as i64)
+                .bind(reg.cpu_cores as i64)
+                .bind(reg.max_concurrent_starts as i64)
+                .bind(reg.ports.min as i64)
+                .bind(reg.ports.max as i64)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                insert_events_tx(
+                    &mut tx,
+                    &[NewEvent { kind: "node_registered", server_id: None, node_id: Some(new_id.clone()), message: format!("node {} registered", reg.name) }],
+                    now,
+                )
+                .await?;
+                new_id.clone()
+            }
+        };
+        let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1")).bind(&id.0).fetch_one(&mut *tx).await?;
+        let node = node_from_row(&row)?;
+        tx.commit().await?;
+        Ok(node)
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name")).fetch_all(&self.read).await?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    async fn get_node(&self, id_or_name: &str) -> Result<Option<Node>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1 OR name = $2"))
+            .bind(id_or_name)
+            .bind(id_or_name)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(node_from_row).transpose()
+    }
+
+    async fn set_node_status(&self, id: &NodeId, status: NodeStatus) -> Result<Node, StoreError> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query("UPDATE nodes SET status = $1 WHERE id = $2").bind(status.as_str()).bind(&id.0).execute(&mut *tx).await?;
+        if n.rows_affected() == 0 {
+            return Err(StoreError::NotFound { what: format!("node {id}") });
+        }
+        let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1")).bind(&id.0).fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        node_from_row(&row)
+    }
+
+    async fn node_usage(&self) -> Result<Vec<NodeUsage>, StoreError> {
+        let rows = sqlx::query("SELECT node_id, SUM(memory_mib)::BIGINT AS reserved, COUNT(*) AS n FROM reservations GROUP BY node_id")
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeUsage {
+                    node_id: NodeId(r.try_get("node_id")?),
+                    reserved: MemMib(r.try_get::<i64, _>("reserved")? as u64),
+                    servers: r.try_get::<i64, _>("n")? as u32,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_server(&self, s: &Server, event: &NewEvent) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let res = sqlx::query(&format!(
+            "INSERT INTO servers ({SERVER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, NULL, NULL, NULL, 0, NULL, NULL, NULL, $9, $10)"
+        ))
+        .bind(&s.id.0)
+        .bind(&s.tenant)
+        .bind(&s.name)
+        .bind(&s.template)
+        .bind(s.memory_mib.0 as i64)
+        .bind(serde_json::to_string(&s.config).expect("a json map serializes"))
+        .bind(s.status.as_str())
+        .bind(s.generation as i64)
+        .bind(s.created_at)
+        .bind(s.updated_at)
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict(format!("a server named {:?} already exists", s.name)));
+            }
+            other => {
+                other?;
+            }
+        }
+        insert_events_tx(&mut tx, std::slice::from_ref(event), s.created_at).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {SERVER_COLS} FROM servers WHERE (id = $1 OR name = $2) AND status <> 'deleted'"
+        ))
+        .bind(id_or_name)
+        .bind(id_or_name)
+        .fetch_optional(&self.read)
+        .await?;
+        row.as_ref().map(server_from_row).transpose()
+    }
+
+    async fn list_servers(&self, tenant: Option<&str>) -> Result<Vec<Server>, StoreError> {
+        let rows = match tenant {
+            Some(t) => {
+                sqlx::query(&format!("SELECT {SERVER_COLS} FROM servers WHERE status <> 'deleted' AND tenant = $1 ORDER BY created_at, id"))
+                    .bind(t)
+                    .fetch_all(&self.read)
+                    .await?
+            }
+            None => {
+                sqlx::query(&format!("SELECT {SERVER_COLS} FROM servers WHERE status <> 'deleted' ORDER BY created_at, id"))
+                    .fetch_all(&self.read)
+                    .await?
+            }
+        };
+        rows.iter().map(server_from_row).collect()
+    }
+
+    async fn request_start(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError> {
+        let mut tx = self.begin().await?;
+        let s = server_by_id_tx(&mut tx, id).await?;
+        let to = s.status.on_start()?;
+        sqlx::query(
+            "UPDATE servers SET status = $1, queued_at = $2, attempts = 0, next_attempt_at = NULL, last_error = NULL, updated_at = $3 \
+             WHERE id = $4 AND status = $5",
+        )
+        .bind(to.as_str())
+        .bind(now)
+        .bind(now)
+        .bind(&id.0)
+        .bind(s.status.as_str())
+        .execute(&mut *tx)
+        .await?;
+        insert_events_tx(
+            &mut tx,
+            &[NewEvent { kind: "server_queued", server_id: Some(id.clone()), node_id: None, message: format!("server {} queued to start", s.name) }],
+            now,
+        )
+        .await?;
+        let s = server_by_id_tx(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(s)
+    }
+
+    async fn request_stop(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError> {
+        let mut tx = self.begin().await?;
+        let s = server_by_id_tx(&mut tx, id).await?;
+        let to = s.status.on_stop()?;
+        transition_tx(&mut tx, id, s.generation, s.status, to, now).await?;
+        if to == ServerStatus::Stopped {
+            sqlx::query("UPDATE servers SET queued_at = NULL, next_attempt_at = NULL WHERE id = $1").bind(&id.0).execute(&mut *tx).await?;
+        }
+        let message = if to == ServerStatus::Stopped {
+            format!("server {} removed from the queue", s.name)
+        } else {
+            format!("server {} stopping", s.name)
+        };
+        insert_events_tx(&mut tx, &[NewEvent { kind: "server_stop_requested", server_id: Some(id.clone()), node_id: s.node_id.clone(), message }], now)
+            .await?;
+        let s = server_by_id_tx(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(s)
+    }
+
+    async fn delete_server(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError> {
+        let mut tx = self.begin().await?;
+        let s = server_by_id_tx(&mut tx, id).await?;
+        let to = s.status.on_delete()?;
+        transition_tx(&mut tx, id, s.generation, s.status, to, now).await?;
+        sqlx::query("UPDATE servers SET queued_at = NULL, next_attempt_at = NULL WHERE id = $1").bind(&id.0).execute(&mut *tx).await?;
+        insert_events_tx(
+            &mut tx,
+            &[NewEvent { kind: "server_deleted", server_id: Some(id.clone()), node_id: None, message: format!("server {} deleted", s.name) }],
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        let mut s = s;
+        s.status = to;
+        Ok(s)
+    }
+
+    async fn queue_snapshot(&self) -> Result<QueueSnapshot, StoreError> {
+        // One read transaction so nodes, rows and queue are one consistent
+        // snapshot.
+        // REPEATABLE READ: nodes, rows and queue are one consistent snapshot.
+        let mut tx = self.read.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+        let nodes = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes")).fetch_all(&mut *tx).await?;
+        let res = sqlx::query(&format!("SELECT {RES_COLS} FROM reservations")).fetch_all(&mut *tx).await?;
+        let queued = sqlx::query(
+            "SELECT id, generation, memory_mib, queued_at, next_attempt_at FROM servers WHERE status = 'queued' ORDER BY queued_at, id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(QueueSnapshot {
+            nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
+            reservations: res.iter().map(reservation_from_row).collect::<Result<_, _>>()?,
+            queued: queued
+                .iter()
+                .map(|r| {
+                    Ok(QueuedServer {
+                        server_id: ServerId(r.try_get("id")?),
+                        generation: r.try_get::<i64, _>("generation")? as u64,
+                        memory_mib: MemMib(r.try_get::<i64, _>("memory_mib")? as u64),
+                        queued_at: r.try_get::<Option<i64>, _>("queued_at")?.unwrap_or(0),
+                        next_attempt_at: r.try_get("next_attempt_at")?,
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?,
+        })
+    }
+
+    async fn commit_placements(&self, plans: &[Placement], now: Millis) -> Result<Vec<PlacementOutcome>, StoreError> {
+        let mut tx = self.begin().await?;
+        let fence = self.fence.lock().expect("fence lock").clone();
+        if let Some((holder, epoch)) = fence {
+            // FOR SHARE: a replica taking over the lease waits for this commit.
+            let row = sqlx::query("SELECT holder, epoch FROM leader WHERE id = 1 FOR SHARE").fetch_optional(&mut *tx).await?;
+            let current = row.map(|r| -> Result<(String, i64), sqlx::Error> { Ok((r.try_get("holder")?, r.try_get("epoch")?)) }).transpose()?;
+            if current != Some((holder.clone(), epoch as i64)) {
+                return Err(StoreError::NotLeader { holder, epoch });
+            }
+        }
+        // Capacity per node is derived from the rows inside this
+        // transaction, then updated as plans are accepted, so every plan is
+        // checked against everything committed before it (L1, L2).
+        // Lock the affected node rows in id order: two committers (replicas)
+        // touching the same node serialize here, and the fixed order rules
+        // out deadlocks between them.
+        let mut node_ids: Vec<&str> = plans.iter().map(|p| p.node_id.0.as_str()).collect();
+        node_ids.sort_unstable();
+        node_ids.dedup();
+        sqlx::query("SELECT id FROM nodes WHERE id = ANY($1) ORDER BY id FOR UPDATE").bind(&node_ids).fetch_all(&mut *tx).await?;
+        let mut caps: HashMap<NodeId, NodeCapacity> = HashMap::new();
+        let mut out = Vec::with_capacity(plans.len());
+        for p in plans {
+            let server = sqlx::query("SELECT name, status, generation FROM servers WHERE id = $1 FOR UPDATE")
+                .bind(&p.server_id.0)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(server) = server else {
+                out.push(PlacementOutcome::Stale);
+                continue;
+            };
+            let status: String = server.try_get("status")?;
+            let generation = server.try_get::<i64, _>("generation")? as u64;
+            let name: String = server.try_get("name")?;
+            if status != ServerStatus::Queued.as_str() || generation != p.expected_generation {
+                out.push(PlacementOutcome::Stale);
+                continue;
+            }
+            if !caps.contains_key(&p.node_id) {
+                let Some(row) = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1"))
+                    .bind(&p.node_id.0)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    out.push(PlacementOutcome::Stale);
+                    continue;
+                };
+                let node = node_from_row(&row)?;
+                let rows = sqlx::query(&format!("SELECT {RES_COLS} FROM reservations WHERE node_id = $1"))
+                    .bind(&p.node_id.0)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(reservation_from_row)
+                    .collect::<Result<Vec<_>, _>>()?;
+                caps.insert(p.node_id.clone(), NodeCapacity::from_rows(&node, &rows));
+            }
+            let cap = caps.get_mut(&p.node_id).expect("inserted above");
+            if let Err(misfit) = recheck(cap, p) {
+                out.push(PlacementOutcome::Rejected(misfit));
+                continue;
+            }
+            let new_gen = p.new_generation();
+            sqlx::query(&format!("INSERT INTO reservations ({RES_COLS}) VALUES ($1, $2, $3, $4, $5, 'pending', $6)"))
+                .bind(&p.server_id.0)
+                .bind(new_gen as i64)
+                .bind(&p.node_id.0)
+                .bind(p.memory_mib.0 as i64)
+                .bind(p.port as i64)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE servers SET status = 'starting', node_id = $1, generation = $2, port = $3, updated_at = $4 \
+                 WHERE id = $5 AND generation = $6 AND status = 'queued'",
+            )
+            .bind(&p.node_id.0)
+            .bind(new_gen as i64)
+            .bind(p.port as i64)
+            .bind(now)
+            .bind(&p.server_id.0)
+            .bind(p.expected_generation as i64)
+            .execute(&mut *tx)
+            .await?;
+            cap.take(p.memory_mib, p.port);
+            insert_events_tx(
+                &mut tx,
+                &[NewEvent {
+                    kind: "server_placed",
+                    server_id: Some(p.server_id.clone()),
+                    node_id: Some(p.node_id.clone()),
+                    message: format!("server {name} placed on node {} (generation {new_gen}, port {})", p.node_id, p.port),
+                }],
+                now,
+            )
+            .await?;
+            out.push(PlacementOutcome::Committed { generation: new_gen });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide<'_>) -> Result<(Node, Reconciled), StoreError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1 FOR UPDATE"))
+            .bind(&input.node_id.0)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { what: format!("node {}", input.node_id) })?;
+        let mut node = node_from_row(&row)?;
+        if input.epoch != node.epoch {
+            return Err(StoreError::StaleSync(format!("epoch {} is not the node's current epoch {}", input.epoch, node.epoch)));
+        }
+        if input.seq <= node.sync_seq {
+            return Err(StoreError::StaleSync(format!("sequence {} is not after {}", input.seq, node.sync_seq)));
+        }
+        let status = if node.status == NodeStatus::Unreachable { NodeStatus::Ready } else { node.status };
+        sqlx::query("UPDATE nodes SET sync_seq = $1, last_sync_at = $2, host_total_mib = $3, host_available_mib = $4, status = $5 WHERE id = $6")
+            .bind(input.seq as i64)
+            .bind(now)
+            .bind(input.host_total_mib.0 as i64)
+            .bind(input.host_available_mib.0 as i64)
+            .bind(status.as_str())
+            .bind(&node.id.0)
+            .execute(&mut *tx)
+            .await?;
+        node.sync_seq = input.seq;
+        node.last_sync_at = Some(now);
+        node.host_total_mib = input.host_total_mib;
+        node.host_available_mib = input.host_available_mib;
+        node.status = status;
+
+        let placed = sqlx::query(&format!(
+            "SELECT {SERVER_COLS} FROM servers WHERE node_id = $1 AND status IN ('starting', 'running', 'stopping')"
+        ))
+        .bind(&node.id.0)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(server_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+        let decided = decide(&placed);
+        let by_id: HashMap<&ServerId, &Server> = placed.iter().map(|s| (&s.id, s)).collect();
+        let mut applied_events = Vec::new();
+        for (change, ev) in decided.changes.iter().zip_events(&decided.events) {
+            let applied = apply_change(&mut tx, change, &by_id, now).await?;
+            if applied {
+                if let Some(ev) = ev {
+                    applied_events.push(ev.clone());
+                }
+            }
+        }
+        insert_events_tx(&mut tx, &applied_events, now).await?;
+        tx.commit().await?;
+        Ok((node, decided))
+    }
+
+    async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SERVER_COLS} FROM servers WHERE node_id = $1 AND status IN ('starting', 'running') ORDER BY id"
+        ))
+        .bind(&node_id.0)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(server_from_row).collect()
+    }
+
+    async fn try_lead(&self, replica: &str, ttl_ms: i64, now: Millis) -> Result<Option<LeaderLease>, StoreError> {
+        let row = sqlx::query(LEAD_SQL)
+            .bind(replica)
+            .bind(now + ttl_ms)
+            .bind(now)
+            .fetch_optional(&self.write)
+            .await?;
+        row.map(|r| lease_from_row(&r)).transpose()
+    }
+
+    async fn heartbeat(&self, r: &ReplicaInfo) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO replicas (id, address, started_at, last_seen) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET address = excluded.address, started_at = excluded.started_at, last_seen = excluded.last_seen",
+        )
+        .bind(&r.id)
+        .bind(&r.address)
+        .bind(r.started_at)
+        .bind(r.last_seen)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn cluster(&self) -> Result<(Vec<ReplicaInfo>, Option<LeaderLease>), StoreError> {
+        let rows = sqlx::query("SELECT id, address, started_at, last_seen FROM replicas ORDER BY id").fetch_all(&self.read).await?;
+        let replicas = rows
+            .iter()
+            .map(|r| Ok(ReplicaInfo { id: r.try_get("id")?, address: r.try_get("address")?, started_at: r.try_get("started_at")?, last_seen: r.try_get("last_seen")? }))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let lease = sqlx::query("SELECT holder, epoch, expires_at FROM leader WHERE id = 1").fetch_optional(&self.read).await?;
+        Ok((replicas, lease.map(|r| lease_from_row(&r)).transpose()?))
+    }
+
+    fn set_fence(&self, fence: Option<(String, u64)>) {
+        *self.fence.lock().expect("fence lock") = fence;
+    }
+
+    async fn insert_events(&self, events: &[NewEvent], now: Millis) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        insert_events_tx(&mut tx, events, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_events(&self, f: &EventFilter) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at, kind, server_id, node_id, message FROM events \
+             WHERE ($1 IS NULL OR server_id = $1) AND ($2 IS NULL OR node_id = $2) AND ($3 IS NULL OR kind = $3) AND seq > $4 \
+             ORDER BY seq LIMIT $5",
+        )
+        .bind(f.server_id.as_ref().map(|s| s.0.as_str()))
+        .bind(f.node_id.as_ref().map(|n| n.0.as_str()))
+        .bind(f.kind.as_deref())
+        .bind(f.after.unwrap_or(0))
+        .bind(f.limit.clamp(1, 1000) as i64)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Event {
+                    seq: r.try_get("seq")?,
+                    at: r.try_get("at")?,
+                    kind: r.try_get("kind")?,
+                    server_id: r.try_get::<Option<String>, _>("server_id")?.map(ServerId),
+                    node_id: r.try_get::<Option<String>, _>("node_id")?.map(NodeId),
+                    message: r.try_get("message")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let mut tx = self.read.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+        let nodes = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes")).fetch_all(&mut *tx).await?;
+        let servers = sqlx::query(&format!("SELECT {SERVER_COLS} FROM servers WHERE status <> 'deleted'")).fetch_all(&mut *tx).await?;
+        let res = sqlx::query(&format!("SELECT {RES_COLS} FROM reservations")).fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Snapshot {
+            nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
+            servers: servers.iter().map(server_from_row).collect::<Result<_, _>>()?,
+            reservations: res.iter().map(reservation_from_row).collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// Takes the lease if it is free or expired, renews it if held; the epoch
+/// grows only when the holder changes or its lease had lapsed. Binds:
+/// replica, new expiry, now.
+const LEAD_SQL: &str = "INSERT INTO leader (id, holder, epoch, expires_at) VALUES (1, $1, 1, $2) \
+     ON CONFLICT (id) DO UPDATE SET \
+       epoch = CASE WHEN leader.holder = excluded.holder AND leader.expires_at >= $3 THEN leader.epoch ELSE leader.epoch + 1 END, \
+       holder = excluded.holder, expires_at = excluded.expires_at \
+     WHERE leader.holder = excluded.holder OR leader.expires_at < $3 \
+     RETURNING holder, epoch, expires_at";
+
+fn lease_from_row(r: &PgRow) -> Result<LeaderLease, StoreError> {
+    Ok(LeaderLease { holder: r.try_get("holder")?, epoch: r.try_get::<i64, _>("epoch")? as u64, expires_at: r.try_get("expires_at")? })
+}
+
+/// Pairs each change with the event the reconciler emitted for it, if any:
+/// usage updates carry no event, every other change carries exactly one.
+trait ZipEvents<'a> {
+    fn zip_events(self, events: &'a [NewEvent]) -> Vec<(&'a Change, Option<&'a NewEvent>)>;
+}
+
+impl<'a> ZipEvents<'a> for std::slice::Iter<'a, Change> {
+    fn zip_events(self, events: &'a [NewEvent]) -> Vec<(&'a Change, Option<&'a NewEvent>)> {
+        let mut evs = events.iter();
+        self.map(|c| match c {
+            Change::Usage { .. } => (c, None),
+            _ => (c, evs.next()),
+        })
+        .collect()
+    }
+}
+
+async fn apply_change(
+    tx: &mut Transaction<'_, Postgres>,
+    change: &Change,
+    placed: &HashMap<&ServerId, &Server>,
+    now: Millis,
+) -> Result<bool, StoreError> {
+    let from = |id: &ServerId| placed.get(id).map(|s| s.status);
+    Ok(match change {
+        Change::Confirmed { server_id, generation } => {
+            let Some(from) = from(server_id) else { return Ok(false) };
+            let ok = transition_tx(tx, server_id, *generation, from, ServerStatus::Running, now).await?;
+            if ok {
+                sqlx::query("UPDATE reservations SET state = 'active' WHERE server_id = $1 AND generation = $2")
+                    .bind(&server_id.0)
+                    .bind(*generation as i64)
+                    .execute(&mut **tx)
+                    .await?;
+                sqlx::query("UPDATE servers SET attempts = 0, next_attempt_at = NULL, last_error = NULL, last_exit = NULL WHERE id = $1")
+                    .bind(&server_id.0)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            ok
+        }
+        Change::Ended { server_id, generation, to, exit } => {
+            let Some(from) = from(server_id) else { return Ok(false) };
+            let ok = transition_tx(tx, server_id, *generation, from, *to, now).await?;
+            if ok {
+                release_tx(tx, server_id, *generation).await?;
+                sqlx::query("UPDATE servers SET last_exit = $1, queued_at = NULL WHERE id = $2")
+                    .bind(serde_json::to_string(exit).expect("serializable"))
+                    .bind(&server_id.0)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            ok
+        }
+        Change::Requeue { server_id, generation, attempts, next_attempt_at, error } => {
+            let Some(from) = from(server_id) else { return Ok(false) };
+            let ok = transition_tx(tx, server_id, *generation, from, ServerStatus::Queued, now).await?;
+            if ok {
+                release_tx(tx, server_id, *generation).await?;
+                // The server keeps its place in the queue (queued_at).
+                sqlx::query("UPDATE servers SET attempts = $1, next_attempt_at = $2, last_error = $3 WHERE id = $4")
+                    .bind(*attempts as i64)
+                    .bind(*next_attempt_at)
+                    .bind(error)
+                    .bind(&server_id.0)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            ok
+        }
+        Change::Fail { server_id, generation, error } => {
+            let Some(from) = from(server_id) else { return Ok(false) };
+            let ok = transition_tx(tx, server_id, *generation, from, ServerStatus::Failed, now).await?;
+            if ok {
+                release_tx(tx, server_id, *generation).await?;
+                sqlx::query("UPDATE servers SET last_error = $1, queued_at = NULL WHERE id = $2")
+                    .bind(error)
+                    .bind(&server_id.0)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            ok
+        }
+        Change::Usage { server_id, generation, used_mib } => {
+            sqlx::query("UPDATE servers SET used_mib = $1 WHERE id = $2 AND generation = $3")
+                .bind(used_mib.0 as i64)
+                .bind(&server_id.0)
+                .bind(*generation as i64)
+                .execute(&mut **tx)
+                .await?;
+            true
+        }
+    })
+}
