@@ -26,6 +26,8 @@ use crate::{host, preflight, probe};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// One URL, or several separated by commas: replicas of one control
+    /// plane, tried in turn when one is unreachable or unavailable.
     pub control_plane: String,
     pub token: String,
     pub name: String,
@@ -94,7 +96,8 @@ impl Instance {
 pub struct Agent {
     cfg: AgentConfig,
     driver: Arc<dyn Driver>,
-    client: Client,
+    clients: Vec<Client>,
+    current: std::sync::atomic::AtomicUsize,
     instances: Mutex<HashMap<Key, Instance>>,
     /// Generations that ended here; never started again.
     finished: Mutex<HashSet<Key>>,
@@ -105,8 +108,39 @@ const SYSTEM_RESERVE_MIB: u64 = 512;
 
 impl Agent {
     pub fn new(cfg: AgentConfig, driver: Arc<dyn Driver>) -> Arc<Agent> {
-        let client = Client::with_timeout(&cfg.control_plane, &cfg.token, Duration::from_secs(30));
-        Arc::new(Agent { cfg, driver, client, instances: Mutex::new(HashMap::new()), finished: Mutex::new(HashSet::new()), changed: Notify::new() })
+        let clients: Vec<Client> = cfg
+            .control_plane
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| Client::with_timeout(u, &cfg.token, Duration::from_secs(30)))
+            .collect();
+        assert!(!clients.is_empty(), "an agent needs at least one control-plane url");
+        Arc::new(Agent {
+            cfg,
+            driver,
+            clients,
+            current: std::sync::atomic::AtomicUsize::new(0),
+            instances: Mutex::new(HashMap::new()),
+            finished: Mutex::new(HashSet::new()),
+            changed: Notify::new(),
+        })
+    }
+
+    fn client(&self) -> &Client {
+        &self.clients[self.current.load(std::sync::atomic::Ordering::SeqCst) % self.clients.len()]
+    }
+
+    /// Moves to the next control-plane URL after `e` if it says this one is
+    /// unreachable or unavailable. Returns whether it moved.
+    fn failover(&self, e: &ClientError) -> bool {
+        let unavailable = matches!(e, ClientError::Transport { .. }) || e.status() == Some(503);
+        if unavailable && self.clients.len() > 1 {
+            let next = self.current.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            tracing::warn!(error = %e, to = %self.clients[next % self.clients.len()].base(), "failing over to another control-plane replica");
+            return true;
+        }
+        false
     }
 
     /// Runs until `shutdown` turns true. Instances keep running after the
@@ -159,14 +193,15 @@ impl Agent {
     async fn register(&self) -> (String, u64) {
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.client.register(&self.registration()).await {
+            match self.client().register(&self.registration()).await {
                 Ok(r) => {
                     tracing::info!(node = %r.node_id, epoch = r.epoch, "registered");
                     return (r.node_id, r.epoch);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "registration failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    let moved = self.failover(&e);
+                    tokio::time::sleep(if moved { delay / self.clients.len() as u32 } else { delay }).await;
                     delay = (delay * 2).min(self.cfg.sync_interval);
                 }
             }
@@ -195,7 +230,7 @@ impl Agent {
             };
             let sent = Instant::now();
             let resp = tokio::select! {
-                r = self.client.sync(&req) => r,
+                r = self.client().sync(&req) => r,
                 // A local change (ready, exited) is reported at once; the
                 // held request is abandoned, its report already applied.
                 _ = self.changed.notified() => continue,
@@ -216,7 +251,12 @@ impl Agent {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "sync failed");
-                    tokio::time::sleep(self.cfg.sync_interval).await;
+                    if !self.failover(&e) {
+                        tokio::time::sleep(self.cfg.sync_interval).await;
+                    } else {
+                        // Give every replica a turn before backing off.
+                        tokio::time::sleep(self.cfg.sync_interval / self.clients.len() as u32).await;
+                    }
                 }
             }
         }

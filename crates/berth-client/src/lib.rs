@@ -153,6 +153,10 @@ impl Client {
         self.call(Method::GET, "/v1/invariants", None::<&()>, None).await
     }
 
+    pub async fn cluster(&self) -> Result<serde_json::Value, ClientError> {
+        self.call(Method::GET, "/v1/cluster", None::<&()>, None).await
+    }
+
     pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
         self.call(Method::POST, "/v1/agent/register", Some(req), None).await
     }

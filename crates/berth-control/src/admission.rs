@@ -82,6 +82,8 @@ pub struct QueueWorker {
     pub wake: Arc<Notify>,
     pub nodes: NodeWaker,
     pub cfg: ControlConfig,
+    /// True while this replica holds the leader lease.
+    pub leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait]
@@ -91,6 +93,9 @@ impl Worker for QueueWorker {
     }
 
     async fn work(&mut self) -> Result<WorkerState, ControlError> {
+        if !self.leading.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(WorkerState::Idle);
+        }
         let snap = self.store.queue_snapshot().await?;
         if snap.queued.is_empty() {
             return Ok(WorkerState::Idle);

@@ -45,6 +45,7 @@ impl From<StoreError> for ControlError {
             StoreError::Invalid(c) => ControlError::Core(c),
             StoreError::StaleSync(m) => ControlError::StaleSync(m),
             StoreError::Corrupt(m) => ControlError::Internal(m),
+            e @ StoreError::NotLeader { .. } => ControlError::Unavailable(e.to_string()),
             e @ StoreError::Database(_) if e.is_unavailable() => ControlError::Unavailable(e.to_string()),
             StoreError::Database(e) => ControlError::Internal(e.to_string()),
         }

@@ -39,6 +39,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/tokens", post(create_token))
         .route("/v1/templates", get(list_templates))
         .route("/v1/invariants", get(invariants))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/agent/register", post(agent_register))
         .route("/v1/agent/sync", post(agent_sync))
         .fallback(not_found)
@@ -160,6 +161,11 @@ async fn list_templates(State(app): AppState, headers: HeaderMap) -> Result<Json
 async fn invariants(State(app): AppState, headers: HeaderMap) -> Result<Response, ControlError> {
     let c = caller(&app, &headers).await?;
     Ok(Json(app.invariants(&c).await?).into_response())
+}
+
+async fn cluster(State(app): AppState, headers: HeaderMap) -> Result<Json<Value>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(app.cluster(&c).await?))
 }
 
 async fn agent_register(State(app): AppState, headers: HeaderMap, body: Bytes) -> Result<Response, ControlError> {

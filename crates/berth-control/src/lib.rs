@@ -11,6 +11,7 @@ pub mod auth;
 pub mod clock;
 pub mod error;
 pub mod http;
+pub mod leader;
 pub mod service;
 pub mod templates;
 pub mod waker;
@@ -63,13 +64,18 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Builds the app and starts the committer and the queue worker.
-    pub fn start(store: Arc<dyn Store>, templates: templates::Templates, cfg: ControlConfig) -> ControlPlane {
+    /// Builds the app and starts the leadership loop, the committer and the
+    /// queue worker (which works only while this replica leads).
+    pub fn start(store: Arc<dyn Store>, templates: templates::Templates, cfg: ControlConfig, replica: leader::Replica) -> ControlPlane {
         let clock: Arc<dyn clock::Clock> = Arc::new(clock::SystemClock);
+        // Fenced from the start: nothing commits before this replica leads.
+        store.set_fence(Some((replica.id.clone(), 0)));
         let committer = admission::Committer::spawn(store.clone(), clock.clone(), cfg.commit_window, cfg.commit_max_batch);
         let queue_wake = Arc::new(Notify::new());
         let nodes = waker::NodeWaker::default();
         let (shutdown, rx) = watch::channel(false);
+        let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        leader::spawn(store.clone(), clock.clone(), replica.clone(), cfg.lease_ttl_ms as i64, leading.clone(), queue_wake.clone(), rx.clone());
         worker::spawn(
             admission::QueueWorker {
                 store: store.clone(),
@@ -78,10 +84,11 @@ impl ControlPlane {
                 wake: queue_wake.clone(),
                 nodes: nodes.clone(),
                 cfg,
+                leading: leading.clone(),
             },
             rx,
         );
-        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes });
+        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, replica, leading });
         // Servers may be waiting in the queue from before a restart.
         app.queue_wake.notify_one();
         ControlPlane { app, shutdown }
@@ -121,15 +128,15 @@ pub async fn ensure_token_file(store: &dyn Store, kind: TokenKind, path: &Path, 
         return Ok(None);
     }
     let secret = auth::new_secret(kind);
-    store
-        .insert_token(&TokenRecord {
-            id: format!("tok_{:016x}", rand::random::<u64>()),
-            hash: auth::hash_secret(&secret),
-            kind,
-            tenant: None,
-            created_at: now,
-        })
-        .await?;
+    // The bootstrap admin has a fixed id, so of several replicas starting on
+    // one empty database exactly one creates it.
+    let id = if kind == TokenKind::Admin { "tok_bootstrap_admin".to_string() } else { format!("tok_{:016x}", rand::random::<u64>()) };
+    let inserted = store.insert_token(&TokenRecord { id, hash: auth::hash_secret(&secret), kind, tenant: None, created_at: now }).await;
+    match inserted {
+        Ok(()) => {}
+        Err(berth_store::StoreError::Conflict(_)) if kind == TokenKind::Admin => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
     write_secret(path, &secret).map_err(|e| ControlError::Startup(format!("cannot write {}: {e}", path.display())))?;
     Ok(Some(secret))
 }

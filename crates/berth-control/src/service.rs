@@ -33,6 +33,8 @@ pub struct App {
     /// Wakes the queue worker: a server was queued or capacity was freed.
     pub queue_wake: Arc<Notify>,
     pub nodes: NodeWaker,
+    pub replica: crate::leader::Replica,
+    pub leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 const DEFAULT_TENANT: &str = "default";
@@ -242,6 +244,26 @@ impl App {
             filter.node_id = None;
         }
         Ok(self.store.list_events(&filter).await?)
+    }
+
+    pub async fn cluster(&self, caller: &Caller) -> Result<Value, ControlError> {
+        caller.require_user()?;
+        let (replicas, lease) = self.store.cluster().await?;
+        let now = self.clock.now_ms();
+        let alive_after = now - 3 * self.cfg.lease_ttl_ms as i64;
+        let leader = lease.as_ref().filter(|l| l.expires_at >= now);
+        Ok(serde_json::json!({
+            "this_replica": self.replica.id,
+            "leader": leader.map(|l| serde_json::json!({"id": l.holder, "epoch": l.epoch, "expires_at": berth_api::rfc3339(l.expires_at)})),
+            "replicas": replicas.iter().map(|r| serde_json::json!({
+                "id": r.id,
+                "address": r.address,
+                "started_at": berth_api::rfc3339(r.started_at),
+                "last_seen": berth_api::rfc3339(r.last_seen),
+                "alive": r.last_seen >= alive_after,
+                "leader": leader.is_some_and(|l| l.holder == r.id),
+            })).collect::<Vec<_>>(),
+        }))
     }
 
     pub fn template_views(&self) -> Vec<TemplateView> {

@@ -238,7 +238,8 @@ impl Store for SqliteStore {
             .bind(&t.tenant)
             .bind(t.created_at)
             .execute(&self.write)
-            .await?;
+            .await
+            .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict(format!("token {} exists", t.id)) } else { e.into() })?;
         Ok(())
     }
 

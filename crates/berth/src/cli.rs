@@ -33,6 +33,13 @@ pub enum Cmd {
     ControlPlane(ControlArgs),
     /// A node agent
     Agent(AgentArgs),
+    /// Create or upgrade the database schema, then exit
+    Migrate(MigrateArgs),
+    /// Show the control-plane replicas and which one leads
+    Cluster {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Manage servers
     Server {
         #[command(subcommand)]
@@ -94,7 +101,7 @@ impl Conn {
 
 #[derive(Args)]
 pub struct ControlFlags {
-    /// Where the database and tokens live
+    /// Where the SQLite database, admin.token and addr live
     #[arg(long, default_value = "./.berth")]
     data_dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:7070")]
@@ -118,7 +125,7 @@ impl ControlFlags {
         let mut cfg = ControlConfig { lease_ttl_ms: self.lease_ttl * 1000, sync_interval_ms: self.sync_interval * 1000, ..Default::default() };
         cfg.retry.base_ms = self.retry_base_ms;
         cfg.retry.max_ms = self.retry_base_ms.saturating_mul(4);
-        ControlOpts { data_dir: self.data_dir.clone(), listen: self.listen, templates_dir: self.templates_dir.clone(), cfg }
+        ControlOpts { data_dir: self.data_dir.clone(), database: None, listen: self.listen, templates_dir: self.templates_dir.clone(), cfg }
     }
 }
 
@@ -156,11 +163,24 @@ pub struct DevArgs {
 pub struct ControlArgs {
     #[command(flatten)]
     control: ControlFlags,
+    /// PostgreSQL URL (postgres://…) for several replicas; SQLite in --data-dir when absent
+    #[arg(long, env = "BERTH_DATABASE", hide_env_values = true)]
+    database: Option<String>,
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// SQLite database directory (when --database is absent)
+    #[arg(long, default_value = "./.berth")]
+    data_dir: PathBuf,
+    /// PostgreSQL URL
+    #[arg(long, env = "BERTH_DATABASE", hide_env_values = true)]
+    database: Option<String>,
 }
 
 #[derive(Args)]
 pub struct AgentArgs {
-    /// Control-plane URL
+    /// Control-plane URL, or several separated by commas (the agent fails over)
     #[arg(long)]
     control_plane: String,
     /// Agent token
@@ -316,7 +336,38 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::ControlPlane(a) => {
             init_logging();
-            daemon::control_plane(a.control.opts()).await
+            let mut opts = a.control.opts();
+            opts.database = a.database;
+            daemon::control_plane(opts).await
+        }
+        Cmd::Migrate(a) => {
+            init_logging();
+            daemon::open_store(&a.data_dir, a.database.as_deref()).await?;
+            println!("schema is up to date");
+            Ok(())
+        }
+        Cmd::Cluster { conn } => {
+            let v = conn.client()?.cluster().await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<Vec<String>> = v["replicas"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| {
+                        vec![
+                            r["id"].as_str().unwrap_or("").to_string(),
+                            r["address"].as_str().unwrap_or("").to_string(),
+                            if r["leader"].as_bool() == Some(true) { "leader".into() } else { "-".into() },
+                            if r["alive"].as_bool() == Some(true) { "alive".into() } else { "gone".into() },
+                            r["last_seen"].as_str().unwrap_or("").to_string(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["ID", "ADDRESS", "ROLE", "STATE", "LAST_SEEN"], &rows));
+            }
+            Ok(())
         }
         Cmd::Agent(a) => {
             init_logging();

@@ -11,13 +11,16 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use berth_agent::{Agent, AgentConfig, ProcessDriver};
 use berth_control::templates::Templates;
+use berth_control::leader::Replica;
 use berth_control::{ensure_token_file, ControlConfig, ControlPlane};
 use berth_core::{PortRange, TokenKind};
-use berth_store::{SqliteStore, Store};
+use berth_store::{PostgresStore, SqliteStore, Store};
 use tokio::sync::watch;
 
 pub struct ControlOpts {
     pub data_dir: PathBuf,
+    /// `postgres://…`; SQLite in `data_dir` when absent.
+    pub database: Option<String>,
     pub listen: SocketAddr,
     pub templates_dir: Option<PathBuf>,
     pub cfg: ControlConfig,
@@ -63,23 +66,54 @@ struct Started {
     _cp: ControlPlane,
 }
 
+/// Opens the store the options name (and migrates it).
+pub async fn open_store(data_dir: &Path, database: Option<&str>) -> Result<Arc<dyn Store>> {
+    Ok(match database {
+        Some(url) => {
+            if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+                bail!("--database must be a postgres:// URL (SQLite is the default, in --data-dir)");
+            }
+            Arc::new(PostgresStore::open(url).await.context("cannot open the PostgreSQL store")?)
+        }
+        None => {
+            std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+            Arc::new(
+                SqliteStore::open(&data_dir.join("berth.db"))
+                    .await
+                    .with_context(|| format!("cannot open the store in {}", data_dir.display()))?,
+            )
+        }
+    })
+}
+
+/// This replica's id, kept in the data dir so a restart takes its own
+/// leader lease back at once.
+fn replica_id(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join("replica.id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        if !id.trim().is_empty() {
+            return Ok(id.trim().to_string());
+        }
+    }
+    let id = format!("cp_{:016x}", rand::random::<u64>());
+    std::fs::write(&path, format!("{id}\n")).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
+}
+
 async fn start_control(opts: &ControlOpts, shutdown: watch::Receiver<bool>) -> Result<Started> {
     std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("cannot create {}", opts.data_dir.display()))?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&opts.data_dir.join("berth.db"))
-            .await
-            .with_context(|| format!("cannot open the store in {}", opts.data_dir.display()))?,
-    );
+    let store = open_store(&opts.data_dir, opts.database.as_deref()).await?;
     let templates = Templates::load(opts.templates_dir.as_deref())?;
-    let cp = ControlPlane::start(store.clone(), templates, opts.cfg);
-    let admin_path = opts.data_dir.join("admin.token");
-    let created = ensure_token_file(store.as_ref(), TokenKind::Admin, &admin_path, now_ms()).await?;
     let listener = tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("cannot listen on {}", opts.listen))?;
     let mut addr = listener.local_addr()?;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let url = format!("http://{addr}");
+    let replica = Replica { id: replica_id(&opts.data_dir)?, address: url.clone(), started_at: now_ms() };
+    let cp = ControlPlane::start(store.clone(), templates, opts.cfg, replica);
+    let admin_path = opts.data_dir.join("admin.token");
+    let created = ensure_token_file(store.as_ref(), TokenKind::Admin, &admin_path, now_ms()).await?;
     std::fs::write(opts.data_dir.join("addr"), format!("{url}\n"))?;
     println!("berth control plane listening on {url}");
     match created {
