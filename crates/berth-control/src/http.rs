@@ -43,7 +43,20 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/agent/register", post(agent_register))
         .route("/v1/agent/sync", post(agent_sync))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(run_to_completion))
         .with_state(app)
+}
+
+/// Runs every request in its own task, so a client that goes away (an agent
+/// abandoning a long-poll, a CLI that timed out) never cancels a handler in
+/// the middle of a store transaction: a dropped transaction's rollback is
+/// only queued, and on PostgreSQL its row locks could stay held by an idle
+/// pooled connection, stalling admission.
+async fn run_to_completion(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::spawn(next.run(req)).await {
+        Ok(resp) => resp,
+        Err(e) => ControlError::Internal(format!("request task failed: {e}")).into_response(),
+    }
 }
 
 fn parse_value(body: &Bytes) -> Result<Value, ControlError> {

@@ -24,9 +24,15 @@ impl StoreError {
     /// True when the database could not be reached (as opposed to a query
     /// that failed): callers answer 503 and retry later.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_))
-        )
+        match self {
+            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_)) => true,
+            // PostgreSQL: connection exceptions (class 08) and operator or
+            // crash shutdowns (57P01..57P03) mean "come back later".
+            StoreError::Database(sqlx::Error::Database(d)) => {
+                d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P"))
+            }
+            StoreError::Database(sqlx::Error::Protocol(m)) => m.contains("connection"),
+            _ => false,
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! not race. Transactions contain queries and pure calls only.
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,10 +49,14 @@ impl PostgresStore {
     /// gives up after a few seconds, so requests fail fast (503) while the
     /// database is away instead of piling up.
     pub async fn open(url: &str) -> Result<PostgresStore, StoreError> {
+        // Safety nets: a session left idle inside a transaction is ended, and
+        // no statement waits for a lock forever.
+        let opts = sqlx::postgres::PgConnectOptions::from_str(url)?
+            .options([("idle_in_transaction_session_timeout", "10000"), ("lock_timeout", "10000")]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(3))
-            .connect(url)
+            .connect_with(opts)
             .await?;
         migrate(&pool).await?;
         Ok(PostgresStore { write: pool.clone(), read: pool, fence: std::sync::Mutex::new(None) })

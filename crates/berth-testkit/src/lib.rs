@@ -134,6 +134,11 @@ pub fn pid_alive(pid: i32) -> bool {
 }
 
 pub fn spawn(bin: &Path, args: &[String], log: &Path, envs: &[(&str, &str)]) -> Proc {
+    if let Some(i) = args.iter().position(|a| a == "--ports") {
+        if let Some(max) = args.get(i + 1).and_then(|r| r.split('-').nth(1)).and_then(|m| m.parse::<u16>().ok()) {
+            assert_below_ephemeral(max);
+        }
+    }
     let out = std::fs::File::create(log).expect("log file");
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out).env("RUST_LOG", "info,sqlx=warn");
@@ -380,7 +385,19 @@ impl PgServer {
             cmd.uid(uid).gid(gid);
         }
         self.child = Some(cmd.spawn().expect("start postgres"));
-        wait_until(Duration::from_secs(30), "postgres to accept connections", || self.psql("postgres", "SELECT 1").then_some(()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.psql("postgres", "SELECT 1") {
+            if Instant::now() > deadline {
+                panic!("postgres did not accept connections within 60s:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path()).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
+        logs.sort();
+        logs.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect::<Vec<_>>().join("\n---\n")
     }
 
     /// Fast shutdown (SIGINT) and wait; the data stays for `resume`.
@@ -390,15 +407,14 @@ impl PgServer {
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGINT);
             }
-            let deadline = Instant::now() + Duration::from_secs(20);
+            let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            panic!("postgres did not shut down within 60s:\n{}", self.log_tail());
         }
     }
 
@@ -427,4 +443,15 @@ impl Drop for PgServer {
             let _ = c.wait();
         }
     }
+}
+
+/// Instance port ranges used by tests must stay below the kernel's
+/// ephemeral range, or outgoing connections of the test itself occupy
+/// them and starts fail their preflight.
+pub fn assert_below_ephemeral(port: u16) {
+    let lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    assert!(port < lo, "test port {port} is inside the ephemeral range starting at {lo}");
 }

@@ -127,7 +127,24 @@ async fn start_control(opts: &ControlOpts, shutdown: watch::Receiver<bool>) -> R
     Ok(Started { url, store, server, _cp: cp })
 }
 
+/// Warns when the instance ports overlap the kernel's ephemeral range:
+/// outgoing connections then take instance ports and starts fail preflight.
+fn warn_on_ephemeral_overlap(ports: PortRange) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = range.split_whitespace().filter_map(|x| x.parse::<u16>().ok());
+    if let (Some(lo), Some(hi)) = (it.next(), it.next()) {
+        if ports.min <= hi && ports.max >= lo {
+            tracing::warn!(
+                ports = %format!("{}-{}", ports.min, ports.max),
+                ephemeral = %format!("{lo}-{hi}"),
+                "instance ports overlap the kernel's ephemeral port range; starts may fail with port taken"
+            );
+        }
+    }
+}
+
 fn start_agent(url: &str, token: &str, opts: &AgentOpts, shutdown: watch::Receiver<bool>) -> Result<tokio::task::JoinHandle<()>> {
+    warn_on_ephemeral_overlap(opts.ports);
     let exe = std::env::current_exe().context("cannot find the berth executable")?;
     let driver = ProcessDriver::new(opts.data_dir.join("instances"), exe, opts.cgroups)
         .with_context(|| format!("cannot prepare {}", opts.data_dir.display()))?;

@@ -126,7 +126,7 @@ fn agent_restart_readopts_instances_without_restarting_them() {
     let agent_token = api.create_token("agent", None);
     let agent_args: Vec<String> = [
         "agent", "--control-plane", &url, "--token", &agent_token, "--name", "n1", "--data-dir",
-        &agent_dir.display().to_string(), "--memory-mib", "4096", "--ports", "31100-31199", "--sync-interval", "1", "--no-cgroups",
+        &agent_dir.display().to_string(), "--memory-mib", "4096", "--ports", "21100-21199", "--sync-interval", "1", "--no-cgroups",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -37,7 +37,7 @@ fn wait_status(api: &Api, name: &str, status: &str, secs: u64) -> Value {
 #[test]
 fn a_crash_is_reported_with_its_exit_code_and_frees_the_reservation() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_p, api, _r) = dev(&tmp, "d", &["--ports", "33100-33199", "--no-cgroups"]);
+    let (_p, api, _r) = dev(&tmp, "d", &["--ports", "23100-23199", "--no-cgroups"]);
     api.create_server("crashy", "fakegame", 256, json!({"crash_after_ms": 700}));
     api.ok("POST", "/v1/servers/crashy/start", None);
     wait_status(&api, "crashy", "running", 30);
@@ -70,13 +70,13 @@ fn oom_is_enforced(extra: &[&str], ports: &str) -> String {
 
 #[test]
 fn memory_above_the_reservation_is_killed_by_rss_watch() {
-    let log = oom_is_enforced(&["--no-cgroups"], "33200-33299");
+    let log = oom_is_enforced(&["--no-cgroups"], "23200-23299");
     assert!(log.contains("memory limit exceeded; killing"), "the RSS watch killed it:\n{log}");
 }
 
 #[test]
 fn memory_above_the_reservation_is_killed_by_the_cgroup_where_one_is_available() {
-    let log = oom_is_enforced(&[], "33300-33399");
+    let log = oom_is_enforced(&[], "23300-23399");
     if log.contains("no writable cgroup") {
         eprintln!("no writable cgroup on this host: the agent fell back to the RSS watch, which the other test covers");
         return;
@@ -88,9 +88,9 @@ fn memory_above_the_reservation_is_killed_by_the_cgroup_where_one_is_available()
 #[test]
 fn a_failed_preflight_requeues_and_the_server_starts_once_the_port_is_free() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = 33400u16;
+    let port = 23400u16;
     let squatter = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
-    let (_p, api, _r) = dev(&tmp, "d", &["--ports", "33400-33400", "--retry-base-ms", "1500", "--no-cgroups"]);
+    let (_p, api, _r) = dev(&tmp, "d", &["--ports", "23400-23400", "--retry-base-ms", "1500", "--no-cgroups"]);
     api.create_server("p", "fakegame", 128, json!({}));
     api.ok("POST", "/v1/servers/p/start", None);
     let s = wait_until(Duration::from_secs(20), "a transient failure", || {
@@ -98,7 +98,7 @@ fn a_failed_preflight_requeues_and_the_server_starts_once_the_port_is_free() {
         (s["attempts"] == 1).then_some(s)
     });
     assert_eq!(s["status"], "queued", "{s}");
-    assert!(s["last_error"].as_str().unwrap().contains("port 33400"), "{s}");
+    assert!(s["last_error"].as_str().unwrap().contains("port 23400"), "{s}");
     assert!(s["next_attempt_at"].is_string());
     assert_eq!(api.nodes()[0]["memory"]["reserved_mib"], 0, "the reservation was released");
     drop(squatter);
@@ -116,7 +116,7 @@ fn cli(api: &Api, args: &[&str]) -> (bool, String, String) {
 #[test]
 fn the_cli_creates_starts_waits_lists_stops_and_deletes() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_p, api, _r) = dev(&tmp, "d", &["--ports", "33500-33599", "--no-cgroups"]);
+    let (_p, api, _r) = dev(&tmp, "d", &["--ports", "23500-23599", "--no-cgroups"]);
     let (ok, out, err) = cli(&api, &["server", "create", "mc", "--template", "fakegame", "--memory-mib", "256", "--config", "max_players=7"]);
     assert!(ok, "{err}");
     assert!(out.contains("created server mc"), "{out}");
@@ -155,7 +155,7 @@ fn the_cli_creates_starts_waits_lists_stops_and_deletes() {
 #[test]
 fn a_draining_node_receives_no_placements() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_p, api, _r) = dev(&tmp, "d", &["--ports", "33600-33699", "--no-cgroups"]);
+    let (_p, api, _r) = dev(&tmp, "d", &["--ports", "23600-23699", "--no-cgroups"]);
     api.ok("POST", "/v1/nodes/local/drain", None);
     api.create_server("w", "fakegame", 128, json!({}));
     api.ok("POST", "/v1/servers/w/start", None);
@@ -184,7 +184,7 @@ ready = "alive"
     )
     .unwrap();
     let dir = templates.display().to_string();
-    let (_p, api, _r) = dev(&tmp, "d", &["--ports", "33700-33799", "--no-cgroups", "--templates-dir", &dir]);
+    let (_p, api, _r) = dev(&tmp, "d", &["--ports", "23700-23799", "--no-cgroups", "--templates-dir", &dir]);
     api.create_server("w", "waiter", 64, json!({}));
     api.ok("POST", "/v1/servers/w/start", None);
     wait_status(&api, "w", "running", 30);

@@ -31,7 +31,7 @@ fn minetest_starts_binds_its_port_stops_gracefully_and_restarts_on_the_same_worl
     let mut reaper = InstanceReaper::default();
     reaper.watch(&agent_dir);
     let (_dev, url, token) =
-        start_control(&bin(), "dev", &data, &["--memory-mib", "2048", "--sync-interval", "1", "--ports", "33000-33099"]);
+        start_control(&bin(), "dev", &data, &["--memory-mib", "2048", "--sync-interval", "1", "--ports", "23000-23099"]);
     let api = Api::new(&url, &token);
     wait_until(Duration::from_secs(20), "the local node", || (api.nodes().len() == 1).then_some(()));
     let s = api.create_server("mt", "minetest", 512, json!({"game": "minetest_game"}));

@@ -25,7 +25,7 @@ fn storm_of_200_starts_on_three_4096_nodes_runs_exactly_48() {
         let dir = tmp.path().join(format!("agent{i}"));
         std::fs::create_dir_all(&dir).unwrap();
         reaper.watch(&dir);
-        let ports = format!("{}-{}", 32000 + i * 100, 32099 + i * 100);
+        let ports = format!("{}-{}", 22000 + i * 100, 22099 + i * 100);
         let args: Vec<String> = [
             "agent", "--control-plane", &url, "--token", &agent_token, "--name", &format!("n{i}"), "--data-dir",
             &dir.display().to_string(), "--memory-mib", "4096", "--ports", &ports, "--sync-interval", "1",
