@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub headroom_mib: u64,
     pub sync_interval: Duration,
     pub tick: Duration,
+    /// The agent's data dir: its disk use is reported, and the fence
+    /// watchdog's state lives there.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl AgentConfig {
@@ -56,6 +59,7 @@ impl AgentConfig {
             headroom_mib: 64,
             sync_interval: Duration::from_secs(2),
             tick: Duration::from_millis(200),
+            data_dir: None,
         }
     }
 }
@@ -226,6 +230,7 @@ impl Agent {
                 seq,
                 instances: self.report(),
                 host: host::memory(),
+                disk: self.cfg.data_dir.as_deref().and_then(host::disk),
                 wait_ms: self.cfg.sync_interval.as_millis() as u64,
             };
             let sent = Instant::now();

@@ -241,6 +241,13 @@ pub struct HostStats {
     pub available_mib: u64,
 }
 
+/// The agent's data volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskStats {
+    pub total_mib: u64,
+    pub used_mib: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SyncRequest {
     pub node_id: String,
@@ -249,6 +256,8 @@ pub struct SyncRequest {
     pub seq: u64,
     pub instances: Vec<InstanceReport>,
     pub host: HostStats,
+    #[serde(default)]
+    pub disk: Option<DiskStats>,
     /// Long-poll: if nothing is to change, the answer may wait this long
     /// for new work.
     #[serde(default)]

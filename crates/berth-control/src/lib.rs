@@ -30,7 +30,7 @@ use tokio::sync::{watch, Notify};
 pub use error::ControlError;
 pub use service::App;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ControlConfig {
     pub lease_ttl_ms: u64,
     pub sync_interval_ms: u64,
@@ -41,6 +41,19 @@ pub struct ControlConfig {
     /// How long the committer gathers plans before one transaction.
     pub commit_window: Duration,
     pub commit_max_batch: usize,
+    /// Added to the lease TTL before the control plane judges a node.
+    pub lease_grace_ms: u64,
+    /// Disk use (percent of the agent's data volume) from which a node gets
+    /// `disk_pressure` and no placements, and from which an alert fires.
+    pub disk_pressure_percent: u64,
+    pub disk_alert_percent: u64,
+    /// Sessions longer than this are closed and continued in a new one
+    /// after the instance was re-confirmed.
+    pub max_session_ms: i64,
+    /// How often the zombie sweeper runs.
+    pub sweep_interval: Duration,
+    /// Price per GiB-hour of each plan, in minor currency units.
+    pub prices: std::collections::BTreeMap<String, i64>,
 }
 
 impl Default for ControlConfig {
@@ -53,6 +66,12 @@ impl Default for ControlConfig {
             retry: RetryPolicy::default(),
             commit_window: Duration::from_millis(2),
             commit_max_batch: 512,
+            lease_grace_ms: 5_000,
+            disk_pressure_percent: 90,
+            disk_alert_percent: 95,
+            max_session_ms: 24 * 3_600_000,
+            sweep_interval: Duration::from_secs(60),
+            prices: [("standard".to_string(), 100)].into_iter().collect(),
         }
     }
 }
@@ -83,7 +102,7 @@ impl ControlPlane {
                 committer: committer.clone(),
                 wake: queue_wake.clone(),
                 nodes: nodes.clone(),
-                cfg,
+                cfg: cfg.clone(),
                 leading: leading.clone(),
             },
             rx,

@@ -38,6 +38,10 @@ pub struct App {
 }
 
 const DEFAULT_TENANT: &str = "default";
+/// Default disconnect window: how long an instance runs on without its
+/// node renewing before it is fenced and the server is lost.
+const DEFAULT_STOP_AFTER_S: i64 = 300;
+const MAX_STOP_AFTER_S: u64 = 7 * 24 * 3600;
 
 fn field<'a>(obj: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
@@ -48,7 +52,7 @@ impl App {
         caller.require_user()?;
         let obj = body.as_object().ok_or_else(|| ControlError::invalid("invalid_request", "the body must be a JSON object"))?;
         for key in obj.keys() {
-            if !["name", "template", "memory_mib", "config", "tenant"].contains(&key.as_str()) {
+            if !["name", "template", "memory_mib", "config", "tenant", "stop_after_s", "stateless", "plan"].contains(&key.as_str()) {
                 return Err(ControlError::invalid("unknown_field", format!("unknown field {key:?}")));
             }
         }
@@ -93,6 +97,30 @@ impl App {
             }
         }
         let config = template.validate_config(obj.get("config"))?;
+        let stop_after_ms = match field(obj, "stop_after_s") {
+            None => DEFAULT_STOP_AFTER_S * 1000,
+            Some(v) => match v.as_u64() {
+                Some(s) if s <= MAX_STOP_AFTER_S => s as i64 * 1000,
+                _ => {
+                    return Err(ControlError::invalid(
+                        "invalid_request",
+                        format!("stop_after_s must be an integer from 0 to {MAX_STOP_AFTER_S}, got {v}"),
+                    ))
+                }
+            },
+        };
+        let stateless = match field(obj, "stateless") {
+            None => template.stateless,
+            Some(v) => v.as_bool().ok_or_else(|| ControlError::invalid("invalid_request", format!("stateless must be true or false, got {v}")))?,
+        };
+        let plan = match field(obj, "plan") {
+            None => "standard".to_string(),
+            Some(v) => v.as_str().ok_or_else(|| ControlError::invalid("invalid_request", "plan must be a string"))?.to_string(),
+        };
+        let price_per_gib_hour = *self.cfg.prices.get(&plan).ok_or_else(|| {
+            let known: Vec<&str> = self.cfg.prices.keys().map(|k| k.as_str()).collect();
+            ControlError::invalid("unknown_plan", format!("unknown plan {plan:?} (known: {})", known.join(", ")))
+        })?;
         let tenant = match (caller.kind, field(obj, "tenant")) {
             (TokenKind::Tenant, Some(_)) => {
                 return Err(ControlError::Forbidden("tenant tokens create servers for their own tenant only".into()))
@@ -123,6 +151,11 @@ impl App {
             next_attempt_at: None,
             last_error: None,
             used_mib: None,
+            stop_after_ms,
+            stateless,
+            plan,
+            price_per_gib_hour,
+            home_node: None,
             created_at: now,
             updated_at: now,
         };
@@ -320,17 +353,22 @@ impl App {
         caller.require_agent()?;
         let node_id = NodeId(req.node_id.clone());
         let now = self.clock.now_ms();
+        let disk = req.disk.unwrap_or_default();
+        let disk_pressure = disk.total_mib > 0 && disk.used_mib * 100 >= disk.total_mib * self.cfg.disk_pressure_percent;
         let input = SyncInput {
             node_id: node_id.clone(),
             epoch: req.epoch,
             seq: req.seq,
             host_total_mib: MemMib(req.host.total_mib),
             host_available_mib: MemMib(req.host.available_mib),
+            disk_total_mib: disk.total_mib,
+            disk_used_mib: disk.used_mib,
+            disk_pressure,
         };
         let retry = self.cfg.retry;
         let random = rand::random::<u64>();
         let report = req.instances.clone();
-        let decide = move |placed: &[Server]| reconcile(placed, &report, now, &retry, random);
+        let decide = move |placed: &[Server], last_alive: i64| reconcile(placed, &report, now, last_alive, &retry, random);
         let (_node, decided) = self.store.sync_node(&input, now, &decide).await?;
         if decided.changes.iter().any(|c| !matches!(c, Change::Usage { .. } | Change::Confirmed { .. })) {
             // Capacity was freed or a server went back to the queue.

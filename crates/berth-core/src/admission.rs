@@ -41,6 +41,7 @@ impl Misfit {
 pub struct NodeCapacity {
     pub node_id: NodeId,
     pub status: NodeStatus,
+    pub disk_pressure: bool,
     pub allocatable: MemMib,
     /// Sum of the memory of every reservation row on the node.
     pub reserved: MemMib,
@@ -59,6 +60,7 @@ impl NodeCapacity {
         let mut cap = NodeCapacity {
             node_id: node.id.clone(),
             status: node.status,
+            disk_pressure: node.disk_pressure,
             allocatable: node.allocatable_mib(),
             reserved: MemMib(0),
             pending_starts: 0,
@@ -76,13 +78,18 @@ impl NodeCapacity {
         cap
     }
 
+    /// Ready and not under disk pressure.
+    pub fn accepts_placements(&self) -> bool {
+        self.status.can_place() && !self.disk_pressure
+    }
+
     pub fn free(&self) -> MemMib {
         self.allocatable.saturating_sub(self.reserved)
     }
 
     /// Whether a new placement of `memory` fits, ignoring ports.
     pub fn fits_memory(&self, memory: MemMib) -> Result<(), Misfit> {
-        if !self.status.can_place() {
+        if !self.accepts_placements() {
             return Err(Misfit::NodeNotReady);
         }
         if self.max_concurrent_starts > 0 && self.pending_starts >= self.max_concurrent_starts {
@@ -140,6 +147,10 @@ mod tests {
             registered_at: 0,
             host_total_mib: MemMib(alloc),
             host_available_mib: MemMib(alloc),
+            disk_total_mib: 0,
+            disk_used_mib: 0,
+            disk_pressure: false,
+            drain_deadline: None,
         }
     }
 
@@ -196,5 +207,9 @@ mod tests {
         n.status = NodeStatus::Draining;
         let cap = NodeCapacity::from_rows(&n, &rows);
         assert_eq!(recheck(&cap, &plan("b", "n1", 100, 30001)), Err(Misfit::NodeNotReady));
+        n.status = NodeStatus::Ready;
+        n.disk_pressure = true;
+        let cap = NodeCapacity::from_rows(&n, &rows);
+        assert_eq!(recheck(&cap, &plan("b", "n1", 100, 30001)), Err(Misfit::NodeNotReady), "disk pressure closes the node");
     }
 }

@@ -164,6 +164,10 @@ mod tests {
             registered_at: 0,
             host_total_mib: MemMib(0),
             host_available_mib: MemMib(0),
+            disk_total_mib: 0,
+            disk_used_mib: 0,
+            disk_pressure: false,
+            drain_deadline: None,
         }
     }
 

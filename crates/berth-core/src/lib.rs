@@ -8,7 +8,9 @@
 //! axum or any I/O: time, ids and randomness are passed in.
 
 pub mod admission;
+pub mod billing;
 pub mod error;
+pub mod health;
 pub mod invariants;
 pub mod model;
 pub mod placement;
@@ -43,6 +45,11 @@ pub(crate) fn reconcile_test_server() -> Server {
         next_attempt_at: None,
         last_error: None,
         used_mib: None,
+        stop_after_ms: 300_000,
+        stateless: false,
+        plan: "standard".into(),
+        price_per_gib_hour: 100,
+        home_node: None,
         created_at: 0,
         updated_at: 0,
     }

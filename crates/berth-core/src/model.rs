@@ -176,12 +176,25 @@ pub struct Node {
     /// Host memory as last reported by the agent.
     pub host_total_mib: MemMib,
     pub host_available_mib: MemMib,
+    /// The agent's data volume, as last reported.
+    pub disk_total_mib: u64,
+    pub disk_used_mib: u64,
+    /// Placements stop above the pressure threshold (a condition, not a
+    /// status: the node still runs what it has).
+    pub disk_pressure: bool,
+    /// When draining: servers still on the node are stopped at this time.
+    pub drain_deadline: Option<Millis>,
 }
 
 impl Node {
     /// Memory that reservations may use on this node.
     pub fn allocatable_mib(&self) -> MemMib {
         self.total_mib.saturating_sub(self.system_reserved_mib)
+    }
+
+    /// Whether the node may receive a new placement.
+    pub fn accepts_placements(&self) -> bool {
+        self.status.can_place() && !self.disk_pressure
     }
 
     /// Memory in use on the host, from the agent's last report.
@@ -201,10 +214,13 @@ pub enum ServerStatus {
     Crashed,
     Failed,
     Deleted,
+    /// Placed on a node that stopped renewing its lease, within the
+    /// server's disconnect window: not replaced, not billed.
+    Unknown,
 }
 
 impl ServerStatus {
-    pub const ALL: [ServerStatus; 8] = [
+    pub const ALL: [ServerStatus; 9] = [
         ServerStatus::Stopped,
         ServerStatus::Queued,
         ServerStatus::Starting,
@@ -213,6 +229,7 @@ impl ServerStatus {
         ServerStatus::Crashed,
         ServerStatus::Failed,
         ServerStatus::Deleted,
+        ServerStatus::Unknown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -225,6 +242,7 @@ impl ServerStatus {
             ServerStatus::Crashed => "crashed",
             ServerStatus::Failed => "failed",
             ServerStatus::Deleted => "deleted",
+            ServerStatus::Unknown => "unknown",
         }
     }
 
@@ -234,12 +252,14 @@ impl ServerStatus {
 
     /// Statuses in which the server holds a reservation on a node.
     pub fn holds_reservation(self) -> bool {
-        matches!(self, ServerStatus::Starting | ServerStatus::Running | ServerStatus::Stopping)
+        matches!(self, ServerStatus::Starting | ServerStatus::Running | ServerStatus::Stopping | ServerStatus::Unknown)
     }
 
-    /// Statuses in which the node's agent should run the instance.
+    /// Statuses in which the node's agent should run the instance. An
+    /// unknown server is still wanted: if its node comes back within the
+    /// window, the instance simply goes on.
     pub fn is_desired_running(self) -> bool {
-        matches!(self, ServerStatus::Starting | ServerStatus::Running)
+        matches!(self, ServerStatus::Starting | ServerStatus::Running | ServerStatus::Unknown)
     }
 
     pub fn can_start(self) -> bool {
@@ -247,7 +267,7 @@ impl ServerStatus {
     }
 
     pub fn can_stop(self) -> bool {
-        matches!(self, ServerStatus::Queued | ServerStatus::Starting | ServerStatus::Running)
+        matches!(self, ServerStatus::Queued | ServerStatus::Starting | ServerStatus::Running | ServerStatus::Unknown)
     }
 
     pub fn can_delete(self) -> bool {
@@ -272,7 +292,7 @@ impl ServerStatus {
     pub fn on_stop(self) -> Result<ServerStatus, CoreError> {
         match self {
             ServerStatus::Queued => Ok(ServerStatus::Stopped),
-            ServerStatus::Starting | ServerStatus::Running => Ok(ServerStatus::Stopping),
+            ServerStatus::Starting | ServerStatus::Running | ServerStatus::Unknown => Ok(ServerStatus::Stopping),
             other => Err(CoreError::InvalidTransition { action: "stop", from: other }),
         }
     }
@@ -323,6 +343,19 @@ pub struct Server {
     pub last_error: Option<String>,
     /// Resident memory of the instance as last reported by its agent.
     pub used_mib: Option<MemMib>,
+    /// How long the instance may run on without its node renewing its lease
+    /// before it is fenced (stopped on the node) and the server is lost.
+    pub stop_after_ms: Millis,
+    /// A stateless server may be replaced on any node with a fresh data dir.
+    pub stateless: bool,
+    /// Price plan for billing, and its price per GiB-hour in minor currency
+    /// units, fixed when the server was created.
+    pub plan: String,
+    pub price_per_gib_hour: i64,
+    /// Set after a stateful server was lost with its node: it may start
+    /// again only there (its world is there) until an operator allows a
+    /// fresh world elsewhere.
+    pub home_node: Option<NodeId>,
     pub created_at: Millis,
     pub updated_at: Millis,
 }

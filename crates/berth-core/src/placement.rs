@@ -88,7 +88,7 @@ pub fn plan(nodes: &[NodeCapacity], queue: &[QueuedServer], now: Millis, cfg: Pl
     queue_order(&mut queue);
     let largest_node = nodes
         .iter()
-        .filter(|n| n.status.can_place())
+        .filter(|n| n.accepts_placements())
         .map(|n| n.allocatable)
         .max()
         .unwrap_or(MemMib(0));
@@ -134,6 +134,7 @@ mod tests {
         NodeCapacity {
             node_id: NodeId(id.into()),
             status: NodeStatus::Ready,
+            disk_pressure: false,
             allocatable: MemMib(alloc),
             reserved: MemMib(reserved),
             pending_starts: 0,

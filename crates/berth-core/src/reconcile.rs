@@ -57,8 +57,13 @@ pub enum Change {
     /// Starting → running; the reservation becomes active.
     Confirmed { server_id: ServerId, generation: Generation },
     /// The instance is gone: the server moves to `to` and its reservation
-    /// is released.
-    Ended { server_id: ServerId, generation: Generation, to: ServerStatus, exit: LastExit },
+    /// is released; its billing session closes at `billed_until` (the last
+    /// time it was confirmed alive, or the confirmed stop).
+    Ended { server_id: ServerId, generation: Generation, to: ServerStatus, exit: LastExit, billed_until: Millis },
+    /// An unknown server's node came back within the window and the
+    /// instance still runs: running again, billing backfilled from where it
+    /// stopped.
+    Reconnected { server_id: ServerId, generation: Generation },
     /// A transient start failure: reservation released, back to the queue.
     Requeue { server_id: ServerId, generation: Generation, attempts: u32, next_attempt_at: Millis, error: String },
     /// A permanent start failure or retries exhausted.
@@ -75,8 +80,17 @@ pub struct Reconciled {
 }
 
 /// `placed` are the servers whose `node_id` is the reporting node and whose
-/// status holds a reservation; `random` feeds retry jitter.
-pub fn reconcile(placed: &[Server], report: &[InstanceReport], now: Millis, retry: &RetryPolicy, random: u64) -> Reconciled {
+/// status holds a reservation; `last_alive` is when the node last renewed
+/// before this report (an instance reported ended now was last confirmed
+/// alive then); `random` feeds retry jitter.
+pub fn reconcile(
+    placed: &[Server],
+    report: &[InstanceReport],
+    now: Millis,
+    last_alive: Millis,
+    retry: &RetryPolicy,
+    random: u64,
+) -> Reconciled {
     let mut out = Reconciled::default();
     for s in placed {
         let r = report.iter().find(|r| r.server_id == s.id && r.generation == s.generation);
@@ -100,19 +114,36 @@ pub fn reconcile(placed: &[Server], report: &[InstanceReport], now: Millis, retr
                 out.events.push(ev("server_running", format!("server {} is running (generation {})", s.name, s.generation)));
                 status = ServerStatus::Running;
             }
-            (ServerStatus::Starting | ServerStatus::Running, Some(InstanceState::Exited)) => {
+            (ServerStatus::Unknown, Some(InstanceState::Running)) => {
+                out.changes.push(Change::Reconnected { server_id: s.id.clone(), generation: s.generation });
+                out.events.push(ev("server_reconnected", format!("server {} is running again: its node is back", s.name)));
+                status = ServerStatus::Running;
+            }
+            (ServerStatus::Starting | ServerStatus::Running | ServerStatus::Unknown, Some(InstanceState::Exited)) => {
                 let exit = r.and_then(|r| r.exit.clone()).unwrap_or(LastExit { reason: "exited".into(), code: None });
                 out.events.push(ev("server_crashed", format!("server {} crashed: {}{}", s.name, exit.reason, code_suffix(exit.code))));
-                out.changes.push(Change::Ended { server_id: s.id.clone(), generation: s.generation, to: ServerStatus::Crashed, exit });
+                out.changes.push(Change::Ended {
+                    server_id: s.id.clone(),
+                    generation: s.generation,
+                    to: ServerStatus::Crashed,
+                    exit,
+                    billed_until: last_alive,
+                });
                 status = ServerStatus::Crashed;
             }
-            (ServerStatus::Running, None) => {
+            (ServerStatus::Running | ServerStatus::Unknown, None) => {
                 let exit = LastExit { reason: "instance_missing".into(), code: None };
                 out.events.push(ev("server_crashed", format!("server {} crashed: its node no longer reports the instance", s.name)));
-                out.changes.push(Change::Ended { server_id: s.id.clone(), generation: s.generation, to: ServerStatus::Crashed, exit });
+                out.changes.push(Change::Ended {
+                    server_id: s.id.clone(),
+                    generation: s.generation,
+                    to: ServerStatus::Crashed,
+                    exit,
+                    billed_until: last_alive,
+                });
                 status = ServerStatus::Crashed;
             }
-            (ServerStatus::Starting | ServerStatus::Running, Some(InstanceState::Failed)) => {
+            (ServerStatus::Starting | ServerStatus::Running | ServerStatus::Unknown, Some(InstanceState::Failed)) => {
                 let r = r.expect("matched Some");
                 let error = r.error.clone().unwrap_or_else(|| "start failed".into());
                 let decision = match r.error_class {
@@ -142,7 +173,13 @@ pub fn reconcile(placed: &[Server], report: &[InstanceReport], now: Millis, retr
                 let code = r.and_then(|r| r.exit.as_ref()).and_then(|e| e.code);
                 let exit = LastExit { reason: "stopped".into(), code };
                 out.events.push(ev("server_stopped", format!("server {} stopped", s.name)));
-                out.changes.push(Change::Ended { server_id: s.id.clone(), generation: s.generation, to: ServerStatus::Stopped, exit });
+                out.changes.push(Change::Ended {
+                    server_id: s.id.clone(),
+                    generation: s.generation,
+                    to: ServerStatus::Stopped,
+                    exit,
+                    billed_until: now,
+                });
                 status = ServerStatus::Stopped;
             }
             _ => {}
@@ -181,6 +218,11 @@ mod tests {
             next_attempt_at: None,
             last_error: None,
             used_mib: None,
+        stop_after_ms: 300_000,
+        stateless: false,
+        plan: "standard".into(),
+        price_per_gib_hour: 100,
+        home_node: None,
             created_at: 0,
             updated_at: 0,
         }
@@ -191,7 +233,7 @@ mod tests {
     }
 
     fn go(placed: &[Server], report: &[InstanceReport]) -> Reconciled {
-        reconcile(placed, report, 1000, &RetryPolicy::default(), 0)
+        reconcile(placed, report, 1000, 900, &RetryPolicy::default(), 0)
     }
 
     #[test]
@@ -253,6 +295,24 @@ mod tests {
         tired.attempts = 2;
         let r = go(&[tired], &[f]);
         assert!(matches!(&r.changes[0], Change::Fail { .. }), "retries exhausted must fail");
+    }
+
+    #[test]
+    fn an_unknown_server_reported_running_is_reconnected_and_stays_desired() {
+        let r = go(&[server("a", ServerStatus::Unknown, 4)], &[rep("a", 4, InstanceState::Running)]);
+        assert_eq!(r.changes, vec![Change::Reconnected { server_id: ServerId("a".into()), generation: 4 }]);
+        assert_eq!(r.desired.len(), 1);
+        let r = go(&[server("a", ServerStatus::Unknown, 4)], &[rep("a", 4, InstanceState::Starting)]);
+        assert!(r.changes.is_empty());
+        assert_eq!(r.desired.len(), 1, "an unknown server is still wanted");
+    }
+
+    #[test]
+    fn a_crash_is_billed_until_the_last_renewal_and_a_stop_until_now() {
+        let r = go(&[server("a", ServerStatus::Running, 1)], &[rep("a", 1, InstanceState::Exited)]);
+        assert!(matches!(r.changes[0], Change::Ended { billed_until: 900, .. }), "{:?}", r.changes);
+        let r = go(&[server("a", ServerStatus::Stopping, 1)], &[]);
+        assert!(matches!(r.changes[0], Change::Ended { billed_until: 1000, .. }), "{:?}", r.changes);
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod sqlite;
 use async_trait::async_trait;
 use berth_core::admission::Misfit;
 use berth_core::placement::{Placement, QueuedServer};
+use berth_core::health::Verdict;
 use berth_core::reconcile::Reconciled;
 use berth_core::{Event, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, PortRange, Reservation, Server, ServerId, TokenKind};
 
@@ -77,6 +78,37 @@ pub struct SyncInput {
     pub seq: u64,
     pub host_total_mib: MemMib,
     pub host_available_mib: MemMib,
+    pub disk_total_mib: u64,
+    pub disk_used_mib: u64,
+    /// Decided by the control plane from its thresholds.
+    pub disk_pressure: bool,
+}
+
+/// One stretch of billed running of one server generation on one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BillingSession {
+    pub id: i64,
+    pub server_id: ServerId,
+    pub tenant: String,
+    pub node_id: NodeId,
+    pub generation: u64,
+    pub memory_mib: MemMib,
+    pub plan: String,
+    pub price_per_gib_hour: i64,
+    pub started_at: Millis,
+    pub ended_at: Option<Millis>,
+    pub end_reason: Option<String>,
+}
+
+/// One append-only ledger line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerEntry {
+    pub seq: i64,
+    pub at: Millis,
+    pub kind: String,
+    pub session_id: i64,
+    pub server_id: ServerId,
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -116,7 +148,9 @@ pub struct LeaderLease {
 }
 
 /// The pure decision `sync_node` runs inside its transaction.
-pub type Decide<'a> = &'a (dyn Fn(&[Server]) -> Reconciled + Send + Sync);
+/// It gets the servers placed on the node and when the node last renewed
+/// before this sync.
+pub type Decide<'a> = &'a (dyn Fn(&[Server], Millis) -> Reconciled + Send + Sync);
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -163,6 +197,28 @@ pub trait Store: Send + Sync + 'static {
     /// has this holder and epoch (checked inside its transaction), so a
     /// replica that lost leadership cannot commit placements.
     fn set_fence(&self, fence: Option<(String, u64)>);
+
+    /// Applies health verdicts, each conditional on the facts it was
+    /// judged from (node not heard from since, server generation and
+    /// status), in one transaction. Returns how many applied.
+    async fn apply_verdicts(&self, verdicts: &[Verdict], now: Millis) -> Result<usize, StoreError>;
+    /// Draining with an optional deadline, or back to ready.
+    async fn set_drain(&self, id: &NodeId, draining: bool, deadline: Option<Millis>) -> Result<Node, StoreError>;
+
+    async fn sessions_of(&self, server: &ServerId) -> Result<Vec<BillingSession>, StoreError>;
+    /// Sessions of a tenant (or all) overlapping `[from, to)`.
+    async fn sessions_between(&self, tenant: Option<&str>, from: Millis, to: Millis) -> Result<Vec<BillingSession>, StoreError>;
+    async fn open_sessions(&self) -> Result<Vec<BillingSession>, StoreError>;
+    async fn ledger_of(&self, server: &ServerId) -> Result<Vec<LedgerEntry>, StoreError>;
+    /// Closes open sessions whose server is not running that generation
+    /// (reason `zombie`); returns them.
+    async fn sweep_zombies(&self, now: Millis) -> Result<Vec<BillingSession>, StoreError>;
+    /// Closes sessions older than `max_len_ms` whose server still runs and
+    /// whose node renewed within `fresh_ms`, continuing each in a new one.
+    async fn roll_over(&self, max_len_ms: Millis, fresh_ms: Millis, now: Millis) -> Result<usize, StoreError>;
+    /// Test and repair hook: opens a session as it is, bypassing the
+    /// lifecycle (used to inject zombies in tests).
+    async fn insert_session(&self, s: &BillingSession) -> Result<i64, StoreError>;
 
     async fn insert_events(&self, events: &[NewEvent], now: Millis) -> Result<(), StoreError>;
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;

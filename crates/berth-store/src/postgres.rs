@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_core::admission::{recheck, NodeCapacity};
+use berth_core::billing::EndReason;
+use berth_core::health::Verdict;
 use berth_core::placement::{Placement, QueuedServer};
 use berth_core::reconcile::{Change, Reconciled};
 use berth_core::{
@@ -23,13 +25,14 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use crate::{
-    Decide, EventFilter, LeaderLease, NodeRegistration, NodeUsage, PlacementOutcome, QueueSnapshot, ReplicaInfo, Snapshot,
+    BillingSession, Decide, EventFilter, LeaderLease, LedgerEntry, NodeRegistration, NodeUsage, PlacementOutcome, QueueSnapshot, ReplicaInfo, Snapshot,
     Store, StoreError, SyncInput, TokenRecord,
 };
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_init.sql")),
     (2, include_str!("../migrations/postgres/0002_cluster.sql")),
+    (3, include_str!("../migrations/postgres/0003_fencing_billing.sql")),
 ];
 
 pub struct PostgresStore {
@@ -39,9 +42,10 @@ pub struct PostgresStore {
 }
 
 const SERVER_COLS: &str = "id, tenant, name, template, memory_mib, config, status, node_id, generation, port, last_exit, \
-     queued_at, attempts, next_attempt_at, last_error, used_mib, created_at, updated_at";
+     queued_at, attempts, next_attempt_at, last_error, used_mib, created_at, updated_at, stop_after_ms, stateless, plan, price_per_gib_hour, home_node";
 const NODE_COLS: &str = "id, name, address, driver, total_mib, system_reserved_mib, cpu_cores, status, \
-     max_concurrent_starts, port_min, port_max, epoch, sync_seq, last_sync_at, registered_at, host_total_mib, host_available_mib";
+     max_concurrent_starts, port_min, port_max, epoch, sync_seq, last_sync_at, registered_at, host_total_mib, host_available_mib, \
+     disk_total_mib, disk_used_mib, disk_pressure, drain_deadline";
 const RES_COLS: &str = "server_id, generation, node_id, memory_mib, port, state, created_at";
 
 impl PostgresStore {
@@ -129,6 +133,11 @@ fn server_from_row(r: &PgRow) -> Result<Server, StoreError> {
         used_mib: r.try_get::<Option<i64>, _>("used_mib")?.map(|m| MemMib(m as u64)),
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+        stop_after_ms: r.try_get("stop_after_ms")?,
+        stateless: r.try_get::<i64, _>("stateless")? != 0,
+        plan: r.try_get("plan")?,
+        price_per_gib_hour: r.try_get("price_per_gib_hour")?,
+        home_node: r.try_get::<Option<String>, _>("home_node")?.map(NodeId),
     })
 }
 
@@ -151,6 +160,10 @@ fn node_from_row(r: &PgRow) -> Result<Node, StoreError> {
         registered_at: r.try_get("registered_at")?,
         host_total_mib: MemMib(r.try_get::<i64, _>("host_total_mib")? as u64),
         host_available_mib: MemMib(r.try_get::<i64, _>("host_available_mib")? as u64),
+        disk_total_mib: r.try_get::<i64, _>("disk_total_mib")? as u64,
+        disk_used_mib: r.try_get::<i64, _>("disk_used_mib")? as u64,
+        disk_pressure: r.try_get::<i64, _>("disk_pressure")? != 0,
+        drain_deadline: r.try_get("drain_deadline")?,
     })
 }
 
@@ -310,7 +323,7 @@ impl Store for PostgresStore {
             }
             None => {
                 sqlx::query(&format!(
-                    "INSERT INTO nodes ({NODE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 'ready', $8, $9, $10, 1, 0, $11, $12, 0, 0)"
+                    "INSERT INTO nodes ({NODE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 'ready', $8, $9, $10, 1, 0, $11, $12, 0, 0, 0, 0, 0, NULL)"
                 ))
                 .bind(&new_id.0)
                 .bind(&reg.name)
@@ -384,7 +397,7 @@ impl Store for PostgresStore {
     async fn insert_server(&self, s: &Server, event: &NewEvent) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         let res = sqlx::query(&format!(
-            "INSERT INTO servers ({SERVER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, NULL, NULL, NULL, 0, NULL, NULL, NULL, $9, $10)"
+            "INSERT INTO servers ({SERVER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, NULL, NULL, NULL, 0, NULL, NULL, NULL, $9, $10, $11, $12, $13, $14, NULL)"
         ))
         .bind(&s.id.0)
         .bind(&s.tenant)
@@ -396,6 +409,10 @@ impl Store for PostgresStore {
         .bind(s.generation as i64)
         .bind(s.created_at)
         .bind(s.updated_at)
+        .bind(s.stop_after_ms)
+        .bind(s.stateless as i64)
+        .bind(&s.plan)
+        .bind(s.price_per_gib_hour)
         .execute(&mut *tx)
         .await;
         match res {
@@ -652,13 +669,18 @@ impl Store for PostgresStore {
         if input.seq <= node.sync_seq {
             return Err(StoreError::StaleSync(format!("sequence {} is not after {}", input.seq, node.sync_seq)));
         }
-        let status = if node.status == NodeStatus::Unreachable { NodeStatus::Ready } else { node.status };
-        sqlx::query("UPDATE nodes SET sync_seq = $1, last_sync_at = $2, host_total_mib = $3, host_available_mib = $4, status = $5 WHERE id = $6")
+        // A node heard from again is back, whatever the monitor concluded.
+        let status = if matches!(node.status, NodeStatus::Unreachable | NodeStatus::Lost) { NodeStatus::Ready } else { node.status };
+        let last_alive = node.last_sync_at.unwrap_or(node.registered_at);
+        sqlx::query("UPDATE nodes SET sync_seq = $1, last_sync_at = $2, host_total_mib = $3, host_available_mib = $4, status = $5, disk_total_mib = $6, disk_used_mib = $7, disk_pressure = $8 WHERE id = $9")
             .bind(input.seq as i64)
             .bind(now)
             .bind(input.host_total_mib.0 as i64)
             .bind(input.host_available_mib.0 as i64)
             .bind(status.as_str())
+            .bind(input.disk_total_mib as i64)
+            .bind(input.disk_used_mib as i64)
+            .bind(input.disk_pressure as i64)
             .bind(&node.id.0)
             .execute(&mut *tx)
             .await?;
@@ -667,9 +689,12 @@ impl Store for PostgresStore {
         node.host_total_mib = input.host_total_mib;
         node.host_available_mib = input.host_available_mib;
         node.status = status;
+        node.disk_total_mib = input.disk_total_mib;
+        node.disk_used_mib = input.disk_used_mib;
+        node.disk_pressure = input.disk_pressure;
 
         let placed = sqlx::query(&format!(
-            "SELECT {SERVER_COLS} FROM servers WHERE node_id = $1 AND status IN ('starting', 'running', 'stopping')"
+            "SELECT {SERVER_COLS} FROM servers WHERE node_id = $1 AND status IN ('starting', 'running', 'stopping', 'unknown')"
         ))
         .bind(&node.id.0)
         .fetch_all(&mut *tx)
@@ -677,7 +702,7 @@ impl Store for PostgresStore {
         .iter()
         .map(server_from_row)
         .collect::<Result<Vec<_>, _>>()?;
-        let decided = decide(&placed);
+        let decided = decide(&placed, last_alive);
         let by_id: HashMap<&ServerId, &Server> = placed.iter().map(|s| (&s.id, s)).collect();
         let mut applied_events = Vec::new();
         for (change, ev) in decided.changes.iter().zip_events(&decided.events) {
@@ -695,7 +720,7 @@ impl Store for PostgresStore {
 
     async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {SERVER_COLS} FROM servers WHERE node_id = $1 AND status IN ('starting', 'running') ORDER BY id"
+            "SELECT {SERVER_COLS} FROM servers WHERE node_id = $1 AND status IN ('starting', 'running', 'unknown') ORDER BY id"
         ))
         .bind(&node_id.0)
         .fetch_all(&self.read)
@@ -735,6 +760,159 @@ impl Store for PostgresStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         let lease = sqlx::query("SELECT holder, epoch, expires_at FROM leader WHERE id = 1").fetch_optional(&self.read).await?;
         Ok((replicas, lease.map(|r| lease_from_row(&r)).transpose()?))
+    }
+
+    async fn apply_verdicts(&self, verdicts: &[Verdict], now: Millis) -> Result<usize, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut events = Vec::new();
+        for v in verdicts {
+            if let Some(e) = apply_verdict_tx(&mut tx, v, now).await? {
+                events.push(e);
+            }
+        }
+        insert_events_tx(&mut tx, &events, now).await?;
+        tx.commit().await?;
+        Ok(events.len())
+    }
+
+    async fn set_drain(&self, id: &NodeId, draining: bool, deadline: Option<Millis>) -> Result<Node, StoreError> {
+        let mut tx = self.begin().await?;
+        let status = if draining { NodeStatus::Draining } else { NodeStatus::Ready };
+        let n = sqlx::query("UPDATE nodes SET status = $1, drain_deadline = $2 WHERE id = $3 AND status IN ('ready', 'draining')")
+            .bind(status.as_str())
+            .bind(if draining { deadline } else { None })
+            .bind(&id.0)
+            .execute(&mut *tx)
+            .await?;
+        if n.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!("node {id} is not ready or draining")));
+        }
+        let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1")).bind(&id.0).fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        node_from_row(&row)
+    }
+
+    async fn sessions_of(&self, server: &ServerId) -> Result<Vec<BillingSession>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {SESSION_COLS} FROM billing_sessions WHERE server_id = $1 ORDER BY started_at, id"))
+            .bind(&server.0)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn sessions_between(&self, tenant: Option<&str>, from: Millis, to: Millis) -> Result<Vec<BillingSession>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLS} FROM billing_sessions WHERE (CAST($1 AS TEXT) IS NULL OR tenant = $2) AND started_at < $3 AND (ended_at IS NULL OR ended_at > $4) ORDER BY started_at, id"
+        ))
+        .bind(tenant)
+        .bind(tenant)
+        .bind(to)
+        .bind(from)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn open_sessions(&self) -> Result<Vec<BillingSession>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {SESSION_COLS} FROM billing_sessions WHERE ended_at IS NULL ORDER BY id")).fetch_all(&self.read).await?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn ledger_of(&self, server: &ServerId) -> Result<Vec<LedgerEntry>, StoreError> {
+        let rows = sqlx::query("SELECT seq, at, kind, session_id, server_id, detail FROM ledger WHERE server_id = $1 ORDER BY seq")
+            .bind(&server.0)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LedgerEntry {
+                    seq: r.try_get("seq")?,
+                    at: r.try_get("at")?,
+                    kind: r.try_get("kind")?,
+                    session_id: r.try_get("session_id")?,
+                    server_id: ServerId(r.try_get("server_id")?),
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn sweep_zombies(&self, now: Millis) -> Result<Vec<BillingSession>, StoreError> {
+        let mut tx = self.begin().await?;
+        // A session is a zombie if its server does not run that generation.
+        // It closes when the server last changed status (when it stopped
+        // running, as far as the records know), never after now.
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLS}, (SELECT s.updated_at FROM servers s WHERE s.id = b.server_id) AS changed_at FROM billing_sessions b \
+             WHERE b.ended_at IS NULL AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.id = b.server_id AND s.generation = b.generation AND s.status = 'running')"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut closed = Vec::new();
+        let mut events = Vec::new();
+        for r in &rows {
+            let mut s = session_from_row(r)?;
+            let changed: Option<i64> = r.try_get("changed_at")?;
+            let at = changed.unwrap_or(s.started_at).clamp(s.started_at, now.max(s.started_at));
+            close_session_tx(&mut tx, &s.server_id, at, EndReason::Zombie).await?;
+            events.push(NewEvent {
+                kind: "billing_zombie_closed",
+                server_id: Some(s.server_id.clone()),
+                node_id: Some(s.node_id.clone()),
+                message: format!("closed billing session {} of a server that is not running", s.id),
+            });
+            s.ended_at = Some(at);
+            s.end_reason = Some(EndReason::Zombie.as_str().into());
+            closed.push(s);
+        }
+        insert_events_tx(&mut tx, &events, now).await?;
+        tx.commit().await?;
+        Ok(closed)
+    }
+
+    async fn roll_over(&self, max_len_ms: Millis, fresh_ms: Millis, now: Millis) -> Result<usize, StoreError> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(
+            "SELECT b.server_id, b.generation FROM billing_sessions b JOIN servers s ON s.id = b.server_id AND s.generation = b.generation \
+             JOIN nodes n ON n.id = b.node_id \
+             WHERE b.ended_at IS NULL AND b.started_at <= $1 AND s.status = 'running' AND n.last_sync_at >= $2",
+        )
+        .bind(now - max_len_ms)
+        .bind(now - fresh_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in &rows {
+            let server = ServerId(r.try_get("server_id")?);
+            let generation = r.try_get::<i64, _>("generation")? as u64;
+            close_session_tx(&mut tx, &server, now, EndReason::Rollover).await?;
+            open_session_tx(&mut tx, &server, generation, now, "rollover").await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len())
+    }
+
+    async fn insert_session(&self, s: &BillingSession) -> Result<i64, StoreError> {
+        let mut tx = self.begin().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO billing_sessions (server_id, tenant, node_id, generation, memory_mib, plan, price_per_gib_hour, started_at, ended_at, end_reason) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+        )
+        .bind(&s.server_id.0)
+        .bind(&s.tenant)
+        .bind(&s.node_id.0)
+        .bind(s.generation as i64)
+        .bind(s.memory_mib.0 as i64)
+        .bind(&s.plan)
+        .bind(s.price_per_gib_hour)
+        .bind(s.started_at)
+        .bind(s.ended_at)
+        .bind(&s.end_reason)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict(format!("server {} already has an open session", s.server_id)) } else { e.into() })?;
+        ledger_tx(&mut tx, s.started_at, "opened", id, &s.server_id, "inserted").await?;
+        tx.commit().await?;
+        Ok(id)
     }
 
     fn set_fence(&self, fence: Option<(String, u64)>) {
@@ -790,6 +968,195 @@ impl Store for PostgresStore {
     }
 }
 
+type Db = Postgres;
+type DbRow = PgRow;
+
+const SESSION_COLS: &str = "id, server_id, tenant, node_id, generation, memory_mib, plan, price_per_gib_hour, started_at, ended_at, end_reason";
+
+fn session_from_row(r: &DbRow) -> Result<BillingSession, StoreError> {
+    Ok(BillingSession {
+        id: r.try_get("id")?,
+        server_id: ServerId(r.try_get("server_id")?),
+        tenant: r.try_get("tenant")?,
+        node_id: NodeId(r.try_get("node_id")?),
+        generation: r.try_get::<i64, _>("generation")? as u64,
+        memory_mib: MemMib(r.try_get::<i64, _>("memory_mib")? as u64),
+        plan: r.try_get("plan")?,
+        price_per_gib_hour: r.try_get("price_per_gib_hour")?,
+        started_at: r.try_get("started_at")?,
+        ended_at: r.try_get("ended_at")?,
+        end_reason: r.try_get("end_reason")?,
+    })
+}
+
+async fn ledger_tx(tx: &mut Transaction<'_, Db>, at: Millis, kind: &str, session_id: i64, server: &ServerId, detail: &str) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO ledger (at, kind, session_id, server_id, detail) VALUES ($1, $2, $3, $4, $5)")
+        .bind(at)
+        .bind(kind)
+        .bind(session_id)
+        .bind(&server.0)
+        .bind(detail)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Opens the billing session of a server generation at `at` (L4: the unique
+/// index refuses a second open session). `kind` is the ledger kind.
+async fn open_session_tx(tx: &mut Transaction<'_, Db>, server: &ServerId, generation: u64, at: Millis, kind: &str) -> Result<(), StoreError> {
+    let row = sqlx::query(
+        "INSERT INTO billing_sessions (server_id, tenant, node_id, generation, memory_mib, plan, price_per_gib_hour, started_at) \
+         SELECT id, tenant, node_id, generation, memory_mib, plan, price_per_gib_hour, $1 FROM servers \
+         WHERE id = $2 AND generation = $3 AND node_id IS NOT NULL RETURNING id",
+    )
+    .bind(at)
+    .bind(&server.0)
+    .bind(generation as i64)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(row) = row {
+        let id: i64 = row.try_get("id")?;
+        ledger_tx(tx, at, kind, id, server, &format!("generation {generation}")).await?;
+    }
+    Ok(())
+}
+
+/// Closes the server's open session, if any, at `at` (never before it
+/// started) with `reason`.
+async fn close_session_tx(tx: &mut Transaction<'_, Db>, server: &ServerId, at: Millis, reason: EndReason) -> Result<(), StoreError> {
+    let row = sqlx::query(
+        "UPDATE billing_sessions SET ended_at = CASE WHEN started_at > $1 THEN started_at ELSE $2 END, end_reason = $3 \
+         WHERE server_id = $4 AND ended_at IS NULL RETURNING id, ended_at",
+    )
+    .bind(at)
+    .bind(at)
+    .bind(reason.as_str())
+    .bind(&server.0)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(row) = row {
+        let id: i64 = row.try_get("id")?;
+        let ended: i64 = row.try_get("ended_at")?;
+        ledger_tx(tx, ended, "closed", id, server, reason.as_str()).await?;
+    }
+    Ok(())
+}
+
+/// Where a backfilled session starts: the end of the session the node's
+/// disconnect closed, if this generation has one; otherwise `now`.
+async fn backfill_start_tx(tx: &mut Transaction<'_, Db>, server: &ServerId, generation: u64, now: Millis) -> Result<Millis, StoreError> {
+    let row = sqlx::query(
+        "SELECT ended_at, end_reason FROM billing_sessions WHERE server_id = $1 AND generation = $2 ORDER BY started_at DESC, id DESC LIMIT 1",
+    )
+    .bind(&server.0)
+    .bind(generation as i64)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(match row {
+        Some(r) if r.try_get::<Option<String>, _>("end_reason")?.as_deref() == Some(EndReason::NodeUnreachable.as_str()) => {
+            r.try_get::<Option<i64>, _>("ended_at")?.unwrap_or(now)
+        }
+        _ => now,
+    })
+}
+
+fn ended_reason(to: ServerStatus) -> EndReason {
+    if to == ServerStatus::Stopped {
+        EndReason::Stopped
+    } else {
+        EndReason::Crashed
+    }
+}
+
+async fn apply_verdict_tx(tx: &mut Transaction<'_, Db>, v: &Verdict, now: Millis) -> Result<Option<NewEvent>, StoreError> {
+    Ok(match v {
+        Verdict::NodeUnreachable { node_id, last_sync_at } => {
+            let n = sqlx::query("UPDATE nodes SET status = 'unreachable' WHERE id = $1 AND status IN ('ready', 'draining') AND COALESCE(last_sync_at, registered_at) = $2")
+                .bind(&node_id.0)
+                .bind(*last_sync_at)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            (n == 1).then(|| NewEvent { kind: "node_unreachable", server_id: None, node_id: Some(node_id.clone()), message: format!("node {node_id} stopped renewing its lease") })
+        }
+        Verdict::ServerUnknown { server_id, generation, last_alive } => {
+            let n = sqlx::query("UPDATE servers SET status = 'unknown', updated_at = $1 WHERE id = $2 AND generation = $3 AND status IN ('starting', 'running')")
+                .bind(now)
+                .bind(&server_id.0)
+                .bind(*generation as i64)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            if n == 1 {
+                close_session_tx(tx, server_id, *last_alive, EndReason::NodeUnreachable).await?;
+            }
+            (n == 1).then(|| NewEvent { kind: "server_unknown", server_id: Some(server_id.clone()), node_id: None, message: format!("server {server_id} is unknown: its node stopped renewing; billing stopped") })
+        }
+        Verdict::ServerLost { server_id, generation, node_id, last_alive } => {
+            let still_gone: Option<i64> = sqlx::query_scalar("SELECT 1::BIGINT FROM nodes WHERE id = $1 AND status IN ('unreachable', 'lost')")
+                .bind(&node_id.0)
+                .fetch_optional(&mut **tx)
+                .await?;
+            if still_gone.is_none() {
+                return Ok(None);
+            }
+            let row = sqlx::query("SELECT status, stateless, name FROM servers WHERE id = $1 AND generation = $2")
+                .bind(&server_id.0)
+                .bind(*generation as i64)
+                .fetch_optional(&mut **tx)
+                .await?;
+            let Some(row) = row else { return Ok(None) };
+            let status: String = row.try_get("status")?;
+            let stateless: i64 = row.try_get("stateless")?;
+            let name: String = row.try_get("name")?;
+            let from = ServerStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("server status {status}")))?;
+            if !from.holds_reservation() {
+                return Ok(None);
+            }
+            let to = if from == ServerStatus::Stopping { ServerStatus::Stopped } else { ServerStatus::Crashed };
+            let exit = LastExit { reason: "node_lost".into(), code: None };
+            // A stateful server's world is on the lost node: it may start
+            // again there, or elsewhere only with an explicit fresh world.
+            let (home, hint) = if stateless == 0 && to == ServerStatus::Crashed {
+                (Some(node_id.0.clone()), Some(format!("node {node_id} was lost with this server's world; it restarts there when the node returns, or start it elsewhere with --allow-fresh-world")))
+            } else {
+                (None, None)
+            };
+            sqlx::query("UPDATE servers SET status = $1, last_exit = $2, home_node = $3, last_error = $4, queued_at = NULL, updated_at = $5 WHERE id = $6 AND generation = $7")
+                .bind(to.as_str())
+                .bind(serde_json::to_string(&exit).expect("serializable"))
+                .bind(home)
+                .bind(hint)
+                .bind(now)
+                .bind(&server_id.0)
+                .bind(*generation as i64)
+                .execute(&mut **tx)
+                .await?;
+            release_tx(tx, server_id, *generation).await?;
+            close_session_tx(tx, server_id, *last_alive, EndReason::NodeLost).await?;
+            Some(NewEvent { kind: "server_lost", server_id: Some(server_id.clone()), node_id: Some(node_id.clone()), message: format!("server {name} was lost with node {node_id} (node_lost)") })
+        }
+        Verdict::NodeLost { node_id } => {
+            let n = sqlx::query("UPDATE nodes SET status = 'lost' WHERE id = $1 AND status = 'unreachable'")
+                .bind(&node_id.0)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            (n == 1).then(|| NewEvent { kind: "node_lost", server_id: None, node_id: Some(node_id.clone()), message: format!("node {node_id} is lost") })
+        }
+        Verdict::DrainDeadline { server_id, generation } => {
+            let n = sqlx::query("UPDATE servers SET status = 'stopping', updated_at = $1 WHERE id = $2 AND generation = $3 AND status IN ('starting', 'running')")
+                .bind(now)
+                .bind(&server_id.0)
+                .bind(*generation as i64)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+            (n == 1).then(|| NewEvent { kind: "server_stop_requested", server_id: Some(server_id.clone()), node_id: None, message: format!("server {server_id} stopping: its node's drain deadline passed") })
+        }
+    })
+}
+
 /// Takes the lease if it is free or expired, renews it if held; the epoch
 /// grows only when the holder changes or its lease had lapsed. Binds:
 /// replica, new expiry, now.
@@ -829,10 +1196,23 @@ async fn apply_change(
 ) -> Result<bool, StoreError> {
     let from = |id: &ServerId| placed.get(id).map(|s| s.status);
     Ok(match change {
+        Change::Reconnected { server_id, generation } => {
+            let Some(from) = from(server_id) else { return Ok(false) };
+            let ok = transition_tx(tx, server_id, *generation, from, ServerStatus::Running, now).await?;
+            if ok {
+                // The instance ran on through the disconnect (same
+                // generation, still alive): bill from where billing stopped,
+                // with no gap and no overlap.
+                let start = backfill_start_tx(tx, server_id, *generation, now).await?;
+                open_session_tx(tx, server_id, *generation, start, "backfilled").await?;
+            }
+            ok
+        }
         Change::Confirmed { server_id, generation } => {
             let Some(from) = from(server_id) else { return Ok(false) };
             let ok = transition_tx(tx, server_id, *generation, from, ServerStatus::Running, now).await?;
             if ok {
+                open_session_tx(tx, server_id, *generation, now, "opened").await?;
                 sqlx::query("UPDATE reservations SET state = 'active' WHERE server_id = $1 AND generation = $2")
                     .bind(&server_id.0)
                     .bind(*generation as i64)
@@ -845,10 +1225,11 @@ async fn apply_change(
             }
             ok
         }
-        Change::Ended { server_id, generation, to, exit } => {
+        Change::Ended { server_id, generation, to, exit, billed_until } => {
             let Some(from) = from(server_id) else { return Ok(false) };
             let ok = transition_tx(tx, server_id, *generation, from, *to, now).await?;
             if ok {
+                close_session_tx(tx, server_id, *billed_until, ended_reason(*to)).await?;
                 release_tx(tx, server_id, *generation).await?;
                 sqlx::query("UPDATE servers SET last_exit = $1, queued_at = NULL WHERE id = $2")
                     .bind(serde_json::to_string(exit).expect("serializable"))
@@ -862,6 +1243,7 @@ async fn apply_change(
             let Some(from) = from(server_id) else { return Ok(false) };
             let ok = transition_tx(tx, server_id, *generation, from, ServerStatus::Queued, now).await?;
             if ok {
+                close_session_tx(tx, server_id, now, EndReason::Crashed).await?;
                 release_tx(tx, server_id, *generation).await?;
                 // The server keeps its place in the queue (queued_at).
                 sqlx::query("UPDATE servers SET attempts = $1, next_attempt_at = $2, last_error = $3 WHERE id = $4")
@@ -878,6 +1260,7 @@ async fn apply_change(
             let Some(from) = from(server_id) else { return Ok(false) };
             let ok = transition_tx(tx, server_id, *generation, from, ServerStatus::Failed, now).await?;
             if ok {
+                close_session_tx(tx, server_id, now, EndReason::Crashed).await?;
                 release_tx(tx, server_id, *generation).await?;
                 sqlx::query("UPDATE servers SET last_error = $1, queued_at = NULL WHERE id = $2")
                     .bind(error)

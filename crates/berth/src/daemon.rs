@@ -111,7 +111,7 @@ async fn start_control(opts: &ControlOpts, shutdown: watch::Receiver<bool>) -> R
     }
     let url = format!("http://{addr}");
     let replica = Replica { id: replica_id(&opts.data_dir)?, address: url.clone(), started_at: now_ms() };
-    let cp = ControlPlane::start(store.clone(), templates, opts.cfg, replica);
+    let cp = ControlPlane::start(store.clone(), templates, opts.cfg.clone(), replica);
     let admin_path = opts.data_dir.join("admin.token");
     let created = ensure_token_file(store.as_ref(), TokenKind::Admin, &admin_path, now_ms()).await?;
     std::fs::write(opts.data_dir.join("addr"), format!("{url}\n"))?;
@@ -154,6 +154,7 @@ fn start_agent(url: &str, token: &str, opts: &AgentOpts, shutdown: watch::Receiv
     cfg.max_concurrent_starts = opts.max_concurrent_starts;
     cfg.headroom_mib = opts.headroom_mib;
     cfg.sync_interval = opts.sync_interval;
+    cfg.data_dir = Some(opts.data_dir.clone());
     let agent = Agent::new(cfg, Arc::new(driver));
     Ok(tokio::spawn(agent.run(shutdown)))
 }

@@ -41,8 +41,26 @@ pub fn server(name: &str, mib: u64) -> Server {
         next_attempt_at: None,
         last_error: None,
         used_mib: None,
+        stop_after_ms: 300_000,
+        stateless: false,
+        plan: "standard".into(),
+        price_per_gib_hour: 100,
+        home_node: None,
         created_at: 1,
         updated_at: 1,
+    }
+}
+
+pub fn sync_input(node: &NodeId, epoch: u64, seq: u64) -> SyncInput {
+    SyncInput {
+        node_id: node.clone(),
+        epoch,
+        seq,
+        host_total_mib: MemMib(1),
+        host_available_mib: MemMib(1),
+        disk_total_mib: 0,
+        disk_used_mib: 0,
+        disk_pressure: false,
     }
 }
 
@@ -133,8 +151,8 @@ pub async fn ports_are_unique_and_stale_servers_refused(store: &dyn Store) {
 /// Syncs from an older agent run (epoch) or out of order (seq) are refused.
 pub async fn syncs_are_fenced_by_epoch_and_sequence(store: &dyn Store) {
     let node = store.register_node(&reg("n1", 8000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
-    let nothing = |_: &[Server]| Reconciled::default();
-    let input = |epoch, seq| SyncInput { node_id: node.id.clone(), epoch, seq, host_total_mib: MemMib(1), host_available_mib: MemMib(1) };
+    let nothing = |_: &[Server], _: i64| Reconciled::default();
+    let input = |epoch, seq| sync_input(&node.id, epoch, seq);
     store.sync_node(&input(1, 1), 5, &nothing).await.unwrap();
     assert!(matches!(store.sync_node(&input(1, 1), 6, &nothing).await, Err(StoreError::StaleSync(_))));
     let again = store.register_node(&reg("n1", 8000), &NodeId("node_ffffffffffffffff".into()), 7).await.unwrap();
@@ -150,21 +168,22 @@ pub async fn report_changes_are_conditional_on_generation(store: &dyn Store) {
     let node = store.register_node(&reg("n1", 8000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
     let a = queued(store, "a", 100).await;
     store.commit_placements(&[plan(&a, &node.id, 30000)], 20).await.unwrap();
-    let input = |seq| SyncInput { node_id: node.id.clone(), epoch: 1, seq, host_total_mib: MemMib(1), host_available_mib: MemMib(1) };
+    let input = |seq| sync_input(&node.id, 1, seq);
     let id = a.id.clone();
-    let old = move |_: &[Server]| Reconciled {
+    let old = move |_: &[Server], _: i64| Reconciled {
         changes: vec![Change::Ended {
             server_id: id.clone(),
             generation: 0,
             to: ServerStatus::Crashed,
             exit: LastExit { reason: "exited".into(), code: Some(1) },
+            billed_until: 29,
         }],
         ..Default::default()
     };
     store.sync_node(&input(1), 30, &old).await.unwrap();
     assert_eq!(store.get_server("a").await.unwrap().unwrap().status, ServerStatus::Starting);
     let id = a.id.clone();
-    let current = move |_: &[Server]| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() };
+    let current = move |_: &[Server], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() };
     store.sync_node(&input(2), 31, &current).await.unwrap();
     assert_eq!(store.get_server("a").await.unwrap().unwrap().status, ServerStatus::Running);
     let desired = store.desired_on(&node.id).await.unwrap();
@@ -173,8 +192,8 @@ pub async fn report_changes_are_conditional_on_generation(store: &dyn Store) {
     store.request_stop(&a.id, 40).await.unwrap();
     assert!(store.desired_on(&node.id).await.unwrap().is_empty());
     let id = a.id.clone();
-    let gone = move |_: &[Server]| Reconciled {
-        changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: Some(0) } }],
+    let gone = move |_: &[Server], _: i64| Reconciled {
+        changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: Some(0) }, billed_until: 41 }],
         ..Default::default()
     };
     store.sync_node(&input(3), 41, &gone).await.unwrap();

@@ -1,0 +1,46 @@
+-- berth schema, version 3 (PostgreSQL): disconnect windows, disk facts, drain
+-- deadlines, and billing. Booleans are 0/1 integers.
+ALTER TABLE servers ADD COLUMN stop_after_ms BIGINT NOT NULL DEFAULT 300000;
+ALTER TABLE servers ADD COLUMN stateless BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE servers ADD COLUMN plan TEXT NOT NULL DEFAULT 'standard';
+ALTER TABLE servers ADD COLUMN price_per_gib_hour BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE servers ADD COLUMN home_node TEXT;
+ALTER TABLE nodes ADD COLUMN disk_total_mib BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN disk_used_mib BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN disk_pressure BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN drain_deadline BIGINT;
+
+-- L4: a session per confirmed stretch of running; at most one open per server.
+CREATE TABLE billing_sessions (
+    id                  BIGSERIAL PRIMARY KEY,
+    server_id           TEXT NOT NULL,
+    tenant              TEXT NOT NULL,
+    node_id             TEXT NOT NULL,
+    generation          BIGINT NOT NULL,
+    memory_mib          BIGINT NOT NULL,
+    plan                TEXT NOT NULL,
+    price_per_gib_hour  BIGINT NOT NULL,
+    started_at          BIGINT NOT NULL,
+    ended_at            BIGINT,
+    end_reason          TEXT,
+    CHECK (ended_at IS NULL OR ended_at >= started_at)
+);
+CREATE UNIQUE INDEX billing_one_open_per_server ON billing_sessions(server_id) WHERE ended_at IS NULL;
+CREATE INDEX billing_server ON billing_sessions(server_id, started_at);
+CREATE INDEX billing_tenant ON billing_sessions(tenant, started_at);
+
+-- Every open and close, append-only.
+CREATE TABLE ledger (
+    seq         BIGSERIAL PRIMARY KEY,
+    at          BIGINT NOT NULL,
+    kind        TEXT NOT NULL,
+    session_id  BIGINT NOT NULL,
+    server_id   TEXT NOT NULL,
+    detail      TEXT NOT NULL
+);
+CREATE FUNCTION ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the ledger is append-only';
+END;
+$$;
+CREATE TRIGGER ledger_no_update BEFORE UPDATE OR DELETE ON ledger FOR EACH ROW EXECUTE FUNCTION ledger_append_only();
