@@ -22,7 +22,7 @@ use berth_core::{LastExit, MemMib, PortRange};
 use tokio::sync::{watch, Notify};
 
 use crate::driver::{Driver, Key, Observed};
-use crate::{host, preflight, probe};
+use crate::{host, preflight, probe, watchdog};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -44,6 +44,10 @@ pub struct AgentConfig {
     /// The agent's data dir: its disk use is reported, and the fence
     /// watchdog's state lives there.
     pub data_dir: Option<std::path::PathBuf>,
+    /// The berth binary, to start the fence watchdog (`berth watchdog`).
+    /// Without it (or without `data_dir`) only the agent's own supervisor
+    /// fences, which a paused agent cannot do.
+    pub berth_exe: Option<std::path::PathBuf>,
 }
 
 impl AgentConfig {
@@ -60,6 +64,7 @@ impl AgentConfig {
             sync_interval: Duration::from_secs(2),
             tick: Duration::from_millis(200),
             data_dir: None,
+            berth_exe: None,
         }
     }
 }
@@ -106,6 +111,17 @@ pub struct Agent {
     /// Generations that ended here; never started again.
     finished: Mutex<HashSet<Key>>,
     changed: Notify,
+    lease: Mutex<Lease>,
+}
+
+/// The agent's view of its lease, counted from when it *sent* the last
+/// renewal that succeeded, so it always expires before the control plane's
+/// view (counted from receipt, plus a grace).
+#[derive(Debug, Clone, Copy, Default)]
+struct Lease {
+    renewed_at: Option<Instant>,
+    renewed_mono_ms: i64,
+    ttl_ms: i64,
 }
 
 const SYSTEM_RESERVE_MIB: u64 = 512;
@@ -128,6 +144,7 @@ impl Agent {
             instances: Mutex::new(HashMap::new()),
             finished: Mutex::new(HashSet::new()),
             changed: Notify::new(),
+            lease: Mutex::new(Lease::default()),
         })
     }
 
@@ -150,6 +167,12 @@ impl Agent {
     /// Runs until `shutdown` turns true. Instances keep running after the
     /// agent stops: they are re-adopted by the next run.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if let (Some(dir), Some(exe)) = (&self.cfg.data_dir, &self.cfg.berth_exe) {
+            match watchdog::ensure_running(exe, dir) {
+                Ok(pid) => tracing::info!(pid, "fence watchdog running"),
+                Err(e) => tracing::error!(error = %e, "cannot start the fence watchdog; a paused agent will not fence its instances"),
+            }
+        }
         self.adopt().await;
         let sup = self.clone();
         let sup_shutdown = shutdown.clone();
@@ -200,6 +223,7 @@ impl Agent {
             match self.client().register(&self.registration()).await {
                 Ok(r) => {
                     tracing::info!(node = %r.node_id, epoch = r.epoch, "registered");
+                    self.lease.lock().expect("lease lock").ttl_ms = r.lease_ttl_ms as i64;
                     return (r.node_id, r.epoch);
                 }
                 Err(e) => {
@@ -234,6 +258,7 @@ impl Agent {
                 wait_ms: self.cfg.sync_interval.as_millis() as u64,
             };
             let sent = Instant::now();
+            let sent_mono = watchdog::monotonic_ms();
             let resp = tokio::select! {
                 r = self.client().sync(&req) => r,
                 // A local change (ready, exited) is reported at once; the
@@ -242,7 +267,10 @@ impl Agent {
             };
             match resp {
                 Ok(resp) => {
+                    *self.lease.lock().expect("lease lock") =
+                        Lease { renewed_at: Some(sent), renewed_mono_ms: sent_mono, ttl_ms: resp.lease_ttl_ms as i64 };
                     let acted = self.converge(resp.desired).await;
+                    self.publish_lease();
                     if !acted && sent.elapsed() < Duration::from_millis(50) {
                         // Guard against a hot loop if the two sides ever
                         // disagree about whether there is work.
@@ -265,6 +293,74 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Hands the renewed lease and the live instances to the watchdog.
+    fn publish_lease(&self) {
+        let Some(dir) = &self.cfg.data_dir else { return };
+        if let Some(exe) = &self.cfg.berth_exe {
+            // A watchdog that exited (its agent was gone for a while) is
+            // started again.
+            if let Err(e) = watchdog::ensure_running(exe, dir) {
+                tracing::warn!(error = %e, "cannot start the fence watchdog");
+            }
+        }
+        let lease = *self.lease.lock().expect("lease lock");
+        let instances: Vec<watchdog::FencedInstance> = {
+            let inst = self.instances.lock().expect("instances lock");
+            inst.iter()
+                .filter(|(_, i)| i.is_live())
+                .filter_map(|(k, i)| {
+                    self.driver.fence_handle(k).map(|handle| watchdog::FencedInstance {
+                        server_id: k.0.clone(),
+                        generation: k.1,
+                        handle,
+                        stop_after_ms: i.spec.stop_after_ms,
+                    })
+                })
+                .collect()
+        };
+        let state = watchdog::LeaseState {
+            renewed_mono_ms: lease.renewed_mono_ms,
+            ttl_ms: lease.ttl_ms,
+            instances,
+            agent_pid: std::process::id() as i32,
+        };
+        if let Err(e) = watchdog::write_lease(dir, &state) {
+            tracing::warn!(error = %e, "cannot publish the lease to the watchdog");
+        }
+    }
+
+    /// Fences on the agent's own clock: an instance whose window passed
+    /// without a renewal is stopped even if the watchdog is missing; and
+    /// instances the watchdog fenced are recorded as such, never restarted.
+    async fn fence(&self) -> bool {
+        let lease = *self.lease.lock().expect("lease lock");
+        let fenced_by_watchdog: HashSet<Key> = match &self.cfg.data_dir {
+            Some(dir) => watchdog::read_fenced(dir).into_iter().map(|r| (r.server_id, r.generation)).collect(),
+            None => HashSet::new(),
+        };
+        let live: Vec<(Key, i64)> = {
+            let inst = self.instances.lock().expect("instances lock");
+            inst.iter().filter(|(_, i)| i.is_live()).map(|(k, i)| (k.clone(), i.spec.stop_after_ms)).collect()
+        };
+        let mut changed = false;
+        for (key, window) in live {
+            let expired = lease
+                .renewed_at
+                .is_some_and(|at| at.elapsed() > Duration::from_millis((lease.ttl_ms + window.max(0)) as u64));
+            if expired || fenced_by_watchdog.contains(&key) {
+                tracing::warn!(server = %key.0, generation = key.1, "fencing: the disconnect window passed without a lease renewal");
+                let _ = self.driver.kill(&key, "fenced").await;
+                self.update(&key, |i| {
+                    i.state = InstanceState::Exited;
+                    i.exit = Some(LastExit { reason: "fenced".into(), code: None });
+                });
+                self.finished.lock().expect("finished lock").insert(key);
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// Converges local instances to `desired`. Returns whether it acted.
@@ -365,10 +461,10 @@ impl Agent {
             if *shutdown.borrow() {
                 return;
             }
+            let mut changed = self.fence().await;
             let observed = self.driver.observe_all().await;
             let snapshot: Vec<(Key, Instance)> =
                 self.instances.lock().expect("instances lock").iter().map(|(k, i)| (k.clone(), i.clone())).collect();
-            let mut changed = false;
             for (key, inst) in snapshot {
                 if !inst.is_live() {
                     continue;

@@ -66,6 +66,11 @@ pub trait Driver: Send + Sync + 'static {
     /// Forgets an ended instance: its records go, its data dir stays.
     async fn forget(&self, key: &Key);
 
+    /// What the fence watchdog needs to stop this instance without the
+    /// agent (a process group, checked by start time), if the driver can
+    /// offer it.
+    fn fence_handle(&self, key: &Key) -> Option<crate::watchdog::FenceHandle>;
+
     /// True if the driver enforces memory limits itself (cgroup, engine);
     /// otherwise the agent watches usage and kills at the limit.
     fn enforces_memory_limit(&self, key: &Key) -> bool;

@@ -12,6 +12,7 @@ pub mod host;
 pub mod preflight;
 pub mod probe;
 pub mod process;
+pub mod watchdog;
 
 pub use agent::{Agent, AgentConfig};
 pub use driver::{Driver, DriverError, Observed};

@@ -140,7 +140,7 @@ fn scan_group_rss() -> HashMap<i32, u64> {
     out
 }
 
-fn alive(pid: i32, start_time: u64) -> bool {
+pub(crate) fn alive(pid: i32, start_time: u64) -> bool {
     matches!(read_stat(pid), Some(st) if st.start_time == start_time && st.state != 'Z' && st.state != 'X')
 }
 
@@ -165,7 +165,7 @@ pub(crate) fn signal_number(name: &str) -> Option<i32> {
     })
 }
 
-fn kill_group(pid: i32, sig: i32) {
+pub(crate) fn kill_group(pid: i32, sig: i32) {
     // SAFETY: kill has no memory-safety preconditions; a negative pid
     // addresses the process group the instance leads (setsid made pid ==
     // pgid), so helpers it spawned are signalled too.
@@ -418,6 +418,11 @@ impl Driver for ProcessDriver {
         }
     }
 
+    fn fence_handle(&self, key: &Key) -> Option<crate::watchdog::FenceHandle> {
+        let procs = self.procs.lock().expect("procs lock");
+        procs.get(key).filter(|p| p.exited.is_none()).map(|p| crate::watchdog::FenceHandle { pid: p.pid, start_time: p.start_time })
+    }
+
     fn enforces_memory_limit(&self, key: &Key) -> bool {
         self.procs.lock().expect("procs lock").get(key).is_some_and(|p| p.cgroup.is_some())
     }
@@ -520,6 +525,7 @@ mod tests {
             stop_timeout_ms: 1000,
             ready: berth_core::template::ReadyCheck::Alive,
             ready_timeout_ms: 1000,
+            stop_after_ms: 300_000,
         }
     }
 

@@ -37,6 +37,12 @@ pub struct CreateServer {
     pub memory_mib: u64,
     #[serde(default)]
     pub config: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_after_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stateless: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
     /// Admin tokens may create a server for a tenant; tenant tokens always
     /// create for their own tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,6 +66,13 @@ pub struct ServerView {
     pub next_attempt_at: Option<String>,
     pub last_error: Option<String>,
     pub used_mib: Option<u64>,
+    /// Disconnect window: seconds the instance may run on without its node
+    /// renewing before it is fenced and the server is lost.
+    pub stop_after_s: i64,
+    pub stateless: bool,
+    pub plan: String,
+    /// Set for a stateful server lost with its node: where its world is.
+    pub home_node: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -82,6 +95,10 @@ impl From<&Server> for ServerView {
             next_attempt_at: s.next_attempt_at.map(rfc3339),
             last_error: s.last_error.clone(),
             used_mib: s.used_mib.map(|m| m.0),
+            stop_after_s: s.stop_after_ms / 1000,
+            stateless: s.stateless,
+            plan: s.plan.clone(),
+            home_node: s.home_node.as_ref().map(|n| n.0.clone()),
             created_at: rfc3339(s.created_at),
             updated_at: rfc3339(s.updated_at),
         }
@@ -115,6 +132,9 @@ pub struct NodeView {
     /// Servers holding a reservation on the node.
     pub servers: u32,
     pub last_sync_at: Option<String>,
+    pub disk: DiskStats,
+    pub disk_pressure: bool,
+    pub drain_deadline: Option<String>,
 }
 
 impl NodeView {
@@ -136,6 +156,9 @@ impl NodeView {
             max_concurrent_starts: n.max_concurrent_starts,
             servers,
             last_sync_at: n.last_sync_at.map(rfc3339),
+            disk: DiskStats { total_mib: n.disk_total_mib, used_mib: n.disk_used_mib },
+            disk_pressure: n.disk_pressure,
+            drain_deadline: n.drain_deadline.map(rfc3339),
         }
     }
 }
@@ -207,6 +230,45 @@ pub struct TemplateView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TemplateList {
     pub templates: Vec<TemplateView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CostSession {
+    pub node_id: String,
+    pub generation: u64,
+    pub started_at: String,
+    /// Null while the session is open.
+    pub ended_at: Option<String>,
+    pub end_reason: Option<String>,
+    pub memory_mib: u64,
+    pub plan: String,
+    /// Minor currency units; an open session's amount so far.
+    pub amount: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Costs {
+    pub server_id: String,
+    pub sessions: Vec<CostSession>,
+    pub total: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub tenant: Option<String>,
+    pub month: String,
+    pub servers: u32,
+    pub sessions: u32,
+    /// Server-seconds billed in the month, and the amount in minor units.
+    pub billed_seconds: i64,
+    pub amount: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DrainRequest {
+    /// Servers still on the node are stopped gracefully after this long.
+    #[serde(default)]
+    pub deadline_s: Option<u64>,
 }
 
 // ---- agent protocol ----

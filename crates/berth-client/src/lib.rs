@@ -130,9 +130,25 @@ impl Client {
         self.call(Method::GET, "/v1/nodes", None::<&()>, None).await
     }
 
-    pub async fn drain_node(&self, id: &str, drain: bool) -> Result<NodeView, ClientError> {
-        let verb = if drain { "drain" } else { "undrain" };
-        self.call(Method::POST, &format!("/v1/nodes/{}/{verb}", seg(id)), None::<&()>, None).await
+    pub async fn drain_node(&self, id: &str, drain: bool, deadline_s: Option<u64>) -> Result<NodeView, ClientError> {
+        if drain {
+            let body = berth_api::DrainRequest { deadline_s };
+            self.call(Method::POST, &format!("/v1/nodes/{}/drain", seg(id)), Some(&body), None).await
+        } else {
+            self.call(Method::POST, &format!("/v1/nodes/{}/undrain", seg(id)), None::<&()>, None).await
+        }
+    }
+
+    pub async fn costs(&self, id: &str) -> Result<berth_api::Costs, ClientError> {
+        self.call(Method::GET, &format!("/v1/servers/{}/costs", seg(id)), None::<&()>, None).await
+    }
+
+    pub async fn usage(&self, tenant: Option<&str>, month: &str) -> Result<berth_api::Usage, ClientError> {
+        let mut path = format!("/v1/usage?month={}", seg(month));
+        if let Some(t) = tenant {
+            path.push_str(&format!("&tenant={}", seg(t)));
+        }
+        self.call(Method::GET, &path, None::<&()>, None).await
     }
 
     pub async fn create_token(&self, req: &CreateToken) -> Result<TokenCreated, ClientError> {

@@ -32,6 +32,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/servers/:id", get(get_server).delete(delete_server))
         .route("/v1/servers/:id/start", post(start_server))
         .route("/v1/servers/:id/stop", post(stop_server))
+        .route("/v1/servers/:id/costs", get(server_costs))
+        .route("/v1/usage", get(usage))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/:id/drain", post(drain_node))
         .route("/v1/nodes/:id/undrain", post(undrain_node))
@@ -121,14 +123,44 @@ async fn list_nodes(State(app): AppState, headers: HeaderMap) -> Result<Json<Nod
     Ok(Json(NodeList { nodes: app.list_nodes(&c).await? }))
 }
 
-async fn drain_node(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
+async fn drain_node(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Response, ControlError> {
     let c = caller(&app, &headers).await?;
-    Ok(Json(app.set_draining(&c, &id, true).await?).into_response())
+    c.require_admin()?;
+    let req: berth_api::DrainRequest = if body.is_empty() { Default::default() } else { parse(&body)? };
+    Ok(Json(app.set_draining(&c, &id, true, req.deadline_s).await?).into_response())
 }
 
 async fn undrain_node(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
     let c = caller(&app, &headers).await?;
-    Ok(Json(app.set_draining(&c, &id, false).await?).into_response())
+    Ok(Json(app.set_draining(&c, &id, false, None).await?).into_response())
+}
+
+async fn server_costs(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<berth_api::Costs>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(app.costs(&c, &id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    tenant: Option<String>,
+    month: String,
+}
+
+async fn usage(
+    State(app): AppState,
+    headers: HeaderMap,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<berth_api::Usage>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let Query(q) = query.map_err(query_error)?;
+    Ok(Json(app.usage(&c, q.tenant, &q.month).await?))
+}
+
+fn query_error(e: axum::extract::rejection::QueryRejection) -> ControlError {
+    let text = e.body_text();
+    let detail = text.split_once(": ").map(|(_, d)| d.to_string()).unwrap_or(text);
+    ControlError::invalid("invalid_request", format!("invalid query: {detail}"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,11 +175,7 @@ struct EventQuery {
 
 async fn list_events(State(app): AppState, headers: HeaderMap, query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<EventList>, ControlError> {
     let c = caller(&app, &headers).await?;
-    let Query(q) = query.map_err(|e| {
-        let text = e.body_text();
-        let detail = text.split_once(": ").map(|(_, d)| d.to_string()).unwrap_or(text);
-        ControlError::invalid("invalid_request", format!("invalid query: {detail}"))
-    })?;
+    let Query(q) = query.map_err(query_error)?;
     let server_id = match q.server {
         Some(s) => Some(app.find_server(&c, &s).await?.id),
         None => None,

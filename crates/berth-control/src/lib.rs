@@ -12,6 +12,7 @@ pub mod clock;
 pub mod error;
 pub mod http;
 pub mod leader;
+pub mod monitor;
 pub mod service;
 pub mod templates;
 pub mod waker;
@@ -105,7 +106,23 @@ impl ControlPlane {
                 cfg: cfg.clone(),
                 leading: leading.clone(),
             },
-            rx,
+            rx.clone(),
+        );
+        worker::spawn(
+            monitor::NodeMonitor {
+                store: store.clone(),
+                clock: clock.clone(),
+                cfg: cfg.clone(),
+                leading: leading.clone(),
+                judging_from: clock.now_ms(),
+                queue_wake: queue_wake.clone(),
+                disk_alerted: Default::default(),
+            },
+            rx.clone(),
+        );
+        worker::spawn(
+            monitor::BillingSweeper { store: store.clone(), clock: clock.clone(), cfg: cfg.clone(), leading: leading.clone() },
+            rx.clone(),
         );
         let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, replica, leading });
         // Servers may be waiting in the queue from before a restart.

@@ -219,17 +219,21 @@ impl App {
             .collect())
     }
 
-    pub async fn set_draining(&self, caller: &Caller, id_or_name: &str, draining: bool) -> Result<NodeView, ControlError> {
+    pub async fn set_draining(&self, caller: &Caller, id_or_name: &str, draining: bool, deadline_s: Option<u64>) -> Result<NodeView, ControlError> {
         caller.require_admin()?;
         let node = self.store.get_node(id_or_name).await?.ok_or_else(|| ControlError::NotFound(format!("node {id_or_name:?}")))?;
-        let to = match (node.status, draining) {
-            (NodeStatus::Ready | NodeStatus::Draining, true) => NodeStatus::Draining,
-            (NodeStatus::Draining | NodeStatus::Ready, false) => NodeStatus::Ready,
-            (other, _) => {
-                return Err(ControlError::Conflict(format!("node {} is {other}; only ready and draining nodes change drain state", node.name)))
-            }
-        };
-        let node = self.store.set_node_status(&node.id, to).await?;
+        if !matches!(node.status, NodeStatus::Ready | NodeStatus::Draining) {
+            return Err(ControlError::Conflict(format!(
+                "node {} is {}; only ready and draining nodes change drain state",
+                node.name, node.status
+            )));
+        }
+        if deadline_s.is_some_and(|d| d > 30 * 24 * 3600) {
+            return Err(ControlError::invalid("invalid_request", "deadline_s must be at most 30 days"));
+        }
+        let deadline = deadline_s.map(|d| self.clock.now_ms() + d as i64 * 1000);
+        let node = self.store.set_drain(&node.id, draining, deadline).await?;
+        let to = node.status;
         let kind = if draining { "node_draining" } else { "node_undrained" };
         self.store
             .insert_events(&[NewEvent { kind, server_id: None, node_id: Some(node.id.clone()), message: format!("node {} is {to}", node.name) }], self.clock.now_ms())
@@ -240,6 +244,63 @@ impl App {
         let usage = self.store.node_usage().await?;
         let u = usage.iter().find(|u| u.node_id == node.id);
         Ok(NodeView::new(&node, u.map(|u| u.reserved).unwrap_or_default(), u.map(|u| u.servers).unwrap_or(0)))
+    }
+
+    pub async fn costs(&self, caller: &Caller, id_or_name: &str) -> Result<berth_api::Costs, ControlError> {
+        let s = self.find_server(caller, id_or_name).await?;
+        let now = self.clock.now_ms();
+        let sessions: Vec<berth_api::CostSession> = self
+            .store
+            .sessions_of(&s.id)
+            .await?
+            .iter()
+            .map(|b| berth_api::CostSession {
+                node_id: b.node_id.0.clone(),
+                generation: b.generation,
+                started_at: berth_api::rfc3339(b.started_at),
+                ended_at: b.ended_at.map(berth_api::rfc3339),
+                end_reason: b.end_reason.clone(),
+                memory_mib: b.memory_mib.0,
+                plan: b.plan.clone(),
+                amount: berth_core::billing::amount(b.memory_mib, b.started_at, b.ended_at.unwrap_or(now), b.price_per_gib_hour),
+            })
+            .collect();
+        let total = sessions.iter().map(|x| x.amount).sum();
+        Ok(berth_api::Costs { server_id: s.id.0, sessions, total })
+    }
+
+    /// What a tenant (or, for admins without a tenant, everyone) was billed
+    /// in a calendar month (UTC); sessions are clipped to the month.
+    pub async fn usage(&self, caller: &Caller, tenant: Option<String>, month: &str) -> Result<berth_api::Usage, ControlError> {
+        caller.require_user()?;
+        let tenant = match (caller.kind, tenant) {
+            (TokenKind::Tenant, Some(t)) if Some(&t) != caller.tenant.as_ref() => {
+                return Err(ControlError::Forbidden("tenant tokens read their own usage only".into()))
+            }
+            (TokenKind::Tenant, _) => caller.tenant.clone(),
+            (_, t) => t,
+        };
+        let (from, to) = berth_core::billing::month_bounds(month)
+            .ok_or_else(|| ControlError::invalid("invalid_request", format!("month must look like 2026-11, got {month:?}")))?;
+        let now = self.clock.now_ms();
+        let sessions = self.store.sessions_between(tenant.as_deref(), from, to).await?;
+        let mut servers = BTreeSet::new();
+        let (mut amount, mut billed_ms) = (0i64, 0i64);
+        for b in &sessions {
+            let start = b.started_at.max(from);
+            let end = b.ended_at.unwrap_or(now).min(to).min(now.max(start));
+            amount += berth_core::billing::amount(b.memory_mib, start, end, b.price_per_gib_hour);
+            billed_ms += (end - start).max(0);
+            servers.insert(b.server_id.0.clone());
+        }
+        Ok(berth_api::Usage {
+            tenant,
+            month: month.to_string(),
+            servers: servers.len() as u32,
+            sessions: sessions.len() as u32,
+            billed_seconds: billed_ms / 1000,
+            amount,
+        })
     }
 
     pub async fn create_token(&self, caller: &Caller, req: &CreateToken) -> Result<TokenCreated, ControlError> {
@@ -315,7 +376,9 @@ impl App {
     pub async fn invariants(&self, caller: &Caller) -> Result<InvariantReport, ControlError> {
         caller.require_admin()?;
         let snap = self.store.snapshot().await?;
-        Ok(InvariantReport { violations: berth_core::invariants::check(&snap.nodes, &snap.servers, &snap.reservations, None) })
+        let mut violations = berth_core::invariants::check(&snap.nodes, &snap.servers, &snap.reservations, None);
+        violations.extend(berth_core::invariants::check_billing(&snap.servers, &snap.open_sessions));
+        Ok(InvariantReport { violations })
     }
 
     pub async fn register(&self, caller: &Caller, req: &RegisterRequest) -> Result<RegisterResponse, ControlError> {

@@ -34,6 +34,7 @@ pub enum Violation {
     L1 { node_id: NodeId, reserved_mib: MemMib, allocatable_mib: MemMib },
     L2 { server_id: ServerId, detail: String },
     L3 { server_id: ServerId, detail: String },
+    L4 { server_id: ServerId, detail: String },
     L5 { server_id: ServerId, detail: String },
 }
 
@@ -45,6 +46,7 @@ impl std::fmt::Display for Violation {
             }
             Violation::L2 { server_id, detail } => write!(f, "L2: server {server_id}: {detail}"),
             Violation::L3 { server_id, detail } => write!(f, "L3: server {server_id}: {detail}"),
+            Violation::L4 { server_id, detail } => write!(f, "L4: server {server_id}: {detail}"),
             Violation::L5 { server_id, detail } => write!(f, "L5: server {server_id}: {detail}"),
         }
     }
@@ -141,6 +143,27 @@ pub fn check(nodes: &[Node], servers: &[Server], reservations: &[Reservation], l
     out
 }
 
+/// L4: at most one open billing session per server, and none for a server
+/// that is not running that generation. `open` lists (server, generation)
+/// of every open session.
+pub fn check_billing(servers: &[Server], open: &[(ServerId, Generation)]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut per_server: BTreeMap<&ServerId, usize> = BTreeMap::new();
+    for (sid, gen) in open {
+        *per_server.entry(sid).or_default() += 1;
+        let running = servers.iter().any(|s| &s.id == sid && s.generation == *gen && s.status == ServerStatus::Running);
+        if !running {
+            out.push(Violation::L4 { server_id: sid.clone(), detail: format!("open billing session (generation {gen}) for a server that is not running it") });
+        }
+    }
+    for (sid, n) in per_server {
+        if n > 1 {
+            out.push(Violation::L4 { server_id: sid.clone(), detail: format!("{n} open billing sessions") });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +254,17 @@ mod tests {
         ];
         let v = check(&[node("n1", 2500)], &[s1], &[r1], Some(&live));
         assert!(matches!(v.as_slice(), [Violation::L3 { .. }]), "{v:?}");
+    }
+
+    #[test]
+    fn open_sessions_only_for_running_servers() {
+        let (s1, _) = placed("a", "n1", 100, 2);
+        assert!(check_billing(&[s1.clone()], &[(s1.id.clone(), 2)]).is_empty());
+        assert_eq!(check_billing(&[s1.clone()], &[(s1.id.clone(), 1)]).len(), 1, "an old generation is not billed");
+        assert_eq!(check_billing(&[s1.clone()], &[(s1.id.clone(), 2), (s1.id.clone(), 2)]).len(), 1, "two open sessions");
+        let mut stopped = s1.clone();
+        stopped.status = ServerStatus::Stopped;
+        assert_eq!(check_billing(&[stopped], &[(s1.id.clone(), 2)]).len(), 1);
     }
 
     #[test]

@@ -122,6 +122,14 @@ pub struct InstanceSpec {
     pub stop_timeout_ms: u64,
     pub ready: ReadyCheck,
     pub ready_timeout_ms: u64,
+    /// The server's disconnect window: the node fences the instance this
+    /// long after its lease expired without renewal.
+    #[serde(default = "default_stop_after_ms")]
+    pub stop_after_ms: i64,
+}
+
+fn default_stop_after_ms() -> i64 {
+    300_000
 }
 
 const MAX_STRING: usize = 4096;
@@ -203,6 +211,7 @@ impl Template {
             stop_timeout_ms: p.stop_timeout_s * 1000,
             ready: p.ready,
             ready_timeout_ms: p.ready_timeout_s * 1000,
+            stop_after_ms: server.stop_after_ms,
         })
     }
 }

@@ -59,6 +59,9 @@ pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub servers: Vec<Server>,
     pub reservations: Vec<Reservation>,
+    /// (server, generation) of every open billing session, read in the same
+    /// transaction so the billing check sees one moment.
+    pub open_sessions: Vec<(ServerId, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

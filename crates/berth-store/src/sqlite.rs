@@ -934,11 +934,16 @@ impl Store for SqliteStore {
         let nodes = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes")).fetch_all(&mut *tx).await?;
         let servers = sqlx::query(&format!("SELECT {SERVER_COLS} FROM servers WHERE status <> 'deleted'")).fetch_all(&mut *tx).await?;
         let res = sqlx::query(&format!("SELECT {RES_COLS} FROM reservations")).fetch_all(&mut *tx).await?;
+        let open = sqlx::query("SELECT server_id, generation FROM billing_sessions WHERE ended_at IS NULL").fetch_all(&mut *tx).await?;
         tx.commit().await?;
         Ok(Snapshot {
             nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
             servers: servers.iter().map(server_from_row).collect::<Result<_, _>>()?,
             reservations: res.iter().map(reservation_from_row).collect::<Result<_, _>>()?,
+            open_sessions: open
+                .iter()
+                .map(|r| Ok((ServerId(r.try_get("server_id")?), r.try_get::<i64, _>("generation")? as u64)))
+                .collect::<Result<_, StoreError>>()?,
         })
     }
 }

@@ -63,6 +63,28 @@ pub enum Cmd {
     },
     /// List events
     Events(EventsArgs),
+    /// Billing sessions and amounts of one server
+    Costs {
+        id: String,
+        /// Comma-separated values instead of a table
+        #[arg(long)]
+        csv: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// What a tenant was billed in a month (UTC)
+    Usage {
+        /// Tenant (admin tokens; tenant tokens see their own)
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Month as YYYY-MM
+        #[arg(long)]
+        month: String,
+        #[arg(long)]
+        csv: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// List templates and their config keys
     Templates {
         #[command(flatten)]
@@ -71,6 +93,14 @@ pub enum Cmd {
     /// The test workload (hidden)
     #[command(hide = true)]
     Fakegame(FakegameCli),
+    /// The fence watchdog an agent starts (hidden)
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        agent_pid: i32,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -118,14 +148,50 @@ pub struct ControlFlags {
     /// Milliseconds before the first retry of a transient start failure
     #[arg(long, default_value_t = 60_000)]
     retry_base_ms: i64,
+    /// Seconds added to the lease TTL before a silent node is judged
+    #[arg(long, default_value_t = 5)]
+    lease_grace: u64,
+    /// Price of a plan per GiB-hour in minor currency units, e.g. standard=100 (repeatable)
+    #[arg(long = "price", value_name = "PLAN=MINOR_UNITS")]
+    prices: Vec<String>,
+    /// Disk use (percent) from which a node receives no placements
+    #[arg(long, default_value_t = 90)]
+    disk_pressure_percent: u64,
+    /// Disk use (percent) from which an alert event fires
+    #[arg(long, default_value_t = 95)]
+    disk_alert_percent: u64,
+    /// Seconds between runs of the billing zombie sweeper
+    #[arg(long, default_value_t = 60)]
+    sweep_interval: u64,
+    /// Hours after which a billing session is rolled over
+    #[arg(long, default_value_t = 24)]
+    max_session_hours: i64,
 }
 
 impl ControlFlags {
-    fn opts(&self) -> ControlOpts {
-        let mut cfg = ControlConfig { lease_ttl_ms: self.lease_ttl * 1000, sync_interval_ms: self.sync_interval * 1000, ..Default::default() };
+    fn opts(&self) -> Result<ControlOpts> {
+        let mut cfg = ControlConfig {
+            lease_ttl_ms: self.lease_ttl * 1000,
+            lease_grace_ms: self.lease_grace * 1000,
+            sync_interval_ms: self.sync_interval * 1000,
+            disk_pressure_percent: self.disk_pressure_percent,
+            disk_alert_percent: self.disk_alert_percent,
+            sweep_interval: Duration::from_secs(self.sweep_interval.max(1)),
+            max_session_ms: self.max_session_hours.max(1) * 3_600_000,
+            ..Default::default()
+        };
         cfg.retry.base_ms = self.retry_base_ms;
         cfg.retry.max_ms = self.retry_base_ms.saturating_mul(4);
-        ControlOpts { data_dir: self.data_dir.clone(), database: None, listen: self.listen, templates_dir: self.templates_dir.clone(), cfg }
+        for p in &self.prices {
+            let (plan, price) = p.split_once('=').with_context(|| format!("--price wants PLAN=MINOR_UNITS, got {p:?}"))?;
+            berth_core::validate::name(plan)?;
+            let price: i64 = price.parse().ok().filter(|x| *x >= 0).with_context(|| format!("price of {plan} must be a non-negative integer"))?;
+            cfg.prices.insert(plan.to_string(), price);
+        }
+        if self.disk_pressure_percent == 0 || self.disk_pressure_percent > 100 || self.disk_alert_percent > 100 {
+            bail!("disk percentages must be from 1 to 100");
+        }
+        Ok(ControlOpts { data_dir: self.data_dir.clone(), database: None, listen: self.listen, templates_dir: self.templates_dir.clone(), cfg })
     }
 }
 
@@ -227,6 +293,15 @@ pub enum ServerCmd {
         /// Create for this tenant (admin tokens only)
         #[arg(long)]
         tenant: Option<String>,
+        /// Disconnect window in seconds (default 300; 0 fails over fast)
+        #[arg(long)]
+        stop_after_s: Option<u64>,
+        /// May be replaced on any node with a fresh data dir
+        #[arg(long)]
+        stateless: Option<bool>,
+        /// Price plan
+        #[arg(long)]
+        plan: Option<String>,
     },
     /// Start a server (queue it for placement)
     Start {
@@ -257,8 +332,13 @@ pub enum ServerCmd {
 #[derive(Subcommand)]
 pub enum NodeCmd {
     List,
-    /// Stop placing servers on a node
-    Drain { id: String },
+    /// Stop placing servers on a node (and stop what runs there at the deadline)
+    Drain {
+        id: String,
+        /// Seconds after which servers still on the node are stopped gracefully
+        #[arg(long)]
+        deadline: Option<u64>,
+    },
     /// Place servers on a node again
     Undrain { id: String },
 }
@@ -330,13 +410,13 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Dev(a) => {
             init_logging();
-            let control = a.control.opts();
+            let control = a.control.opts()?;
             let agent = agent_opts(&a.node_name, control.data_dir.join("agent"), &a.node, a.control.sync_interval)?;
             daemon::dev(control, agent).await
         }
         Cmd::ControlPlane(a) => {
             init_logging();
-            let mut opts = a.control.opts();
+            let mut opts = a.control.opts()?;
             opts.database = a.database;
             daemon::control_plane(opts).await
         }
@@ -387,6 +467,48 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Events(a) => events(a).await,
+        Cmd::Costs { id, csv, conn } => {
+            let costs = conn.client()?.costs(&id).await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&costs)?);
+            } else if csv {
+                println!("node_id,generation,started_at,ended_at,end_reason,memory_mib,plan,amount");
+                for s in &costs.sessions {
+                    println!(
+                        "{},{},{},{},{},{},{},{}",
+                        s.node_id,
+                        s.generation,
+                        s.started_at,
+                        s.ended_at.clone().unwrap_or_default(),
+                        s.end_reason.clone().unwrap_or_default(),
+                        s.memory_mib,
+                        s.plan,
+                        s.amount
+                    );
+                }
+            } else {
+                let rows: Vec<Vec<String>> = costs
+                    .sessions
+                    .iter()
+                    .map(|s| vec![s.node_id.clone(), s.generation.to_string(), s.started_at.clone(), opt(&s.ended_at), opt(&s.end_reason), s.amount.to_string()])
+                    .collect();
+                print!("{}", table(&["NODE", "GEN", "STARTED", "ENDED", "REASON", "AMOUNT"], &rows));
+                println!("total: {}", costs.total);
+            }
+            Ok(())
+        }
+        Cmd::Usage { tenant, month, csv, conn } => {
+            let u = conn.client()?.usage(tenant.as_deref(), &month).await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&u)?);
+            } else if csv {
+                println!("tenant,month,servers,sessions,billed_seconds,amount");
+                println!("{},{},{},{},{},{}", u.tenant.clone().unwrap_or_default(), u.month, u.servers, u.sessions, u.billed_seconds, u.amount);
+            } else {
+                println!("{} {}: {} servers, {} sessions, {} s billed, amount {}", u.tenant.as_deref().unwrap_or("all tenants"), u.month, u.servers, u.sessions, u.billed_seconds, u.amount);
+            }
+            Ok(())
+        }
         Cmd::Templates { conn } => {
             let t = conn.client()?.templates().await?;
             if conn.json {
@@ -404,7 +526,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Fakegame(_) => unreachable!("handled before the runtime starts"),
+        Cmd::Fakegame(_) | Cmd::Watchdog { .. } => unreachable!("handled before the runtime starts"),
     }
 }
 
@@ -497,8 +619,9 @@ async fn wait_for(client: &Client, id: &str, target: ServerStatus, timeout: Dura
 async fn server(cmd: ServerCmd, conn: &Conn) -> Result<()> {
     let c = conn.client()?;
     match cmd {
-        ServerCmd::Create { name, template, memory_mib, config, tenant } => {
-            let s = c.create_server(&CreateServer { name, template, memory_mib, config: parse_config(&config)?, tenant }).await?;
+        ServerCmd::Create { name, template, memory_mib, config, tenant, stop_after_s, stateless, plan } => {
+            let req = CreateServer { name, template, memory_mib, config: parse_config(&config)?, tenant, stop_after_s, stateless, plan };
+            let s = c.create_server(&req).await?;
             if conn.json {
                 print_server(&s, true)?;
             } else {
@@ -577,12 +700,12 @@ async fn node(cmd: NodeCmd, conn: &Conn) -> Result<()> {
                 print!("{}", table(&["NAME", "ID", "STATUS", "ALLOCATABLE_MIB", "RESERVED_MIB", "HOST_USED_MIB", "SERVERS", "PORTS"], &rows));
             }
         }
-        NodeCmd::Drain { id } => {
-            let n = c.drain_node(&id, true).await?;
+        NodeCmd::Drain { id, deadline } => {
+            let n = c.drain_node(&id, true, deadline).await?;
             if conn.json { println!("{}", serde_json::to_string_pretty(&n)?) } else { println!("node {} {}", n.name, n.status) }
         }
         NodeCmd::Undrain { id } => {
-            let n = c.drain_node(&id, false).await?;
+            let n = c.drain_node(&id, false, None).await?;
             if conn.json { println!("{}", serde_json::to_string_pretty(&n)?) } else { println!("node {} {}", n.name, n.status) }
         }
     }

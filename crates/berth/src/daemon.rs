@@ -155,6 +155,7 @@ fn start_agent(url: &str, token: &str, opts: &AgentOpts, shutdown: watch::Receiv
     cfg.headroom_mib = opts.headroom_mib;
     cfg.sync_interval = opts.sync_interval;
     cfg.data_dir = Some(opts.data_dir.clone());
+    cfg.berth_exe = Some(std::env::current_exe().context("cannot find the berth executable")?);
     let agent = Agent::new(cfg, Arc::new(driver));
     Ok(tokio::spawn(agent.run(shutdown)))
 }

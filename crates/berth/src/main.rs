@@ -23,6 +23,17 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
+    if let cli::Cmd::Watchdog { dir, agent_pid } = &cli.cmd {
+        // Plain threads too: the watchdog must keep working when the agent
+        // is paused, so it shares nothing with it.
+        return match berth_agent::watchdog::run(dir, *agent_pid) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("watchdog: {e}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(cli::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,

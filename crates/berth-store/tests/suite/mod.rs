@@ -81,7 +81,8 @@ fn plan(s: &Server, node: &NodeId, port: u16) -> Placement {
 
 async fn assert_no_violations(store: &dyn Store) {
     let snap = store.snapshot().await.unwrap();
-    let v = invariants::check(&snap.nodes, &snap.servers, &snap.reservations, None);
+    let mut v = invariants::check(&snap.nodes, &snap.servers, &snap.reservations, None);
+    v.extend(invariants::check_billing(&snap.servers, &snap.open_sessions));
     assert!(v.is_empty(), "{v:?}");
 }
 
