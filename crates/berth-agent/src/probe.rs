@@ -272,6 +272,23 @@ pub fn tcp_port_listening(port: u16) -> bool {
         .any(|path| proc_net_table_has_port(&read_proc_table(path), port, Some(TCP_STATE_LISTEN)))
 }
 
+/// True if a UDP socket is bound to `port` in the network namespace of
+/// process `pid` (e.g. a container's init), read from /proc/<pid>/net.
+pub fn udp_port_bound_in(pid: i64, port: u16) -> bool {
+    ["udp", "udp6"]
+        .iter()
+        .any(|t| proc_net_table_has_port(&read_proc_table(&format!("/proc/{pid}/net/{t}")), port, None))
+}
+
+/// True if a TCP socket listens on `port` in the network namespace of
+/// process `pid`. Unlike a connect through a published port, this is not
+/// fooled by the engine's proxy, which accepts before the server does.
+pub fn tcp_port_listening_in(pid: i64, port: u16) -> bool {
+    ["tcp", "tcp6"]
+        .iter()
+        .any(|t| proc_net_table_has_port(&read_proc_table(&format!("/proc/{pid}/net/{t}")), port, Some(TCP_STATE_LISTEN)))
+}
+
 /// A missing table (e.g. IPv6 disabled) simply lists nothing.
 fn read_proc_table(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_default()

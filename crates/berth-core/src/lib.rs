@@ -8,6 +8,7 @@
 //! axum or any I/O: time, ids and randomness are passed in.
 
 pub mod admission;
+pub mod drift;
 pub mod error;
 pub mod invariants;
 pub mod model;

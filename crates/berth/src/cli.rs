@@ -15,7 +15,7 @@ use berth_core::ServerStatus;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
-use crate::daemon::{self, AgentOpts, ControlOpts};
+use crate::daemon::{self, AgentOpts, ControlOpts, DriverKind};
 use crate::output::{opt, table};
 
 #[derive(Parser)]
@@ -136,9 +136,15 @@ pub struct NodeFlags {
     /// Host memory a start must find free beyond its reservation
     #[arg(long, default_value_t = 64)]
     headroom_mib: u64,
-    /// Do not create memory cgroups; watch RSS instead
+    /// Do not create memory cgroups; watch RSS instead (process driver)
     #[arg(long)]
     no_cgroups: bool,
+    /// How instances run: plain processes, or containers of the local Docker engine
+    #[arg(long, value_enum, default_value = "process")]
+    driver: DriverKind,
+    /// The Docker engine's unix socket (docker driver)
+    #[arg(long, env = "BERTH_DOCKER_SOCKET", default_value = "/var/run/docker.sock")]
+    docker_socket: String,
 }
 
 #[derive(Args)]
@@ -189,6 +195,8 @@ fn agent_opts(name: &str, data_dir: PathBuf, node: &NodeFlags, sync_interval: u6
         headroom_mib: node.headroom_mib,
         sync_interval: Duration::from_secs(sync_interval.max(1)),
         cgroups: !node.no_cgroups,
+        driver: node.driver,
+        docker_socket: node.docker_socket.clone(),
     })
 }
 
