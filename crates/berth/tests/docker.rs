@@ -1,0 +1,404 @@
+//! The docker driver against the real Docker engine of this machine, with
+//! the images `scripts/build-images` makes: containers are limited,
+//! labelled and published; the incident with containers (kill -9 and
+//! restart, adoption); OOM kills by the kernel; stale and unknown labelled
+//! containers removed; a missing image and an old engine refused; Minetest
+//! in a container. In CI a missing engine is a failure, not a skip. Every
+//! test uses its own node name and removes the containers labelled with
+//! it.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use berth_testkit::{
+    docker, docker_available, ensure_images, minetest_installed, node_containers, require_or_skip, start_control,
+    unique_node_name, wait_until, Api, ContainerReaper, Proc,
+};
+use serde_json::{json, Value};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_berth"))
+}
+
+/// Skips (locally) or fails (CI) without an engine; builds the images.
+fn engine(images: &[&str]) -> bool {
+    if !require_or_skip(docker_available(), "a docker engine (docker version)") {
+        return false;
+    }
+    ensure_images(&bin(), images);
+    true
+}
+
+struct Dev {
+    proc_: Proc,
+    api: Api,
+    node: String,
+    data: PathBuf,
+    args: Vec<String>,
+    _reaper: ContainerReaper,
+}
+
+/// `berth dev --driver docker` on a fresh node name.
+fn dev(tmp: &tempfile::TempDir, extra: &[&str]) -> Dev {
+    let node = unique_node_name("dk");
+    let mut reaper = ContainerReaper::default();
+    reaper.watch(&node);
+    let data = tmp.path().join("d");
+    let mut args: Vec<String> =
+        ["--driver", "docker", "--node-name", &node, "--sync-interval", "1"].iter().map(|s| s.to_string()).collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (proc_, url, token) = start_control(&bin(), "dev", &data, &a);
+    let api = Api::new(&url, &token);
+    wait_until(Duration::from_secs(20), "the local node", || (api.nodes().len() == 1).then_some(()));
+    Dev { proc_, api, node, data, args, _reaper: reaper }
+}
+
+impl Dev {
+    fn agent_dir(&self) -> PathBuf {
+        self.data.join("agent")
+    }
+}
+
+fn wait_status(api: &Api, name: &str, status: &str, secs: u64) -> Value {
+    wait_until(Duration::from_secs(secs), &format!("{name} {status}"), || {
+        let s = api.server(name);
+        (s["status"] == status).then_some(s)
+    })
+}
+
+fn by_status(api: &Api) -> BTreeMap<String, Vec<Value>> {
+    let mut m: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for s in api.servers() {
+        m.entry(s["status"].as_str().unwrap().to_string()).or_default().push(s);
+    }
+    m
+}
+
+fn count(m: &BTreeMap<String, Vec<Value>>, status: &str) -> usize {
+    m.get(status).map(|v| v.len()).unwrap_or(0)
+}
+
+fn inspect(id: &str) -> Value {
+    let v: Value = serde_json::from_str(&docker(&["inspect", id])).unwrap();
+    v[0].clone()
+}
+
+fn running_ids(node: &str) -> BTreeMap<String, String> {
+    node_containers(node).into_iter().filter(|c| c.state == "running").map(|c| (c.server, c.id)).collect()
+}
+
+fn starts(agent_dir: &Path, server_id: &str) -> usize {
+    std::fs::read_to_string(agent_dir.join("instances").join(server_id).join("starts.log")).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+#[test]
+fn a_container_is_limited_labelled_published_and_reports_its_usage() {
+    if !engine(&["fakegame"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "38100-38199"]);
+    let s = d.api.create_server("lim", "fakegame", 256, json!({"alloc_mib": 120, "max_players": 9}));
+    let id = s["id"].as_str().unwrap().to_string();
+    let t0 = Instant::now();
+    d.api.ok("POST", "/v1/servers/lim/start", None);
+    let running = wait_status(&d.api, "lim", "running", 60);
+    eprintln!("start to running through the docker driver: {:?}", t0.elapsed());
+    let port = running["port"].as_u64().unwrap() as u16;
+
+    let cs = node_containers(&d.node);
+    assert_eq!(cs.len(), 1, "{cs:?}");
+    let c = inspect(&cs[0].id);
+    let labels = &c["Config"]["Labels"];
+    assert_eq!(labels["berth.server"], id.as_str());
+    assert_eq!(labels["berth.generation"], running["generation"].to_string().as_str());
+    assert_eq!(labels["berth.node"], d.node.as_str());
+    assert_eq!(labels["berth.memory_mib"], "256");
+    let h = &c["HostConfig"];
+    assert_eq!(h["Memory"], 256 * 1024 * 1024, "the hard limit is the reservation");
+    assert_eq!(h["MemorySwap"], h["Memory"], "no swap beyond it");
+    assert_eq!(h["RestartPolicy"]["Name"], "no", "berth decides restarts, not the engine");
+    assert_eq!(h["PortBindings"][format!("{port}/tcp")][0]["HostPort"], port.to_string().as_str());
+    let data_dir = d.agent_dir().join("instances").join(&id);
+    assert_eq!(h["Binds"][0], format!("{}:/data", std::fs::canonicalize(&data_dir).unwrap().display()).as_str());
+
+    // The published port answers the Minecraft server-list ping from the host.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ping = rt
+        .block_on(berth_agent::probe::minecraft_ping(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), Duration::from_secs(5)))
+        .expect("ping through the published port");
+    assert_eq!(ping.max_players, 9, "{ping:?}");
+    // The world is written through the bind mount into the agent's data dir.
+    assert_eq!(starts(&d.agent_dir(), &id), 1);
+
+    // The engine's per-container usage reaches the server record.
+    let used = wait_until(Duration::from_secs(20), "usage from the engine", || {
+        d.api.server("lim")["used_mib"].as_u64().filter(|u| *u >= 120)
+    });
+    assert!(used < 256, "usage {used} stays under the limit");
+    d.api.ok("POST", "/v1/servers/lim/stop", None);
+    let stopped = wait_status(&d.api, "lim", "stopped", 30);
+    assert_eq!(stopped["last_exit"], json!({"reason": "stopped", "code": 0}), "SIGTERM reached the workload through the init");
+    wait_until(Duration::from_secs(10), "the ended container removed", || node_containers(&d.node).is_empty().then_some(()));
+    assert!(data_dir.join("starts.log").exists(), "the data dir outlives the container");
+}
+
+#[test]
+fn containers_the_incident_two_of_three_run_and_survive_kill9_and_restart() {
+    if !engine(&["fakegame"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = dev(&tmp, &["--memory-mib", "2500", "--ports", "38200-38299"]);
+    let api = d.api.clone();
+    for n in ["a", "b", "c"] {
+        api.create_server(n, "fakegame", 1024, json!({}));
+    }
+    let starters: Vec<_> = ["a", "b", "c"]
+        .into_iter()
+        .map(|n| {
+            let api = api.clone();
+            std::thread::spawn(move || api.call("POST", &format!("/v1/servers/{n}/start"), None).0)
+        })
+        .collect();
+    for h in starters {
+        assert_eq!(h.join().unwrap(), 202);
+    }
+    let m = wait_until(Duration::from_secs(60), "two running, one queued", || {
+        let m = by_status(&api);
+        (count(&m, "running") == 2 && count(&m, "queued") == 1).then_some(m)
+    });
+    let queued_id = m["queued"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(api.nodes()[0]["memory"]["reserved_mib"], 2048);
+    let before = running_ids(&d.node);
+    assert_eq!(before.len(), 2, "exactly two containers run: {before:?}");
+    assert_eq!(node_containers(&d.node).len(), 2, "and no other container exists");
+
+    // kill -9 of berth dev: the containers keep running.
+    d.proc_.kill9();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(running_ids(&d.node), before, "containers died with berth");
+
+    // Restart on the same data dir: adopted, not restarted.
+    let a: Vec<&str> = d.args.iter().map(String::as_str).collect();
+    let (_dev2, url2, token) = start_control(&bin(), "dev", &d.data, &a);
+    let api = Api::new(&url2, &token);
+    assert_eq!(api.nodes()[0]["memory"]["reserved_mib"], 2048, "reservations are rows, they survive the restart");
+    wait_until(Duration::from_secs(10), "the agent re-registered", || {
+        let (_, ev) = api.call("GET", "/v1/events?kind=node_registered", None);
+        (ev["events"].as_array().map(|a| a.len()) == Some(2)).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(running_ids(&d.node), before, "the same containers run after the restart");
+    assert_eq!(node_containers(&d.node).len(), 2, "no new container");
+    for sid in before.keys() {
+        assert_eq!(starts(&d.agent_dir(), sid), 1, "{sid} was started more than once");
+        assert_eq!(api.server(sid)["status"], "running");
+    }
+    let m = by_status(&api);
+    assert_eq!((count(&m, "running"), count(&m, "queued")), (2, 1), "{m:?}");
+    assert_eq!(m["queued"][0]["id"], queued_id.as_str());
+    assert_eq!(api.nodes()[0]["memory"]["reserved_mib"], 2048);
+    assert!(api.violations().is_empty());
+
+    // The adopted containers are still under control: stopping one lets the
+    // queued server start in a container of its own.
+    let victim = before.keys().next().unwrap().clone();
+    api.ok("POST", &format!("/v1/servers/{victim}/stop"), None);
+    wait_until(Duration::from_secs(60), "the queued server to run", || {
+        (api.server(&queued_id)["status"] == "running" && api.server(&victim)["status"] == "stopped").then_some(())
+    });
+    let now = running_ids(&d.node);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(!now.contains_key(&victim) && now.contains_key(&queued_id), "{now:?}");
+    assert_eq!(api.nodes()[0]["memory"]["reserved_mib"], 2048);
+    assert!(api.violations().is_empty());
+}
+
+#[test]
+fn an_oom_kill_by_the_kernel_crashes_the_server_with_reason_oom_and_frees_its_reservation() {
+    if !engine(&["fakegame"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "38300-38399"]);
+    d.api.create_server("hog", "fakegame", 64, json!({"alloc_mib": 400}));
+    d.api.ok("POST", "/v1/servers/hog/start", None);
+    let s = wait_status(&d.api, "hog", "crashed", 60);
+    assert_eq!(s["last_exit"]["reason"], "oom", "{s}");
+    assert_eq!(s["node_id"], Value::Null);
+    assert_eq!(d.api.nodes()[0]["memory"]["reserved_mib"], 0, "the reservation is released");
+    let (_, ev) = d.api.call("GET", "/v1/events?server=hog&kind=server_crashed", None);
+    let evs = ev["events"].as_array().unwrap();
+    assert_eq!(evs.len(), 1, "{ev}");
+    assert!(evs[0]["message"].as_str().unwrap().contains("oom"), "{ev}");
+    let log = std::fs::read_to_string(&d.proc_.log).unwrap();
+    assert!(!log.contains("memory limit exceeded; killing"), "the kernel killed it at the container's limit, not the agent:\n{log}");
+
+    // A plain crash is told apart from the OOM kill by its exit code.
+    d.api.create_server("crashy", "fakegame", 128, json!({"crash_after_ms": 700}));
+    d.api.ok("POST", "/v1/servers/crashy/start", None);
+    wait_status(&d.api, "crashy", "running", 60);
+    let s = wait_status(&d.api, "crashy", "crashed", 30);
+    assert_eq!(s["last_exit"], json!({"reason": "exited", "code": 3}));
+    assert!(d.api.violations().is_empty());
+}
+
+/// Starts a container by hand with berth's labels, as an operator or a
+/// lost create call might leave one.
+fn hand_made_container(node: &str, server: &str, generation: u64, port: u16) -> String {
+    docker(&[
+        "run", "-d",
+        "--label", &format!("berth.server={server}"),
+        "--label", &format!("berth.generation={generation}"),
+        "--label", &format!("berth.node={node}"),
+        "--label", "berth.memory_mib=64",
+        "-m", "64m",
+        "berth-fakegame:local", "fakegame", "--port", &port.to_string(), "--data-dir", "/tmp",
+    ])
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn a_stale_generation_or_unknown_container_started_by_hand_is_removed_within_one_sync() {
+    if !engine(&["fakegame"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "38400-38499"]);
+    let s = d.api.create_server("w", "fakegame", 128, json!({}));
+    let id = s["id"].as_str().unwrap().to_string();
+    d.api.ok("POST", "/v1/servers/w/start", None);
+    let running = wait_status(&d.api, "w", "running", 60);
+    let live = running_ids(&d.node);
+    assert_eq!(live.len(), 1);
+
+    let stale = hand_made_container(&d.node, &id, running["generation"].as_u64().unwrap() - 1, 1);
+    let unknown = hand_made_container(&d.node, "srv_00000000deadbeef", 1, 1);
+    let t0 = Instant::now();
+    // The agent sees them within one sync interval (1 s); a workload that
+    // has not yet installed its SIGTERM handler (pid 1 ignores the signal
+    // until then) gets the sweep's 5 s stop grace before the kill.
+    wait_until(Duration::from_secs(10), "hand-made containers removed within a sync and the stop grace", || {
+        let ids: Vec<String> = node_containers(&d.node).into_iter().map(|c| c.id).collect();
+        (!ids.iter().any(|i| i == &stale || i == &unknown)).then_some(())
+    });
+    eprintln!("hand-made labelled containers removed after {:?}", t0.elapsed());
+    assert_eq!(running_ids(&d.node), live, "the current generation was left alone");
+    assert_eq!(d.api.server("w")["status"], "running");
+    assert_eq!(starts(&d.agent_dir(), &id), 1);
+}
+
+#[test]
+fn a_missing_image_fails_the_start_at_once_with_image_missing() {
+    if !engine(&["fakegame"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let templates = tmp.path().join("templates");
+    std::fs::create_dir_all(&templates).unwrap();
+    std::fs::write(
+        templates.join("ghost.toml"),
+        "name = \"ghost\"\n[process]\ncommand = \"/bin/true\"\nready = \"alive\"\n[docker]\nimage = \"berth-no-such-image:never\"\n",
+    )
+    .unwrap();
+    let dir = templates.display().to_string();
+    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "38500-38599", "--templates-dir", &dir]);
+    d.api.create_server("g", "ghost", 64, json!({}));
+    d.api.ok("POST", "/v1/servers/g/start", None);
+    let s = wait_status(&d.api, "g", "failed", 30);
+    let err = s["last_error"].as_str().unwrap();
+    assert!(err.starts_with("image_missing: ") && err.contains("berth-no-such-image:never"), "{err}");
+    assert_eq!(s["attempts"], 0, "a permanent error is not retried");
+    assert!(node_containers(&d.node).is_empty());
+    let images = docker(&["images", "-q", "berth-no-such-image"]);
+    assert!(images.trim().is_empty(), "nothing was pulled");
+}
+
+/// Answers every HTTP request on a unix socket as an engine of API `api`
+/// would answer `GET /version`.
+fn fake_engine(sock: &Path, api: &'static str) {
+    let l = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        for mut conn in l.incoming().flatten() {
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let body = format!("{{\"Version\":\"1.12.0\",\"ApiVersion\":\"{api}\",\"MinAPIVersion\":\"1.12\"}}");
+            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+}
+
+#[test]
+fn an_engine_older_than_the_minimum_api_is_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("old-engine.sock");
+    fake_engine(&sock, "1.24");
+    let out = std::process::Command::new(bin())
+        .args(["agent", "--control-plane", "http://127.0.0.1:9", "--token", "x", "--name", "old", "--driver", "docker"])
+        .args(["--docker-socket", &sock.display().to_string(), "--data-dir", &tmp.path().join("a").display().to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("docker engine API 1.24 is older than 1.41, the minimum berth supports"), "{err}");
+}
+
+/// True if a UDP socket is bound to `port` in the network namespace of `pid`.
+fn udp_bound_in(pid: u64, port: u64) -> bool {
+    let hex = format!(":{port:04X}");
+    ["udp", "udp6"].iter().any(|t| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(&hex)))
+    })
+}
+
+#[test]
+fn minetest_runs_in_a_container_built_by_build_images_and_keeps_its_world() {
+    if !require_or_skip(minetest_installed(), "/usr/games/minetestserver (apt-get install minetest-server)") || !engine(&["minetest"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = dev(&tmp, &["--memory-mib", "2048", "--ports", "38600-38699"]);
+    let s = d.api.create_server("mt", "minetest", 512, json!({"game": "minetest_game"}));
+    let id = s["id"].as_str().unwrap().to_string();
+    d.api.ok("POST", "/v1/servers/mt/start", None);
+    let running = wait_status(&d.api, "mt", "running", 90);
+    let port = running["port"].as_u64().unwrap();
+    let cs = node_containers(&d.node);
+    assert_eq!(cs.len(), 1);
+    let c = inspect(&cs[0].id);
+    assert_eq!(c["Config"]["Image"], "berth-minetest:local");
+    let pid = c["State"]["Pid"].as_u64().unwrap();
+    assert!(udp_bound_in(pid, port), "minetest binds udp {port} in its container");
+    let world = d.agent_dir().join("instances").join(&id).join("world");
+    let world_mt = std::fs::read_to_string(world.join("world.mt")).expect("minetest wrote its world through the bind mount");
+    assert!(world_mt.contains("minetest_game"));
+
+    d.api.ok("POST", "/v1/servers/mt/stop", None);
+    let stopped = wait_status(&d.api, "mt", "stopped", 60);
+    assert_eq!(stopped["last_exit"], json!({"reason": "stopped", "code": 0}), "minetest saved and exited on SIGTERM");
+    let log = std::fs::read_to_string(d.agent_dir().join("instances").join(&id).join("debug.txt")).unwrap();
+    assert!(log.contains("Shutting down"), "minetest shut down cleanly");
+
+    d.api.ok("POST", "/v1/servers/mt/start", None);
+    let again = wait_status(&d.api, "mt", "running", 90);
+    assert_eq!(again["generation"], 2);
+    assert_eq!(std::fs::read_to_string(world.join("world.mt")).unwrap(), world_mt, "the same world");
+    let log = std::fs::read_to_string(d.agent_dir().join("instances").join(&id).join("debug.txt")).unwrap();
+    assert_eq!(log.matches("World at [/data/world]").count(), 2, "both runs used the mounted world");
+    d.api.ok("POST", "/v1/servers/mt/stop", None);
+    wait_status(&d.api, "mt", "stopped", 60);
+    assert!(d.api.violations().is_empty());
+}
