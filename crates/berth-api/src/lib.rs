@@ -115,6 +115,22 @@ pub struct NodeView {
     /// Servers holding a reservation on the node.
     pub servers: u32,
     pub last_sync_at: Option<String>,
+    /// Present while the node's real memory use has drifted from its
+    /// reservations (see `berth_core::drift`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_drift: Option<DriftView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftView {
+    pub message: String,
+    pub since: String,
+    /// Host use beyond reservations plus system reserve.
+    pub over_reservations_mib: u64,
+    /// Memory used by processes berth does not manage.
+    pub unmanaged_mib: u64,
+    /// Of which beyond the system reserve.
+    pub unmanaged_excess_mib: u64,
 }
 
 impl NodeView {
@@ -136,6 +152,7 @@ impl NodeView {
             max_concurrent_starts: n.max_concurrent_starts,
             servers,
             last_sync_at: n.last_sync_at.map(rfc3339),
+            memory_drift: None,
         }
     }
 }

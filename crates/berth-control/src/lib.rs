@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod auth;
 pub mod clock;
+pub mod drift;
 pub mod error;
 pub mod http;
 pub mod service;
@@ -40,6 +41,9 @@ pub struct ControlConfig {
     /// How long the committer gathers plans before one transaction.
     pub commit_window: Duration,
     pub commit_max_batch: usize,
+    /// How far a node's real memory use may exceed its budget before a
+    /// `memory_drift` event (see `berth_core::drift`).
+    pub drift_margin_mib: u64,
 }
 
 impl Default for ControlConfig {
@@ -52,6 +56,7 @@ impl Default for ControlConfig {
             retry: RetryPolicy::default(),
             commit_window: Duration::from_millis(2),
             commit_max_batch: 512,
+            drift_margin_mib: 512,
         }
     }
 }
@@ -81,7 +86,7 @@ impl ControlPlane {
             },
             rx,
         );
-        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes });
+        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, drift: Default::default() });
         // Servers may be waiting in the queue from before a restart.
         app.queue_wake.notify_one();
         ControlPlane { app, shutdown }

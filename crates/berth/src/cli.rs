@@ -111,12 +111,18 @@ pub struct ControlFlags {
     /// Milliseconds before the first retry of a transient start failure
     #[arg(long, default_value_t = 60_000)]
     retry_base_ms: i64,
+    /// MiB a node's real memory use may exceed its budget (reservations plus
+    /// system reserve, or the system reserve for processes outside berth)
+    /// before a memory_drift event
+    #[arg(long, default_value_t = 512)]
+    drift_margin_mib: u64,
 }
 
 impl ControlFlags {
     fn opts(&self) -> ControlOpts {
         let mut cfg = ControlConfig { lease_ttl_ms: self.lease_ttl * 1000, sync_interval_ms: self.sync_interval * 1000, ..Default::default() };
         cfg.retry.base_ms = self.retry_base_ms;
+        cfg.drift_margin_mib = self.drift_margin_mib;
         cfg.retry.max_ms = self.retry_base_ms.saturating_mul(4);
         ControlOpts { data_dir: self.data_dir.clone(), listen: self.listen, templates_dir: self.templates_dir.clone(), cfg }
     }
@@ -528,10 +534,11 @@ async fn node(cmd: NodeCmd, conn: &Conn) -> Result<()> {
                             n.memory.used_mib.to_string(),
                             n.servers.to_string(),
                             format!("{}-{}", n.ports.min, n.ports.max),
+                            drift_cell(n.memory_drift.as_ref()),
                         ]
                     })
                     .collect();
-                print!("{}", table(&["NAME", "ID", "STATUS", "ALLOCATABLE_MIB", "RESERVED_MIB", "HOST_USED_MIB", "SERVERS", "PORTS"], &rows));
+                print!("{}", table(&["NAME", "ID", "STATUS", "ALLOCATABLE_MIB", "RESERVED_MIB", "HOST_USED_MIB", "SERVERS", "PORTS", "MEMORY_DRIFT"], &rows));
             }
         }
         NodeCmd::Drain { id } => {
@@ -544,6 +551,20 @@ async fn node(cmd: NodeCmd, conn: &Conn) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A short drift summary for the node table; details are in `--json` and
+/// the `memory_drift` event.
+fn drift_cell(d: Option<&berth_api::DriftView>) -> String {
+    let Some(d) = d else { return "-".into() };
+    let mut parts = Vec::new();
+    if d.over_reservations_mib > 0 {
+        parts.push(format!("+{} MiB over reservations", d.over_reservations_mib));
+    }
+    if d.unmanaged_excess_mib > 0 {
+        parts.push(format!("{} MiB outside berth", d.unmanaged_mib));
+    }
+    parts.join(", ")
 }
 
 async fn events(a: EventsArgs) -> Result<()> {
