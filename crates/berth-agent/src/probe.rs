@@ -491,6 +491,19 @@ fn unix_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ports_are_seen_in_the_network_namespace_of_a_pid() {
+        let me = std::process::id() as i64;
+        let tcp = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+        let udp = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+        let (tp, up) = (tcp.local_addr().unwrap().port(), udp.local_addr().unwrap().port());
+        assert!(super::tcp_port_listening_in(me, tp));
+        assert!(super::udp_port_bound_in(me, up));
+        drop(tcp);
+        assert!(!super::tcp_port_listening_in(me, tp));
+        assert!(!super::udp_port_bound_in(i64::from(i32::MAX), up), "no such process, no ports");
+    }
+
     use super::*;
 
     const TCP_TABLE: &str = "\

@@ -402,3 +402,86 @@ fn minetest_runs_in_a_container_built_by_build_images_and_keeps_its_world() {
     wait_status(&d.api, "mt", "stopped", 60);
     assert!(d.api.violations().is_empty());
 }
+
+/// The fakegame spec the control plane would send for a fresh server.
+fn driver_spec(server: &str, port: u16) -> berth_core::template::InstanceSpec {
+    let templates = berth_control::templates::Templates::load(None).unwrap();
+    let t = templates.get("fakegame").unwrap();
+    let s = berth_core::Server {
+        id: berth_core::ServerId(server.into()),
+        tenant: "default".into(),
+        name: server.into(),
+        template: "fakegame".into(),
+        memory_mib: berth_core::MemMib(128),
+        config: t.validate_config(None).unwrap(),
+        status: berth_core::ServerStatus::Starting,
+        node_id: None,
+        generation: 1,
+        port: Some(port),
+        last_exit: None,
+        queued_at: None,
+        attempts: 0,
+        next_attempt_at: None,
+        last_error: None,
+        used_mib: None,
+        created_at: 0,
+        updated_at: 0,
+    };
+    t.render(&s, port).unwrap()
+}
+
+#[test]
+fn a_container_left_by_a_failed_create_is_removed_and_a_restarted_driver_adopts_the_rest() {
+    use berth_agent::{DockerDriver, Driver, DriverError, Observed};
+    if !engine(&["fakegame"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let node = unique_node_name("drv");
+    let mut reaper = ContainerReaper::default();
+    reaper.watch(&node);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let root = tmp.path().join("instances");
+        let d = DockerDriver::connect("/var/run/docker.sock", &node, root.clone()).await.unwrap();
+        let spec = driver_spec("srv_00000000000dead1", 38790);
+        let key = (spec.server_id.clone(), spec.generation);
+
+        // A container of this instance's name that the engine made although
+        // the create call reported an error (here: made by hand beforehand).
+        let name = format!("berth-{}-{}", key.0, key.1);
+        docker(&["create", "--name", &name, "--label", &format!("berth.node={node}"), "berth-fakegame:local", "--help"]);
+        let e = d.start(&spec).await.unwrap_err();
+        assert!(matches!(e, DriverError::Transient(ref m) if m.contains("cannot create container")), "{e:?}");
+        assert!(node_containers(&node).is_empty(), "the leftover was removed by name");
+
+        // Now it starts, and is observed alive with its usage.
+        d.start(&spec).await.unwrap();
+        let id = node_containers(&node)[0].id.clone();
+        let t0 = Instant::now();
+        while !d.ready(&spec).await {
+            assert!(t0.elapsed() < Duration::from_secs(30), "not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(matches!(d.observe_all().await.get(&key), Some(Observed::Alive { .. })));
+
+        // A new driver over the same engine and node is a restarted agent.
+        let d2 = DockerDriver::connect("/var/run/docker.sock", &node, root).await.unwrap();
+        let adopted = d2.adopt().await.unwrap();
+        assert_eq!(adopted.len(), 1);
+        assert_eq!(adopted[0].0, spec, "the spec comes back from the labels");
+        assert!(d2.ready(&spec).await, "readiness works on an adopted container");
+        d2.stop(&spec).await.unwrap();
+        let exit = loop {
+            if let Some(Observed::Exited(e)) = d2.observe_all().await.get(&key) {
+                break e.clone();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "not stopped");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(exit, berth_core::LastExit { reason: "exited".into(), code: Some(0) }, "SIGTERM, saved, exit 0");
+        assert_eq!(node_containers(&node)[0].id, id, "an ended container stays until forgotten");
+        d2.forget(&key).await;
+        assert!(node_containers(&node).is_empty());
+    });
+}
