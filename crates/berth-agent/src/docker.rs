@@ -180,7 +180,7 @@ pub fn container_body(spec: &InstanceSpec, node: &str, host_dir: &str) -> Result
             // The hard limit is the reservation, and swap may not stretch it.
             memory: Some(bytes),
             memory_swap: Some(bytes),
-            cpu_shares: d.cpu_shares.map(i64::from),
+            cpu_shares: Some(d.cpu_shares.map(i64::from).unwrap_or_else(|| default_cpu_shares(spec.memory_mib.0))),
             binds: Some(vec![format!("{host_dir}:{}", d.data_mount)]),
             port_bindings: Some(bindings),
             // berth decides restarts; the engine must not resurrect an
@@ -193,6 +193,13 @@ pub fn container_body(spec: &InstanceSpec, node: &str, host_dir: &str) -> Result
         }),
         ..Default::default()
     })
+}
+
+/// CPU weight in proportion to the reservation (the engine's default
+/// weight, 1024, per GiB), so under contention a server gets CPU in the
+/// measure of the memory it pays for; the engine's minimum is 2.
+pub fn default_cpu_shares(memory_mib: u64) -> i64 {
+    (memory_mib as i64).clamp(2, 262_144)
 }
 
 /// How an ended container ended. A reason the agent gave when it killed
@@ -642,6 +649,16 @@ mod tests {
         let mut lying = l;
         lying.insert(LABEL_GENERATION.into(), "3".into());
         assert_eq!(spec_from_labels(&lying), None, "labels and spec must agree");
+    }
+
+    #[test]
+    fn cpu_shares_follow_the_reservation_unless_the_template_sets_them() {
+        let mut s = spec();
+        s.docker.as_mut().unwrap().cpu_shares = None;
+        let b = container_body(&s, "n", "/d").unwrap();
+        assert_eq!(b.host_config.unwrap().cpu_shares, Some(512), "512 MiB weighs half of the engine's default");
+        assert_eq!(default_cpu_shares(1), 2);
+        assert_eq!(default_cpu_shares(4096), 4096);
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub struct DockerSpec {
     /// renders to it inside the container.
     #[serde(default = "default_data_mount")]
     pub data_mount: String,
-    /// Relative CPU weight (the engine's default is 1024).
+    /// Relative CPU weight; absent: 1024 per GiB reserved.
     pub cpu_shares: Option<u32>,
 }
 

@@ -148,6 +148,26 @@ fn a_container_is_limited_labelled_published_and_reports_its_usage() {
 }
 
 #[test]
+fn a_container_is_not_ready_while_only_the_engines_proxy_accepts_on_its_port() {
+    if !engine(&["fakegame"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "38800-38899"]);
+    d.api.create_server("slow", "fakegame", 128, json!({"start_delay_ms": 4000}));
+    d.api.ok("POST", "/v1/servers/slow/start", None);
+    let port = wait_until(Duration::from_secs(30), "the container to run", || {
+        let s = d.api.server("slow");
+        (running_ids(&d.node).len() == 1).then(|| s["port"].as_u64()).flatten()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let proxied = std::net::TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port as u16)), Duration::from_secs(2));
+    assert!(proxied.is_ok(), "the engine's proxy accepts on the published port before the server listens");
+    assert_eq!(d.api.server("slow")["status"], "starting", "a connect through the proxy is not readiness");
+    wait_status(&d.api, "slow", "running", 30);
+}
+
+#[test]
 fn containers_the_incident_two_of_three_run_and_survive_kill9_and_restart() {
     if !engine(&["fakegame"]) {
         return;
