@@ -218,6 +218,9 @@ pub struct TemplateView {
     pub description: String,
     pub stateless: bool,
     pub admin_only: bool,
+    /// Drivers the template can run with (`process`, `docker`).
+    #[serde(default)]
+    pub drivers: Vec<String>,
     pub config: Value,
 }
 

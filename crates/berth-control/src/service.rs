@@ -260,6 +260,7 @@ impl App {
                 description: t.description.clone(),
                 stateless: t.stateless,
                 admin_only: t.admin_only,
+                drivers: t.drivers().iter().map(|d| d.to_string()).collect(),
                 config: serde_json::to_value(&t.config).unwrap_or(Value::Null),
             })
             .collect()

@@ -255,6 +255,18 @@ impl Template {
         Ok(out)
     }
 
+    /// The drivers this template says how to run with.
+    pub fn drivers(&self) -> Vec<&'static str> {
+        let mut d = Vec::new();
+        if self.process.is_some() {
+            d.push("process");
+        }
+        if self.docker.is_some() {
+            d.push("docker");
+        }
+        d
+    }
+
     /// What the workload may use of `memory`, the rest being overhead.
     pub fn workload_mib(&self, memory: MemMib) -> u64 {
         ((memory.0 as f64) / self.memory_overhead_factor.max(1.0)).floor() as u64

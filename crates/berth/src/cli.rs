@@ -360,10 +360,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .iter()
                     .map(|t| {
                         let keys = t.config.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>().join(",")).unwrap_or_default();
-                        vec![t.name.clone(), keys, t.description.clone()]
+                        vec![t.name.clone(), t.drivers.join(","), keys, t.description.clone()]
                     })
                     .collect();
-                print!("{}", table(&["NAME", "CONFIG", "DESCRIPTION"], &rows));
+                print!("{}", table(&["NAME", "DRIVERS", "CONFIG", "DESCRIPTION"], &rows));
             }
             Ok(())
         }
