@@ -101,7 +101,7 @@ fn a_container_is_limited_labelled_published_and_reports_its_usage() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "38100-38199"]);
+    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "26100-26199"]);
     let s = d.api.create_server("lim", "fakegame", 256, json!({"alloc_mib": 120, "max_players": 9}));
     let id = s["id"].as_str().unwrap().to_string();
     let t0 = Instant::now();
@@ -153,7 +153,7 @@ fn a_container_is_not_ready_while_only_the_engines_proxy_accepts_on_its_port() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "38800-38899"]);
+    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "26800-26899"]);
     d.api.create_server("slow", "fakegame", 128, json!({"start_delay_ms": 4000}));
     d.api.ok("POST", "/v1/servers/slow/start", None);
     let port = wait_until(Duration::from_secs(30), "the container to run", || {
@@ -173,7 +173,7 @@ fn containers_the_incident_two_of_three_run_and_survive_kill9_and_restart() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let mut d = dev(&tmp, &["--memory-mib", "2500", "--ports", "38200-38299"]);
+    let mut d = dev(&tmp, &["--memory-mib", "2500", "--ports", "26200-26299"]);
     let api = d.api.clone();
     for n in ["a", "b", "c"] {
         api.create_server(n, "fakegame", 1024, json!({}));
@@ -245,7 +245,7 @@ fn an_oom_kill_by_the_kernel_crashes_the_server_with_reason_oom_and_frees_its_re
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "38300-38399"]);
+    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "26300-26399"]);
     d.api.create_server("hog", "fakegame", 64, json!({"alloc_mib": 400}));
     d.api.ok("POST", "/v1/servers/hog/start", None);
     let s = wait_status(&d.api, "hog", "crashed", 60);
@@ -290,7 +290,7 @@ fn a_stale_generation_or_unknown_container_started_by_hand_is_removed_within_one
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "38400-38499"]);
+    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "26400-26499"]);
     let s = d.api.create_server("w", "fakegame", 128, json!({}));
     let id = s["id"].as_str().unwrap().to_string();
     d.api.ok("POST", "/v1/servers/w/start", None);
@@ -328,7 +328,7 @@ fn a_missing_image_fails_the_start_at_once_with_image_missing() {
     )
     .unwrap();
     let dir = templates.display().to_string();
-    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "38500-38599", "--templates-dir", &dir]);
+    let d = dev(&tmp, &["--memory-mib", "4096", "--ports", "26500-26599", "--templates-dir", &dir]);
     d.api.create_server("g", "ghost", 64, json!({}));
     d.api.ok("POST", "/v1/servers/g/start", None);
     let s = wait_status(&d.api, "g", "failed", 30);
@@ -390,7 +390,7 @@ fn minetest_runs_in_a_container_built_by_build_images_and_keeps_its_world() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let d = dev(&tmp, &["--memory-mib", "2048", "--ports", "38600-38699"]);
+    let d = dev(&tmp, &["--memory-mib", "2048", "--ports", "26600-26699"]);
     let s = d.api.create_server("mt", "minetest", 512, json!({"game": "minetest_game"}));
     let id = s["id"].as_str().unwrap().to_string();
     d.api.ok("POST", "/v1/servers/mt/start", None);
@@ -464,7 +464,7 @@ fn a_container_left_by_a_failed_create_is_removed_and_a_restarted_driver_adopts_
     rt.block_on(async {
         let root = tmp.path().join("instances");
         let d = DockerDriver::connect("/var/run/docker.sock", &node, root.clone()).await.unwrap();
-        let spec = driver_spec("srv_00000000000dead1", 38790);
+        let spec = driver_spec("srv_00000000000dead1", 26790);
         let key = (spec.server_id.clone(), spec.generation);
 
         // A container of this instance's name that the engine made although

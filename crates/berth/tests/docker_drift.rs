@@ -53,7 +53,7 @@ fn a_memory_hog_outside_berth_shows_as_drift_and_a_start_that_fits_only_on_paper
         "dev",
         &data,
         &[
-            "--driver", "docker", "--node-name", &node, "--sync-interval", "1", "--ports", "38700-38749",
+            "--driver", "docker", "--node-name", &node, "--sync-interval", "1", "--ports", "26700-26749",
             "--memory-mib", &allocatable.to_string(), "--drift-margin-mib", "1024", "--retry-base-ms", "1500",
         ],
     );
@@ -64,7 +64,7 @@ fn a_memory_hog_outside_berth_shows_as_drift_and_a_start_that_fits_only_on_paper
     // The hog: a process berth does not manage, killed by pid when dropped.
     let hog_dir = tmp.path().join("hog");
     std::fs::create_dir_all(&hog_dir).unwrap();
-    let hog_args: Vec<String> = ["fakegame", "--port", "38799", "--data-dir", &hog_dir.display().to_string(), "--alloc-mib", &HOG_MIB.to_string()]
+    let hog_args: Vec<String> = ["fakegame", "--port", "26799", "--data-dir", &hog_dir.display().to_string(), "--alloc-mib", &HOG_MIB.to_string()]
         .iter()
         .map(|s| s.to_string())
         .collect();
