@@ -33,7 +33,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
-    StatsOptions, StopContainerOptions,
+    StatsOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -57,9 +57,6 @@ const SPEC_VERSION: &str = "1";
 /// How often per-container memory usage is fetched from the engine; each
 /// fetch is one stats call per running container.
 const USAGE_EVERY: Duration = Duration::from_secs(2);
-/// Seconds a dangling container gets to stop on its signal before the
-/// engine kills it.
-const DANGLING_STOP_S: i32 = 5;
 
 struct Container {
     id: String,
@@ -300,14 +297,17 @@ impl DockerDriver {
         }
     }
 
-    /// Stops and removes labelled containers of this node that no instance
+    /// Kills and removes labelled containers of this node that no instance
     /// owns, each in the background, so observing never waits for them.
+    /// No graceful stop: such a container was never a confirmed instance
+    /// (containers berth started are adopted from their spec label and
+    /// stopped gracefully by the agent), and a workload that has not yet
+    /// installed its signal handler would ignore SIGTERM as pid 1.
     fn sweep(&self, dangling: Vec<(String, Option<Key>)>) {
         for (id, key) in dangling {
             let inner = self.inner.clone();
             tokio::spawn(async move {
                 tracing::warn!(container = %id, instance = ?key, "removing a labelled container no instance owns (stale generation, unknown, or left by a failed create)");
-                let _ = inner.docker.stop_container(&id, Some(StopContainerOptions { t: Some(DANGLING_STOP_S), ..Default::default() })).await;
                 let removed = inner.docker.remove_container(&id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await;
                 if let Err(e) = &removed {
                     if status_of(e) != Some(404) {

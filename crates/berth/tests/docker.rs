@@ -306,10 +306,9 @@ fn a_stale_generation_or_unknown_container_started_by_hand_is_removed_within_one
     let t0 = Instant::now();
     hand_made_container(&d.node, &id, generation - 1);
     hand_made_container(&d.node, "srv_00000000deadbeef", 1);
-    // The agent sees them within one sync interval (1 s); a workload that
-    // has not yet installed its SIGTERM handler (pid 1 ignores the signal
-    // until then) gets the sweep's 5 s stop grace before the kill.
-    wait_until(Duration::from_secs(10), "hand-made containers removed within a sync and the stop grace", || {
+    // Two `docker run`s (up to a second each on a loaded engine) and one
+    // sync interval (1 s) from the start of their creation.
+    wait_until(Duration::from_secs(5), "hand-made containers removed within a sync", || {
         let hand_made = node_containers(&d.node)
             .into_iter()
             .filter(|c| (c.server == id && c.generation != generation.to_string()) || c.server == "srv_00000000deadbeef")
