@@ -323,6 +323,64 @@ fn a_stale_generation_or_unknown_container_started_by_hand_is_removed_within_one
 }
 
 #[test]
+fn after_a_restart_a_stale_generation_is_adopted_then_stopped_and_removed_and_the_current_one_kept() {
+    if !engine(&["fakegame"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = dev(&tmp, &["--memory-mib", "4096", "--ports", "26900-26949"]);
+    let s = d.api.create_server("w", "fakegame", 128, json!({}));
+    let id = s["id"].as_str().unwrap().to_string();
+    d.api.ok("POST", "/v1/servers/w/start", None);
+    let running = wait_status(&d.api, "w", "running", 60);
+    let generation = running["generation"].as_u64().unwrap();
+    let live = running_ids(&d.node);
+    d.proc_.kill9();
+
+    // While berth is down, a container of the previous generation appears
+    // with complete labels, as one from before a failover would have.
+    let c = inspect(&live[&id]);
+    let mut spec: Value = serde_json::from_str(c["Config"]["Labels"]["berth.spec"].as_str().unwrap()).unwrap();
+    spec["generation"] = json!(generation - 1);
+    let mut args = vec!["run".to_string(), "-d".into()];
+    for (k, v) in c["Config"]["Labels"].as_object().unwrap() {
+        let v = match k.as_str() {
+            "berth.generation" => (generation - 1).to_string(),
+            "berth.spec" => spec.to_string(),
+            _ => v.as_str().unwrap().to_string(),
+        };
+        args.extend(["--label".into(), format!("{k}={v}")]);
+    }
+    args.extend(["--init", "berth-fakegame:local", "fakegame", "--port", "1", "--data-dir", "/tmp"].map(String::from));
+    let stale = docker(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim().to_string();
+
+    let a: Vec<&str> = d.args.iter().map(String::as_str).collect();
+    let (_dev2, url2, token) = start_control(&bin(), "dev", &d.data, &a);
+    let api = Api::new(&url2, &token);
+    let t0 = Instant::now();
+    wait_until(Duration::from_secs(15), "the stale generation stopped and removed", || {
+        (!node_containers(&d.node).iter().any(|c| c.id == stale)).then_some(())
+    });
+    eprintln!("adopted stale generation removed {:?} after the restart", t0.elapsed());
+    // The restarted dev's log is the one that names the stale container.
+    let logs: Vec<String> = d
+        .data
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    let log = logs.iter().find(|l| l.contains(&stale)).expect("a log names the stale container");
+    let adopted = log.lines().any(|l| l.contains("adopted container") && l.contains(&stale));
+    assert!(adopted, "it was adopted (then stopped by the agent), not swept:\n{log}");
+    assert_eq!(running_ids(&d.node), live, "the current generation is the same container");
+    assert_eq!(api.server("w")["status"], "running");
+    assert_eq!(api.server("w")["generation"], generation);
+    assert_eq!(starts(&d.agent_dir(), &id), 1);
+}
+
+#[test]
 fn a_missing_image_fails_the_start_at_once_with_image_missing() {
     if !engine(&["fakegame"]) {
         return;
