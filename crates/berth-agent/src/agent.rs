@@ -10,19 +10,18 @@
 //! desiring it, so an exit is never lost. It never decides placement.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_api::{RegisterRequest, SyncRequest};
 use berth_client::{Client, ClientError};
 use berth_core::reconcile::{ErrorClass, InstanceReport, InstanceState};
-use berth_core::template::{InstanceSpec, ReadyCheck};
+use berth_core::template::InstanceSpec;
 use berth_core::{LastExit, MemMib, PortRange};
 use tokio::sync::{watch, Notify};
 
 use crate::driver::{Driver, Key, Observed};
-use crate::{host, preflight, probe, watchdog};
+use crate::{host, preflight, watchdog};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -493,7 +492,7 @@ impl Agent {
                         }
                         match inst.state {
                             InstanceState::Starting => {
-                                if ready(&inst.spec).await {
+                                if self.driver.ready(&inst.spec).await {
                                     tracing::info!(server = %key.0, generation = key.1, "instance ready");
                                     self.update(&key, |i| i.state = InstanceState::Running);
                                     changed = true;
@@ -532,15 +531,5 @@ impl Agent {
         if let Some(i) = self.instances.lock().expect("instances lock").get_mut(key) {
             f(i);
         }
-    }
-}
-
-async fn ready(spec: &InstanceSpec) -> bool {
-    match spec.ready {
-        ReadyCheck::Alive => true,
-        ReadyCheck::Tcp => {
-            probe::tcp_ready(SocketAddr::from((Ipv4Addr::LOCALHOST, spec.port)), Duration::from_millis(300)).await
-        }
-        ReadyCheck::Udp => probe::udp_port_bound(spec.port),
     }
 }

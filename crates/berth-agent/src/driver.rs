@@ -10,10 +10,15 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
 use async_trait::async_trait;
 use berth_core::reconcile::ErrorClass;
-use berth_core::template::InstanceSpec;
+use berth_core::template::{InstanceSpec, ReadyCheck};
 use berth_core::{Generation, LastExit, ServerId};
+
+use crate::probe;
 
 pub type Key = (ServerId, Generation);
 
@@ -77,4 +82,20 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Where the server's persistent data lives on this node.
     fn data_dir(&self, server: &ServerId) -> PathBuf;
+
+    /// True once the instance serves, by the spec's ready check. The
+    /// default probes the host's own network, where a process driver's
+    /// instances listen.
+    async fn ready(&self, spec: &InstanceSpec) -> bool {
+        host_ready(spec).await
+    }
+}
+
+/// The ready check of an instance that listens in the host's network.
+pub async fn host_ready(spec: &InstanceSpec) -> bool {
+    match spec.ready {
+        ReadyCheck::Alive => true,
+        ReadyCheck::Tcp => probe::tcp_ready(SocketAddr::from((Ipv4Addr::LOCALHOST, spec.port)), Duration::from_millis(300)).await,
+        ReadyCheck::Udp => probe::udp_port_bound(spec.port),
+    }
 }

@@ -1,12 +1,13 @@
 //! berth-agent: the node agent as a library.
 //!
 //! It owns one node: registration, the sync loop with the control plane,
-//! supervision of instances through a `Driver` (the `process` driver here;
-//! docker and sim are further implementations of the same trait),
+//! supervision of instances through a `Driver` (`process` and `docker`
+//! here; sim is a further implementation of the same trait),
 //! preflight checks, and probes. It reports facts and converges to the
 //! desired set it is given; it never decides placement.
 
 pub mod agent;
+pub mod docker;
 pub mod driver;
 pub mod host;
 pub mod preflight;
@@ -15,5 +16,6 @@ pub mod process;
 pub mod watchdog;
 
 pub use agent::{Agent, AgentConfig};
+pub use docker::DockerDriver;
 pub use driver::{Driver, DriverError, Observed};
 pub use process::ProcessDriver;

@@ -272,6 +272,23 @@ pub fn tcp_port_listening(port: u16) -> bool {
         .any(|path| proc_net_table_has_port(&read_proc_table(path), port, Some(TCP_STATE_LISTEN)))
 }
 
+/// True if a UDP socket is bound to `port` in the network namespace of
+/// process `pid` (e.g. a container's init), read from /proc/<pid>/net.
+pub fn udp_port_bound_in(pid: i64, port: u16) -> bool {
+    ["udp", "udp6"]
+        .iter()
+        .any(|t| proc_net_table_has_port(&read_proc_table(&format!("/proc/{pid}/net/{t}")), port, None))
+}
+
+/// True if a TCP socket listens on `port` in the network namespace of
+/// process `pid`. Unlike a connect through a published port, this is not
+/// fooled by the engine's proxy, which accepts before the server does.
+pub fn tcp_port_listening_in(pid: i64, port: u16) -> bool {
+    ["tcp", "tcp6"]
+        .iter()
+        .any(|t| proc_net_table_has_port(&read_proc_table(&format!("/proc/{pid}/net/{t}")), port, Some(TCP_STATE_LISTEN)))
+}
+
 /// A missing table (e.g. IPv6 disabled) simply lists nothing.
 fn read_proc_table(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
@@ -474,6 +491,18 @@ fn unix_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ports_are_seen_in_the_network_namespace_of_a_pid() {
+        let me = std::process::id() as i64;
+        let tcp = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+        let udp = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+        let (tp, up) = (tcp.local_addr().unwrap().port(), udp.local_addr().unwrap().port());
+        assert!(super::tcp_port_listening_in(me, tp));
+        assert!(super::udp_port_bound_in(me, up));
+        assert!(!super::tcp_port_listening_in(i64::from(i32::MAX), tp), "no such process, no ports");
+        assert!(!super::udp_port_bound_in(i64::from(i32::MAX), up));
+    }
+
     use super::*;
 
     const TCP_TABLE: &str = "\

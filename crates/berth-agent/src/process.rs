@@ -526,6 +526,7 @@ mod tests {
             ready: berth_core::template::ReadyCheck::Alive,
             ready_timeout_ms: 1000,
             stop_after_ms: 300_000,
+            docker: None,
         }
     }
 

@@ -104,7 +104,13 @@ pub fn run(dir: &Path, started_by: i32) -> std::io::Result<()> {
             for inst in due(state, now) {
                 let key = (inst.server_id.clone(), inst.generation);
                 if crate::process::alive(inst.handle.pid, inst.handle.start_time) {
+                    // The group for a process instance (it leads one); the
+                    // pid itself for a container's init, which may not.
                     crate::process::kill_group(inst.handle.pid, libc::SIGKILL);
+                    // SAFETY: kill(2) of a pid checked against its start time.
+                    unsafe {
+                        libc::kill(inst.handle.pid, libc::SIGKILL);
+                    }
                     eprintln!("watchdog: fenced {} generation {} (pid {})", inst.server_id, inst.generation, inst.handle.pid);
                 }
                 if fenced.insert(key) {

@@ -135,6 +135,22 @@ pub struct NodeView {
     pub disk: DiskStats,
     pub disk_pressure: bool,
     pub drain_deadline: Option<String>,
+    /// Present while the node's real memory use has drifted from its
+    /// reservations (see `berth_core::drift`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_drift: Option<DriftView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftView {
+    pub message: String,
+    pub since: String,
+    /// Host use beyond reservations plus system reserve.
+    pub over_reservations_mib: u64,
+    /// Memory used by processes berth does not manage.
+    pub unmanaged_mib: u64,
+    /// Of which beyond the system reserve.
+    pub unmanaged_excess_mib: u64,
 }
 
 impl NodeView {
@@ -159,6 +175,7 @@ impl NodeView {
             disk: DiskStats { total_mib: n.disk_total_mib, used_mib: n.disk_used_mib },
             disk_pressure: n.disk_pressure,
             drain_deadline: n.drain_deadline.map(rfc3339),
+            memory_drift: None,
         }
     }
 }
@@ -224,6 +241,9 @@ pub struct TemplateView {
     pub description: String,
     pub stateless: bool,
     pub admin_only: bool,
+    /// Drivers the template can run with (`process`, `docker`).
+    #[serde(default)]
+    pub drivers: Vec<String>,
     pub config: Value,
 }
 

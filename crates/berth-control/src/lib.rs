@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod auth;
 pub mod clock;
+pub mod drift;
 pub mod error;
 pub mod http;
 pub mod leader;
@@ -55,6 +56,9 @@ pub struct ControlConfig {
     pub sweep_interval: Duration,
     /// Price per GiB-hour of each plan, in minor currency units.
     pub prices: std::collections::BTreeMap<String, i64>,
+    /// How far a node's real memory use may exceed its budget before a
+    /// `memory_drift` event (see `berth_core::drift`).
+    pub drift_margin_mib: u64,
 }
 
 impl Default for ControlConfig {
@@ -73,6 +77,7 @@ impl Default for ControlConfig {
             max_session_ms: 24 * 3_600_000,
             sweep_interval: Duration::from_secs(60),
             prices: [("standard".to_string(), 100)].into_iter().collect(),
+            drift_margin_mib: 512,
         }
     }
 }
@@ -124,7 +129,7 @@ impl ControlPlane {
             monitor::BillingSweeper { store: store.clone(), clock: clock.clone(), cfg: cfg.clone(), leading: leading.clone() },
             rx.clone(),
         );
-        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, replica, leading });
+        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, replica, leading, drift: Default::default() });
         // Servers may be waiting in the queue from before a restart.
         app.queue_wake.notify_one();
         ControlPlane { app, shutdown }

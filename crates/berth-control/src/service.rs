@@ -11,6 +11,7 @@ use berth_api::{
     CreateToken, InvariantReport, NodeView, RegisterRequest, RegisterResponse, SyncRequest, SyncResponse, TemplateView,
     TokenCreated,
 };
+use berth_core::drift::MemoryFacts;
 use berth_core::reconcile::{reconcile, Change, InstanceState};
 use berth_core::template::InstanceSpec;
 use berth_core::{validate, Event, MemMib, NewEvent, NodeId, NodeStatus, Server, ServerId, ServerStatus, TokenKind};
@@ -20,6 +21,7 @@ use tokio::sync::Notify;
 
 use crate::auth::{self, Caller};
 use crate::clock::Clock;
+use crate::drift::DriftWatch;
 use crate::error::ControlError;
 use crate::templates::Templates;
 use crate::waker::NodeWaker;
@@ -35,6 +37,8 @@ pub struct App {
     pub nodes: NodeWaker,
     pub replica: crate::leader::Replica,
     pub leading: Arc<std::sync::atomic::AtomicBool>,
+    /// Memory drift verdicts per node, derived from the latest syncs.
+    pub drift: DriftWatch,
 }
 
 const DEFAULT_TENANT: &str = "default";
@@ -214,7 +218,9 @@ impl App {
             .iter()
             .map(|n| {
                 let u = usage.iter().find(|u| u.node_id == n.id);
-                NodeView::new(n, u.map(|u| u.reserved).unwrap_or_default(), u.map(|u| u.servers).unwrap_or(0))
+                let mut v = NodeView::new(n, u.map(|u| u.reserved).unwrap_or_default(), u.map(|u| u.servers).unwrap_or(0));
+                v.memory_drift = self.drift.view(n);
+                v
             })
             .collect())
     }
@@ -243,7 +249,9 @@ impl App {
         }
         let usage = self.store.node_usage().await?;
         let u = usage.iter().find(|u| u.node_id == node.id);
-        Ok(NodeView::new(&node, u.map(|u| u.reserved).unwrap_or_default(), u.map(|u| u.servers).unwrap_or(0)))
+        let mut v = NodeView::new(&node, u.map(|u| u.reserved).unwrap_or_default(), u.map(|u| u.servers).unwrap_or(0));
+        v.memory_drift = self.drift.view(&node);
+        Ok(v)
     }
 
     pub async fn costs(&self, caller: &Caller, id_or_name: &str) -> Result<berth_api::Costs, ControlError> {
@@ -368,6 +376,7 @@ impl App {
                 description: t.description.clone(),
                 stateless: t.stateless,
                 admin_only: t.admin_only,
+                drivers: t.drivers().iter().map(|d| d.to_string()).collect(),
                 config: serde_json::to_value(&t.config).unwrap_or(Value::Null),
             })
             .collect()
@@ -432,11 +441,12 @@ impl App {
         let random = rand::random::<u64>();
         let report = req.instances.clone();
         let decide = move |placed: &[Server], last_alive: i64| reconcile(placed, &report, now, last_alive, &retry, random);
-        let (_node, decided) = self.store.sync_node(&input, now, &decide).await?;
+        let (node, decided) = self.store.sync_node(&input, now, &decide).await?;
         if decided.changes.iter().any(|c| !matches!(c, Change::Usage { .. } | Change::Confirmed { .. })) {
             // Capacity was freed or a server went back to the queue.
             self.queue_wake.notify_one();
         }
+        self.watch_drift(&node, &req, now).await?;
 
         let mut desired = self.store.desired_on(&node_id).await?;
         if req.wait_ms > 0 && nothing_to_do(&desired, &req) {
@@ -458,6 +468,30 @@ impl App {
             lease_ttl_ms: self.cfg.lease_ttl_ms,
             sync_interval_ms: self.cfg.sync_interval_ms,
         })
+    }
+
+    /// Judges the node's memory after a sync: real use from the report,
+    /// reservations from the rows.
+    async fn watch_drift(&self, node: &berth_core::Node, req: &SyncRequest, now: berth_core::Millis) -> Result<(), ControlError> {
+        let reserved = self.store.node_usage().await?.into_iter().find(|u| u.node_id == node.id).map(|u| u.reserved.0).unwrap_or(0);
+        let instances_used_mib = req
+            .instances
+            .iter()
+            .filter(|i| matches!(i.state, InstanceState::Starting | InstanceState::Running | InstanceState::Stopping))
+            .filter_map(|i| i.used_mib.map(|m| m.0))
+            .sum();
+        let facts = MemoryFacts {
+            host_total_mib: req.host.total_mib,
+            host_available_mib: req.host.available_mib,
+            system_reserved_mib: node.system_reserved_mib.0,
+            reserved_mib: reserved,
+            instances_used_mib,
+        };
+        if let Some(ev) = self.drift.observe(node, &facts, self.cfg.drift_margin_mib, now) {
+            tracing::warn!(node = %node.name, kind = ev.kind, message = %ev.message, "memory drift");
+            self.store.insert_events(&[ev], now).await?;
+        }
+        Ok(())
     }
 
     fn render(&self, s: &Server) -> Option<InstanceSpec> {

@@ -70,6 +70,10 @@ mod tests {
             assert!(t.get(name).is_some(), "{name}");
         }
         assert!(t.get("command").unwrap().admin_only);
+        for name in ["fakegame", "minetest"] {
+            assert_eq!(t.get(name).unwrap().drivers(), vec!["process", "docker"], "{name} runs with both drivers");
+        }
+        assert_eq!(t.get("command").unwrap().drivers(), vec!["process"]);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod billing;
+pub mod drift;
 pub mod error;
 pub mod health;
 pub mod invariants;

@@ -5,6 +5,15 @@
 //! enums, unknown keys), fills defaults, and renders the instance spec an
 //! agent receives. Placeholders the control plane cannot know (`{data_dir}`,
 //! `{berth_exe}`) are left for the agent.
+//!
+//! A template says how to run its server with each driver: `[process]`
+//! (required; it also holds the lifecycle every driver follows: stop
+//! signal or command, timeouts, readiness) and optionally `[docker]` (the
+//! image and what differs inside a container). The reservation is always
+//! the server's `memory_mib`: a driver's hard limit equals it, and the
+//! template's `memory_overhead_factor` only shrinks what the workload is
+//! told it may use (`{workload_mib}`), so overhead lives inside the
+//! reservation and never on top of it.
 
 use std::collections::BTreeMap;
 
@@ -28,7 +37,15 @@ pub struct Template {
     pub admin_only: bool,
     #[serde(default)]
     pub min_memory_mib: u64,
+    /// Reservation divided by this is what the workload itself may use
+    /// (`{workload_mib}`), e.g. a JVM heap; the rest is the runtime's
+    /// overhead, inside the same reservation and hard limit. At least 1.
+    #[serde(default = "default_overhead_factor")]
+    pub memory_overhead_factor: f64,
     pub process: Option<ProcessSpec>,
+    /// How to run the server with the `docker` driver; a template without
+    /// it runs only on process nodes.
+    pub docker: Option<DockerSpec>,
     #[serde(default)]
     pub config: BTreeMap<String, ConfigField>,
 }
@@ -53,6 +70,36 @@ pub struct ProcessSpec {
     pub ready: ReadyCheck,
     #[serde(default = "default_ready_timeout")]
     pub ready_timeout_s: u64,
+}
+
+/// The `[docker]` section: what a container of this template runs. The
+/// lifecycle (stop, readiness) comes from `[process]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSpec {
+    /// Must already be on the node: berth never pulls.
+    pub image: String,
+    /// Replaces the image's entrypoint; empty keeps it.
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    /// Arguments given to the entrypoint; absent: the `[process]` args.
+    pub args: Option<Vec<String>>,
+    /// Extra environment, on top of the `[process]` env.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Where the server's data dir is mounted in the container; `{data_dir}`
+    /// renders to it inside the container.
+    #[serde(default = "default_data_mount")]
+    pub data_mount: String,
+    /// Relative CPU weight; absent: 1024 per GiB reserved.
+    pub cpu_shares: Option<u32>,
+}
+
+fn default_data_mount() -> String {
+    "/data".into()
+}
+fn default_overhead_factor() -> f64 {
+    1.0
 }
 
 fn default_stop_signal() -> String {
@@ -126,10 +173,26 @@ pub struct InstanceSpec {
     /// long after its lease expired without renewal.
     #[serde(default = "default_stop_after_ms")]
     pub stop_after_ms: i64,
+    /// Present when the template has a `[docker]` section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerInstance>,
 }
 
 fn default_stop_after_ms() -> i64 {
     300_000
+}
+
+/// The container half of an instance spec, rendered like the rest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DockerInstance {
+    pub image: String,
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    pub args: Vec<String>,
+    /// The `[process]` env with the `[docker]` env on top.
+    pub env: BTreeMap<String, String>,
+    pub data_mount: String,
+    pub cpu_shares: Option<u32>,
 }
 
 const MAX_STRING: usize = 4096;
@@ -142,6 +205,17 @@ impl Template {
         crate::validate::name(&self.name).map_err(|_| bad("the name must be 1-63 letters, digits, '-' or '_'".into()))?;
         if self.process.is_none() {
             return Err(bad("no [process] section".into()));
+        }
+        if !(self.memory_overhead_factor >= 1.0 && self.memory_overhead_factor <= 16.0) {
+            return Err(bad(format!("memory_overhead_factor must be between 1 and 16, got {}", self.memory_overhead_factor)));
+        }
+        if let Some(d) = &self.docker {
+            if d.image.trim().is_empty() {
+                return Err(bad("[docker] image is empty".into()));
+            }
+            if !d.data_mount.starts_with('/') {
+                return Err(bad(format!("[docker] data_mount must be an absolute path, got {:?}", d.data_mount)));
+            }
         }
         for (key, f) in &self.config {
             if f.kind == FieldType::Enum && f.values.is_empty() {
@@ -189,14 +263,33 @@ impl Template {
         Ok(out)
     }
 
+    /// The drivers this template says how to run with.
+    pub fn drivers(&self) -> Vec<&'static str> {
+        let mut d = Vec::new();
+        if self.process.is_some() {
+            d.push("process");
+        }
+        if self.docker.is_some() {
+            d.push("docker");
+        }
+        d
+    }
+
+    /// What the workload may use of `memory`, the rest being overhead.
+    pub fn workload_mib(&self, memory: MemMib) -> u64 {
+        ((memory.0 as f64) / self.memory_overhead_factor.max(1.0)).floor() as u64
+    }
+
     /// Renders the instance spec for a placed server. `{port}`,
-    /// `{memory_mib}`, `{name}` and `{config.KEY}` are substituted here.
+    /// `{memory_mib}`, `{workload_mib}`, `{name}` and `{config.KEY}` are
+    /// substituted here.
     pub fn render(&self, server: &Server, port: u16) -> Result<InstanceSpec, CoreError> {
         let p = self.process.as_ref().ok_or_else(|| CoreError::InvalidTemplate {
             name: self.name.clone(),
             message: "no [process] section".into(),
         })?;
-        let subst = |s: &str| substitute(s, server, port);
+        let workload = self.workload_mib(server.memory_mib);
+        let subst = |s: &str| substitute(s, server, port, workload);
         Ok(InstanceSpec {
             server_id: server.id.clone(),
             generation: server.generation,
@@ -212,13 +305,22 @@ impl Template {
             ready: p.ready,
             ready_timeout_ms: p.ready_timeout_s * 1000,
             stop_after_ms: server.stop_after_ms,
+            docker: self.docker.as_ref().map(|d| DockerInstance {
+                image: d.image.clone(),
+                entrypoint: d.entrypoint.iter().map(|a| subst(a)).collect(),
+                args: d.args.as_ref().unwrap_or(&p.args).iter().map(|a| subst(a)).collect(),
+                env: p.env.iter().chain(d.env.iter()).map(|(k, v)| (k.clone(), subst(v))).collect(),
+                data_mount: d.data_mount.clone(),
+                cpu_shares: d.cpu_shares,
+            }),
         })
     }
 }
 
-fn substitute(s: &str, server: &Server, port: u16) -> String {
+fn substitute(s: &str, server: &Server, port: u16, workload_mib: u64) -> String {
     let mut out = s
         .replace("{port}", &port.to_string())
+        .replace("{workload_mib}", &workload_mib.to_string())
         .replace("{memory_mib}", &server.memory_mib.0.to_string())
         .replace("{name}", &server.name);
     for (k, v) in &server.config {
@@ -321,6 +423,8 @@ mod tests {
             stateless: false,
             admin_only: false,
             min_memory_mib: 0,
+            memory_overhead_factor: 1.0,
+            docker: None,
             process: Some(ProcessSpec {
                 command: "{berth_exe}".into(),
                 args: vec!["--port".into(), "{port}".into(), "--players={config.max_players}".into()],
@@ -362,5 +466,32 @@ mod tests {
         let spec = t().render(&s, 30005).unwrap();
         assert_eq!(spec.args, vec!["--port", "30005", "--players=20"]);
         assert_eq!(spec.command, "{berth_exe}", "agent-side placeholders stay");
+        assert_eq!(spec.docker, None, "no [docker] section, no container spec");
+    }
+
+    #[test]
+    fn docker_section_renders_with_process_args_by_default_and_overhead_inside_the_reservation() {
+        let mut tpl = t();
+        tpl.memory_overhead_factor = 1.25;
+        tpl.docker = Some(DockerSpec {
+            image: "img:local".into(),
+            entrypoint: vec![],
+            args: None,
+            env: [("HEAP".to_string(), "{workload_mib}".to_string())].into(),
+            data_mount: "/data".into(),
+            cpu_shares: Some(512),
+        });
+        tpl.check().unwrap();
+        let mut s = crate::reconcile_test_server();
+        s.memory_mib = MemMib(1000);
+        s.config = tpl.validate_config(None).unwrap();
+        let spec = tpl.render(&s, 30005).unwrap();
+        assert_eq!(spec.memory_mib, MemMib(1000), "the reservation is what the server asked for");
+        let d = spec.docker.unwrap();
+        assert_eq!(d.args, vec!["--port", "30005", "--players=20"]);
+        assert_eq!(d.env["HEAP"], "800", "the workload gets the reservation minus the overhead");
+        assert_eq!(d.cpu_shares, Some(512));
+        tpl.memory_overhead_factor = 0.5;
+        assert!(tpl.check().is_err(), "overhead below 1 would put memory outside the reservation");
     }
 }

@@ -455,3 +455,106 @@ pub fn assert_below_ephemeral(port: u16) {
         .unwrap_or(32768);
     assert!(port < lo, "test port {port} is inside the ephemeral range starting at {lo}");
 }
+// ---- Docker ----
+
+/// True if the docker CLI is installed and its engine answers.
+pub fn docker_available() -> bool {
+    Command::new("docker")
+        .args(["version", "--format", "{{.Server.APIVersion}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `docker ARGS` and returns its stdout; panics on failure.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().expect("run docker");
+    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Builds the test images (`scripts/build-images`) from `berth_bin`,
+/// once per test process; the script leaves an image whose source is
+/// unchanged as it is.
+pub fn ensure_images(berth_bin: &Path, which: &[&str]) {
+    static LOCK: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut done = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let missing: Vec<&str> = which.iter().copied().filter(|w| !done.iter().any(|d| d == w)).collect();
+    if missing.is_empty() {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-images");
+    let out = Command::new(&script).args(&missing).env("BERTH_BIN", berth_bin).output().expect("run scripts/build-images");
+    assert!(
+        out.status.success(),
+        "scripts/build-images {missing:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    done.extend(missing.iter().map(|s| s.to_string()));
+}
+
+/// A node name no other test (or test run) uses, so the containers a test
+/// causes are exactly those labelled with it.
+pub fn unique_node_name(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// One container as `docker ps` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub state: String,
+    pub server: String,
+    pub generation: String,
+}
+
+/// Containers labelled `berth.node=<node>`, running or not.
+pub fn node_containers(node: &str) -> Vec<ContainerInfo> {
+    let filter = format!("label=berth.node={node}");
+    docker(&[
+        "ps", "-a", "--no-trunc", "--filter", &filter, "--format",
+        "{{.ID}} {{.State}} {{.Label \"berth.server\"}} {{.Label \"berth.generation\"}}",
+    ])
+    .lines()
+    .filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        Some(ContainerInfo {
+            id: f.first()?.to_string(),
+            state: f.get(1)?.to_string(),
+            server: f.get(2).unwrap_or(&"").to_string(),
+            generation: f.get(3).unwrap_or(&"").to_string(),
+        })
+    })
+    .collect()
+}
+
+/// Removes, on drop, every container labelled with one of the watched
+/// node names: exactly the containers the test caused.
+#[derive(Default)]
+pub struct ContainerReaper {
+    nodes: Vec<String>,
+}
+
+impl ContainerReaper {
+    pub fn watch(&mut self, node: &str) {
+        self.nodes.push(node.to_string());
+    }
+}
+
+impl Drop for ContainerReaper {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            let ids: Vec<String> = Command::new("docker")
+                .args(["ps", "-aq", "--no-trunc", "--filter", &format!("label=berth.node={n}")])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect())
+                .unwrap_or_default();
+            if !ids.is_empty() {
+                let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).stdout(Stdio::null()).stderr(Stdio::null()).status();
+            }
+        }
+    }
+}

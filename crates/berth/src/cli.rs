@@ -15,7 +15,7 @@ use berth_core::ServerStatus;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
-use crate::daemon::{self, AgentOpts, ControlOpts};
+use crate::daemon::{self, AgentOpts, ControlOpts, DriverKind};
 use crate::output::{opt, table};
 
 #[derive(Parser)]
@@ -166,6 +166,11 @@ pub struct ControlFlags {
     /// Hours after which a billing session is rolled over
     #[arg(long, default_value_t = 24)]
     max_session_hours: i64,
+    /// MiB a node's real memory use may exceed its budget (reservations plus
+    /// system reserve, or the system reserve for processes outside berth)
+    /// before a memory_drift event
+    #[arg(long, default_value_t = 512)]
+    drift_margin_mib: u64,
 }
 
 impl ControlFlags {
@@ -181,6 +186,7 @@ impl ControlFlags {
             ..Default::default()
         };
         cfg.retry.base_ms = self.retry_base_ms;
+        cfg.drift_margin_mib = self.drift_margin_mib;
         cfg.retry.max_ms = self.retry_base_ms.saturating_mul(4);
         for p in &self.prices {
             let (plan, price) = p.split_once('=').with_context(|| format!("--price wants PLAN=MINOR_UNITS, got {p:?}"))?;
@@ -209,9 +215,15 @@ pub struct NodeFlags {
     /// Host memory a start must find free beyond its reservation
     #[arg(long, default_value_t = 64)]
     headroom_mib: u64,
-    /// Do not create memory cgroups; watch RSS instead
+    /// Do not create memory cgroups; watch RSS instead (process driver)
     #[arg(long)]
     no_cgroups: bool,
+    /// How instances run: plain processes, or containers of the local Docker engine
+    #[arg(long, value_enum, default_value = "process")]
+    driver: DriverKind,
+    /// The Docker engine's unix socket (docker driver)
+    #[arg(long, env = "BERTH_DOCKER_SOCKET", default_value = "/var/run/docker.sock")]
+    docker_socket: String,
 }
 
 #[derive(Args)]
@@ -275,6 +287,8 @@ fn agent_opts(name: &str, data_dir: PathBuf, node: &NodeFlags, sync_interval: u6
         headroom_mib: node.headroom_mib,
         sync_interval: Duration::from_secs(sync_interval.max(1)),
         cgroups: !node.no_cgroups,
+        driver: node.driver,
+        docker_socket: node.docker_socket.clone(),
     })
 }
 
@@ -519,10 +533,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .iter()
                     .map(|t| {
                         let keys = t.config.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>().join(",")).unwrap_or_default();
-                        vec![t.name.clone(), keys, t.description.clone()]
+                        vec![t.name.clone(), t.drivers.join(","), keys, t.description.clone()]
                     })
                     .collect();
-                print!("{}", table(&["NAME", "CONFIG", "DESCRIPTION"], &rows));
+                print!("{}", table(&["NAME", "DRIVERS", "CONFIG", "DESCRIPTION"], &rows));
             }
             Ok(())
         }
@@ -694,10 +708,11 @@ async fn node(cmd: NodeCmd, conn: &Conn) -> Result<()> {
                             n.memory.used_mib.to_string(),
                             n.servers.to_string(),
                             format!("{}-{}", n.ports.min, n.ports.max),
+                            drift_cell(n.memory_drift.as_ref()),
                         ]
                     })
                     .collect();
-                print!("{}", table(&["NAME", "ID", "STATUS", "ALLOCATABLE_MIB", "RESERVED_MIB", "HOST_USED_MIB", "SERVERS", "PORTS"], &rows));
+                print!("{}", table(&["NAME", "ID", "STATUS", "ALLOCATABLE_MIB", "RESERVED_MIB", "HOST_USED_MIB", "SERVERS", "PORTS", "MEMORY_DRIFT"], &rows));
             }
         }
         NodeCmd::Drain { id, deadline } => {
@@ -710,6 +725,20 @@ async fn node(cmd: NodeCmd, conn: &Conn) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A short drift summary for the node table; details are in `--json` and
+/// the `memory_drift` event.
+fn drift_cell(d: Option<&berth_api::DriftView>) -> String {
+    let Some(d) = d else { return "-".into() };
+    let mut parts = Vec::new();
+    if d.over_reservations_mib > 0 {
+        parts.push(format!("+{} MiB over reservations", d.over_reservations_mib));
+    }
+    if d.unmanaged_excess_mib > 0 {
+        parts.push(format!("{} MiB outside berth", d.unmanaged_mib));
+    }
+    parts.join(", ")
 }
 
 async fn events(a: EventsArgs) -> Result<()> {

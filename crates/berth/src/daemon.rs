@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use berth_agent::{Agent, AgentConfig, ProcessDriver};
+use berth_agent::{Agent, AgentConfig, DockerDriver, Driver, ProcessDriver};
 use berth_control::templates::Templates;
 use berth_control::leader::Replica;
 use berth_control::{ensure_token_file, ControlConfig, ControlPlane};
@@ -35,6 +35,17 @@ pub struct AgentOpts {
     pub headroom_mib: u64,
     pub sync_interval: Duration,
     pub cgroups: bool,
+    pub driver: DriverKind,
+    /// The Docker engine's unix socket (docker driver).
+    pub docker_socket: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverKind {
+    /// Plain processes in their own sessions
+    Process,
+    /// Containers of the local Docker engine
+    Docker,
 }
 
 fn now_ms() -> i64 {
@@ -143,11 +154,20 @@ fn warn_on_ephemeral_overlap(ports: PortRange) {
     }
 }
 
-fn start_agent(url: &str, token: &str, opts: &AgentOpts, shutdown: watch::Receiver<bool>) -> Result<tokio::task::JoinHandle<()>> {
+async fn start_agent(url: &str, token: &str, opts: &AgentOpts, shutdown: watch::Receiver<bool>) -> Result<tokio::task::JoinHandle<()>> {
     warn_on_ephemeral_overlap(opts.ports);
-    let exe = std::env::current_exe().context("cannot find the berth executable")?;
-    let driver = ProcessDriver::new(opts.data_dir.join("instances"), exe, opts.cgroups)
-        .with_context(|| format!("cannot prepare {}", opts.data_dir.display()))?;
+    let instances = opts.data_dir.join("instances");
+    let driver: Arc<dyn Driver> = match opts.driver {
+        DriverKind::Process => {
+            let exe = std::env::current_exe().context("cannot find the berth executable")?;
+            Arc::new(
+                ProcessDriver::new(instances, exe, opts.cgroups).with_context(|| format!("cannot prepare {}", opts.data_dir.display()))?,
+            )
+        }
+        DriverKind::Docker => Arc::new(
+            DockerDriver::connect(&opts.docker_socket, &opts.name, instances).await.context("cannot use the docker driver")?,
+        ),
+    };
     let mut cfg = AgentConfig::new(url, token, &opts.name);
     cfg.memory_mib = opts.memory_mib;
     cfg.ports = opts.ports;
@@ -156,7 +176,7 @@ fn start_agent(url: &str, token: &str, opts: &AgentOpts, shutdown: watch::Receiv
     cfg.sync_interval = opts.sync_interval;
     cfg.data_dir = Some(opts.data_dir.clone());
     cfg.berth_exe = Some(std::env::current_exe().context("cannot find the berth executable")?);
-    let agent = Agent::new(cfg, Arc::new(driver));
+    let agent = Agent::new(cfg, driver);
     Ok(tokio::spawn(agent.run(shutdown)))
 }
 
@@ -172,7 +192,7 @@ pub async fn control_plane(opts: ControlOpts) -> Result<()> {
 pub async fn agent(url: &str, token: &str, opts: AgentOpts) -> Result<()> {
     std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("cannot create {}", opts.data_dir.display()))?;
     let (tx, rx) = watch::channel(false);
-    let handle = start_agent(url, token, &opts, rx)?;
+    let handle = start_agent(url, token, &opts, rx).await?;
     println!("berth agent {} syncing with {url}", opts.name);
     shutdown_signal().await;
     let _ = tx.send(true);
@@ -190,7 +210,7 @@ pub async fn dev(control: ControlOpts, agent: AgentOpts) -> Result<()> {
     let agent_token_path = control.data_dir.join("agent.token");
     ensure_token_file(started.store.as_ref(), TokenKind::Agent, &agent_token_path, now_ms()).await?;
     let token = read_secret(&agent_token_path)?;
-    let handle = start_agent(&started.url, &token, &agent, rx)?;
+    let handle = start_agent(&started.url, &token, &agent, rx).await?;
     println!("local agent {} ready; try: berth server create mc1 --template fakegame --memory-mib 512", agent.name);
     shutdown_signal().await;
     let _ = tx.send(true);

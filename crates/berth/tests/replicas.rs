@@ -95,7 +95,8 @@ fn start_all(apis: &[Api], ids: &[String], clients: usize, saw_503: &Arc<AtomicU
                         match s {
                             202 => break,
                             // An earlier attempt committed before its answer was lost.
-                            409 if attempts > 1 && v["error"]["code"] == "invalid_state" => break,
+                            // (invalid_state once it runs, operation_in_progress while its start op is.)
+                            409 if attempts > 1 && (v["error"]["code"] == "invalid_state" || v["error"]["code"] == "operation_in_progress") => break,
                             503 => {
                                 saw_503.fetch_add(1, Ordering::SeqCst);
                                 assert!(attempts < 200, "still 503 after {attempts} attempts");
