@@ -118,6 +118,12 @@ impl Client {
         self.call(Method::POST, &format!("/v1/servers/{}/start", seg(id)), None::<&()>, None).await
     }
 
+    /// Starts a stateful server lost with its node elsewhere, on a fresh world.
+    pub async fn start_server_fresh(&self, id: &str) -> Result<ServerView, ClientError> {
+        let body = serde_json::json!({"allow_fresh_world": true});
+        self.call(Method::POST, &format!("/v1/servers/{}/start", seg(id)), Some(&body), None).await
+    }
+
     pub async fn stop_server(&self, id: &str) -> Result<ServerView, ClientError> {
         self.call(Method::POST, &format!("/v1/servers/{}/stop", seg(id)), None::<&()>, None).await
     }

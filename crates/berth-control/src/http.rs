@@ -101,9 +101,20 @@ async fn get_server(State(app): AppState, headers: HeaderMap, Path(id): Path<Str
     Ok(Json(ServerView::from(&app.find_server(&c, &id).await?)))
 }
 
-async fn start_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRequest {
+    /// Let a stateful server whose world is on a lost node start elsewhere
+    /// with a fresh world.
+    #[serde(default)]
+    allow_fresh_world: bool,
+}
+
+async fn start_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Response, ControlError> {
     let c = caller(&app, &headers).await?;
-    let s = app.start_server(&c, &id).await?;
+    c.require_user()?;
+    let req: StartRequest = if body.is_empty() { StartRequest::default() } else { parse(&body)? };
+    let s = app.start_server(&c, &id, req.allow_fresh_world).await?;
     Ok((StatusCode::ACCEPTED, Json(ServerView::from(&s))).into_response())
 }
 

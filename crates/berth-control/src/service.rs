@@ -189,9 +189,9 @@ impl App {
         Ok(self.store.list_servers(tenant).await?)
     }
 
-    pub async fn start_server(&self, caller: &Caller, id_or_name: &str) -> Result<Server, ControlError> {
+    pub async fn start_server(&self, caller: &Caller, id_or_name: &str, allow_fresh_world: bool) -> Result<Server, ControlError> {
         let s = self.find_server(caller, id_or_name).await?;
-        let s = self.store.request_start(&s.id, self.clock.now_ms()).await?;
+        let s = self.store.request_start(&s.id, self.clock.now_ms(), allow_fresh_world).await?;
         self.queue_wake.notify_one();
         Ok(s)
     }

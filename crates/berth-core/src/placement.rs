@@ -26,6 +26,8 @@ pub struct QueuedServer {
     pub queued_at: Millis,
     /// A transient failure delays the next attempt until this time.
     pub next_attempt_at: Option<Millis>,
+    /// A stateful server whose world is on this node may run only there.
+    pub home_node: Option<NodeId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,10 +67,11 @@ pub fn queue_order(queue: &mut [QueuedServer]) {
 /// Chooses the node for one server: the feasible node with the least free
 /// memory left afterwards (best fit), ties broken by fewer starts in flight,
 /// then by id. Returns the index into `nodes` and the port.
-pub fn best_fit(nodes: &[NodeCapacity], memory: MemMib) -> Option<(usize, u16)> {
+pub fn best_fit(nodes: &[NodeCapacity], memory: MemMib, home: Option<&NodeId>) -> Option<(usize, u16)> {
     nodes
         .iter()
         .enumerate()
+        .filter(|(_, n)| home.is_none_or(|h| &n.node_id == h))
         .filter(|(_, n)| n.fits_memory(memory).is_ok())
         .filter_map(|(i, n)| n.first_free_port().map(|p| (i, p, n)))
         .min_by(|(_, _, a), (_, _, b)| {
@@ -97,7 +100,7 @@ pub fn plan(nodes: &[NodeCapacity], queue: &[QueuedServer], now: Millis, cfg: Pl
         if q.next_attempt_at.is_some_and(|t| t > now) {
             continue;
         }
-        match best_fit(&nodes, q.memory_mib) {
+        match best_fit(&nodes, q.memory_mib, q.home_node.as_ref()) {
             Some((i, port)) => {
                 nodes[i].take(q.memory_mib, port);
                 out.push(Placement {
@@ -112,7 +115,8 @@ pub fn plan(nodes: &[NodeCapacity], queue: &[QueuedServer], now: Millis, cfg: Pl
                 // A starved server blocks backfill, but only if it could ever
                 // fit: one larger than every node would block the queue
                 // forever and is left to the queue timeout instead.
-                let starved = now - q.queued_at >= cfg.starvation_ms;
+                // A server tied to its home node never blocks the others.
+                let starved = now - q.queued_at >= cfg.starvation_ms && q.home_node.is_none();
                 if starved && q.memory_mib <= largest_node {
                     break;
                 }
@@ -145,7 +149,7 @@ mod tests {
     }
 
     fn q(id: &str, mem: u64, at: Millis) -> QueuedServer {
-        QueuedServer { server_id: ServerId(id.into()), generation: 0, memory_mib: MemMib(mem), queued_at: at, next_attempt_at: None }
+        QueuedServer { server_id: ServerId(id.into()), generation: 0, memory_mib: MemMib(mem), queued_at: at, next_attempt_at: None, home_node: None }
     }
 
     #[test]
@@ -202,6 +206,19 @@ mod tests {
         assert_eq!(plans.iter().map(|p| p.server_id.0.as_str()).collect::<Vec<_>>(), ["b"]);
         let plans = plan(&nodes, &[a, q("b", 100, 1)], 60, PlannerConfig::default());
         assert_eq!(plans.len(), 2);
+    }
+
+    #[test]
+    fn a_server_with_a_home_node_waits_for_it() {
+        let nodes = vec![cap("other", 8000, 0), cap("home", 1000, 1000)];
+        let mut q1 = q("stateful", 100, 0);
+        q1.home_node = Some(NodeId("home".into()));
+        let plans = plan(&nodes, &[q1.clone(), q("x", 100, 1)], 1_000_000, PlannerConfig { starvation_ms: 10 });
+        assert_eq!(plans.len(), 1, "the home node is full; the other server is not blocked: {plans:?}");
+        assert_eq!(plans[0].server_id.0, "x");
+        let nodes = vec![cap("other", 8000, 0), cap("home", 1000, 0)];
+        let plans = plan(&nodes, &[q1], 10, PlannerConfig::default());
+        assert_eq!(plans[0].node_id.0, "home", "never elsewhere, even where there is more room");
     }
 
     #[test]

@@ -173,7 +173,9 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_server(&self, s: &Server, event: &NewEvent) -> Result<(), StoreError>;
     async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError>;
     async fn list_servers(&self, tenant: Option<&str>) -> Result<Vec<Server>, StoreError>;
-    async fn request_start(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError>;
+    /// Queues a server. A stateful server lost with its node waits for that
+    /// node unless `allow_fresh_world` lets it start elsewhere on a new world.
+    async fn request_start(&self, id: &ServerId, now: Millis, allow_fresh_world: bool) -> Result<Server, StoreError>;
     async fn request_stop(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError>;
     async fn delete_server(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError>;
 

@@ -442,10 +442,13 @@ impl Store for SqliteStore {
         rows.iter().map(server_from_row).collect()
     }
 
-    async fn request_start(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError> {
+    async fn request_start(&self, id: &ServerId, now: Millis, allow_fresh_world: bool) -> Result<Server, StoreError> {
         let mut tx = self.begin().await?;
         let s = server_by_id_tx(&mut tx, id).await?;
         let to = s.status.on_start()?;
+        if allow_fresh_world && s.home_node.is_some() {
+            sqlx::query("UPDATE servers SET home_node = NULL WHERE id = ?").bind(&id.0).execute(&mut *tx).await?;
+        }
         sqlx::query(
             "UPDATE servers SET status = ?, queued_at = ?, attempts = 0, next_attempt_at = NULL, last_error = NULL, updated_at = ? \
              WHERE id = ? AND status = ?",
@@ -513,7 +516,7 @@ impl Store for SqliteStore {
         let nodes = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes")).fetch_all(&mut *tx).await?;
         let res = sqlx::query(&format!("SELECT {RES_COLS} FROM reservations")).fetch_all(&mut *tx).await?;
         let queued = sqlx::query(
-            "SELECT id, generation, memory_mib, queued_at, next_attempt_at FROM servers WHERE status = 'queued' ORDER BY queued_at, id",
+            "SELECT id, generation, memory_mib, queued_at, next_attempt_at, home_node FROM servers WHERE status = 'queued' ORDER BY queued_at, id",
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -530,6 +533,7 @@ impl Store for SqliteStore {
                         memory_mib: MemMib(r.try_get::<i64, _>("memory_mib")? as u64),
                         queued_at: r.try_get::<Option<i64>, _>("queued_at")?.unwrap_or(0),
                         next_attempt_at: r.try_get("next_attempt_at")?,
+                        home_node: r.try_get::<Option<String>, _>("home_node")?.map(NodeId),
                     })
                 })
                 .collect::<Result<_, StoreError>>()?,
@@ -1114,6 +1118,18 @@ async fn apply_verdict_tx(tx: &mut Transaction<'_, Db>, v: &Verdict, now: Millis
                 .await?;
             release_tx(tx, server_id, *generation).await?;
             close_session_tx(tx, server_id, *last_alive, EndReason::NodeLost).await?;
+            // A session closed provisionally when the node went silent is
+            // final now: same end time, final reason.
+            let relabelled = sqlx::query("UPDATE billing_sessions SET end_reason = ? WHERE server_id = ? AND generation = ? AND end_reason = ? RETURNING id")
+                .bind(EndReason::NodeLost.as_str())
+                .bind(&server_id.0)
+                .bind(*generation as i64)
+                .bind(EndReason::NodeUnreachable.as_str())
+                .fetch_all(&mut **tx)
+                .await?;
+            for r in relabelled {
+                ledger_tx(tx, now, "closed_final", r.try_get("id")?, server_id, EndReason::NodeLost.as_str()).await?;
+            }
             Some(NewEvent { kind: "server_lost", server_id: Some(server_id.clone()), node_id: Some(node_id.clone()), message: format!("server {name} was lost with node {node_id} (node_lost)") })
         }
         Verdict::NodeLost { node_id } => {

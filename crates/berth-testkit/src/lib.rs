@@ -65,6 +65,14 @@ impl InstanceReaper {
 
     pub fn kill_all(&self) {
         for d in &self.dirs {
+            if let Some(pid) = watchdog_pid(d) {
+                // SAFETY: kill(2) of the watchdog pid the agent recorded.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        for d in &self.dirs {
             for rec in pid_records(d) {
                 if rec.pid > 1 {
                     // SAFETY: kill(2) of a process group recorded by the agent.
@@ -89,6 +97,18 @@ impl Drop for InstanceReaper {
     fn drop(&mut self) {
         self.kill_all();
     }
+}
+
+/// The fence watchdog's pid, from `DIR/watchdog.pid`, if it still runs
+/// with the recorded start time.
+pub fn watchdog_pid(agent_data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(agent_data_dir.join("watchdog.pid")).ok()?;
+    let mut it = text.split_whitespace();
+    let pid: i32 = it.next()?.parse().ok()?;
+    let start: u64 = it.next()?.parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    (fields.get(19)?.parse::<u64>().ok()? == start && pid_alive(pid)).then_some(pid)
 }
 
 #[derive(Debug, Clone)]
@@ -171,9 +191,15 @@ pub fn wait_for_addr(data_dir: &Path, proc_: &mut Proc, timeout: Duration) -> St
 
 /// `berth dev` (or `control-plane`) in `data_dir`, listening on port 0.
 pub fn start_control(bin: &Path, mode: &str, data_dir: &Path, extra: &[&str]) -> (Proc, String, String) {
+    start_control_on(bin, mode, data_dir, "127.0.0.1:0", extra)
+}
+
+/// Like `start_control`, on a given address (to come back where agents
+/// expect it after a restart).
+pub fn start_control_on(bin: &Path, mode: &str, data_dir: &Path, listen: &str, extra: &[&str]) -> (Proc, String, String) {
     std::fs::create_dir_all(data_dir).unwrap();
     let _ = std::fs::remove_file(data_dir.join("addr"));
-    let mut args = vec![mode.to_string(), "--data-dir".into(), data_dir.display().to_string(), "--listen".into(), "127.0.0.1:0".into()];
+    let mut args = vec![mode.to_string(), "--data-dir".into(), data_dir.display().to_string(), "--listen".into(), listen.to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
     let log = data_dir.join(format!("{mode}-{}.log", unique()));
     let mut p = spawn(bin, &args, &log, &[]);

@@ -320,6 +320,9 @@ pub enum ServerCmd {
     /// Start a server (queue it for placement)
     Start {
         id: String,
+        /// A stateful server lost with its node: start elsewhere on a fresh world
+        #[arg(long)]
+        allow_fresh_world: bool,
         /// Wait until it runs, with progress
         #[arg(long)]
         wait: bool,
@@ -642,8 +645,8 @@ async fn server(cmd: ServerCmd, conn: &Conn) -> Result<()> {
                 println!("created server {} ({})", s.name, s.id);
             }
         }
-        ServerCmd::Start { id, wait, timeout } => {
-            let mut s = c.start_server(&id).await?;
+        ServerCmd::Start { id, allow_fresh_world, wait, timeout } => {
+            let mut s = if allow_fresh_world { c.start_server_fresh(&id).await? } else { c.start_server(&id).await? };
             if wait {
                 s = wait_for(&c, &id, ServerStatus::Running, Duration::from_secs(timeout), conn.json).await?;
             }

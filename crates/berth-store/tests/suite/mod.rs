@@ -72,7 +72,7 @@ fn ev() -> NewEvent {
 pub async fn queued(store: &dyn Store, name: &str, mib: u64) -> Server {
     let s = server(name, mib);
     store.insert_server(&s, &ev()).await.unwrap();
-    store.request_start(&s.id, 10).await.unwrap()
+    store.request_start(&s.id, 10, false).await.unwrap()
 }
 
 fn plan(s: &Server, node: &NodeId, port: u16) -> Placement {
@@ -214,13 +214,13 @@ pub async fn names_and_transitions(store: &dyn Store) {
     dup.id = ServerId("srv_00000000000000ff".into());
     assert!(matches!(store.insert_server(&dup, &ev()).await, Err(StoreError::Conflict(_))));
     assert!(matches!(store.request_stop(&a.id, 2).await, Err(StoreError::Invalid(_))));
-    store.request_start(&a.id, 3).await.unwrap();
-    assert!(matches!(store.request_start(&a.id, 4).await, Err(StoreError::Invalid(_))));
+    store.request_start(&a.id, 3, false).await.unwrap();
+    assert!(matches!(store.request_start(&a.id, 4, false).await, Err(StoreError::Invalid(_))));
     store.delete_server(&a.id, 5).await.unwrap();
     assert!(store.get_server("a").await.unwrap().is_none());
     store.insert_server(&dup, &ev()).await.unwrap();
     assert_eq!(store.list_servers(None).await.unwrap().len(), 1);
-    assert!(matches!(store.request_start(&a.id, 6).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(store.request_start(&a.id, 6, false).await, Err(StoreError::NotFound { .. })));
 }
 
 /// Leadership: one holder at a time, renewals keep the epoch, a takeover
