@@ -186,7 +186,9 @@ impl Client {
     /// A sync may be held by the control plane for `wait_ms`; the request
     /// timeout allows for that.
     pub async fn sync(&self, req: &SyncRequest) -> Result<SyncResponse, ClientError> {
-        let timeout = Duration::from_millis(req.wait_ms) + Duration::from_secs(15);
+        // Short beyond the poll itself: over a link that went dead the agent
+        // must notice soon, or a healed partition is seen late.
+        let timeout = Duration::from_millis(req.wait_ms) + Duration::from_secs(5);
         self.call(Method::POST, "/v1/agent/sync", Some(req), Some(timeout)).await
     }
 }

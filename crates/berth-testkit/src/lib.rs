@@ -584,3 +584,71 @@ impl Drop for ContainerReaper {
         }
     }
 }
+
+/// A test host: a network namespace joined to this one by a veth pair
+/// (`10.231.N.1` here, `10.231.N.2` inside). Processes started with
+/// `command` run inside it; `cut` and `heal` take the link down and up.
+/// Removed on drop. Addresses are only those of the test's own hosts.
+pub struct NetNs {
+    pub name: String,
+    host_if: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+impl NetNs {
+    pub fn available() -> bool {
+        Command::new("ip").args(["netns", "list"]).output().map(|o| o.status.success()).unwrap_or(false)
+    }
+
+    pub fn new() -> NetNs {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = (std::process::id() % 100_000) * 10 + n;
+        let subnet = (std::process::id() * 7 + n * 13) % 250 + 1;
+        let ns = NetNs {
+            name: format!("berth-t{tag}"),
+            host_if: format!("bh{tag}"),
+            host_ip: format!("10.231.{subnet}.1"),
+            ns_ip: format!("10.231.{subnet}.2"),
+        };
+        let peer = format!("bn{tag}");
+        ip(&["netns", "add", &ns.name]);
+        ip(&["link", "add", &ns.host_if, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &peer, "netns", &ns.name]);
+        ip(&["addr", "add", &format!("{}/30", ns.host_ip), "dev", &ns.host_if]);
+        ip(&["link", "set", &ns.host_if, "up"]);
+        ip(&["netns", "exec", &ns.name, "ip", "addr", "add", &format!("{}/30", ns.ns_ip), "dev", &peer]);
+        ip(&["netns", "exec", &ns.name, "ip", "link", "set", &peer, "up"]);
+        ip(&["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Arguments that run `program args…` inside the namespace through
+    /// `ip netns exec`, which execs in place (the pid is the program's).
+    pub fn wrap(&self, program: &Path, args: &[String]) -> Vec<String> {
+        let mut v = vec!["netns".to_string(), "exec".into(), self.name.clone(), program.display().to_string()];
+        v.extend(args.iter().cloned());
+        v
+    }
+
+    pub fn cut(&self) {
+        ip(&["link", "set", &self.host_if, "down"]);
+    }
+
+    pub fn heal(&self) {
+        ip(&["link", "set", &self.host_if, "up"]);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
