@@ -43,6 +43,9 @@ pub struct AgentConfig {
     /// The agent's data dir: its disk use is reported, and the fence
     /// watchdog's state lives there.
     pub data_dir: Option<std::path::PathBuf>,
+    /// Disk use (percent) of the data volume above which the agent deletes
+    /// the output logs of instances that no longer run.
+    pub disk_clean_percent: u64,
     /// The berth binary, to start the fence watchdog (`berth watchdog`).
     /// Without it (or without `data_dir`) only the agent's own supervisor
     /// fences, which a paused agent cannot do.
@@ -63,6 +66,7 @@ impl AgentConfig {
             sync_interval: Duration::from_secs(2),
             tick: Duration::from_millis(200),
             data_dir: None,
+            disk_clean_percent: 90,
             berth_exe: None,
         }
     }
@@ -362,6 +366,38 @@ impl Agent {
         changed
     }
 
+    /// Frees disk under pressure: the output logs of instances that no
+    /// longer run go (worlds are never touched). Returns bytes freed.
+    fn clean_disk(&self) -> u64 {
+        let Some(dir) = &self.cfg.data_dir else { return 0 };
+        let Some(disk) = host::disk(dir) else { return 0 };
+        if disk.total_mib == 0 || disk.used_mib * 100 < disk.total_mib * self.cfg.disk_clean_percent {
+            return 0;
+        }
+        let live: HashSet<String> = {
+            let inst = self.instances.lock().expect("instances lock");
+            inst.iter().filter(|(_, i)| i.is_live()).map(|(k, _)| k.0 .0.clone()).collect()
+        };
+        let mut freed = 0;
+        // Every driver keeps one directory per server under DATA_DIR/instances.
+        for entry in std::fs::read_dir(dir.join("instances")).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if live.contains(&name) {
+                continue;
+            }
+            let log = entry.path().join("berth-output.log");
+            if let Ok(meta) = std::fs::metadata(&log) {
+                if std::fs::remove_file(&log).is_ok() {
+                    freed += meta.len();
+                }
+            }
+        }
+        if freed > 0 {
+            tracing::warn!(freed_bytes = freed, used_mib = disk.used_mib, total_mib = disk.total_mib, "disk pressure: removed logs of stopped instances");
+        }
+        freed
+    }
+
     /// Converges local instances to `desired`. Returns whether it acted.
     async fn converge(&self, desired: Vec<InstanceSpec>) -> bool {
         let want: HashSet<Key> = desired.iter().map(|s| (s.server_id.clone(), s.generation)).collect();
@@ -456,11 +492,16 @@ impl Agent {
     /// life (starting → running, → exited), enforces memory limits the
     /// driver does not, and kills instances past their stop deadline.
     async fn supervise(&self, shutdown: watch::Receiver<bool>) {
+        let mut ticks: u64 = 0;
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let mut changed = self.fence().await;
+            if ticks % 50 == 0 {
+                self.clean_disk();
+            }
+            ticks += 1;
             let observed = self.driver.observe_all().await;
             let snapshot: Vec<(Key, Instance)> =
                 self.instances.lock().expect("instances lock").iter().map(|(k, i)| (k.clone(), i.clone())).collect();
