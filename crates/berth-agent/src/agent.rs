@@ -258,6 +258,7 @@ impl Agent {
                 instances: self.report(),
                 host: host::memory(),
                 disk: self.cfg.data_dir.as_deref().and_then(host::disk),
+                volumes: self.cfg.data_dir.as_deref().map(list_volumes),
                 wait_ms: self.cfg.sync_interval.as_millis() as u64,
             };
             let sent = Instant::now();
@@ -573,4 +574,20 @@ impl Agent {
             f(i);
         }
     }
+}
+
+/// Server ids with a data dir under `DATA_DIR/instances` (bounded: the list
+/// rides on every sync).
+fn list_volumes(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("instances"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| berth_core::ServerId::looks_like(n))
+        .collect();
+    v.sort();
+    v.truncate(10_000);
+    v
 }

@@ -284,6 +284,26 @@ pub struct Usage {
     pub amount: i64,
 }
 
+/// A server's data dir kept on a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeView {
+    pub server_id: String,
+    /// Null when the server was deleted.
+    pub server_name: Option<String>,
+    pub server_status: Option<ServerStatus>,
+    /// The server's current node, if it is placed.
+    pub server_node_id: Option<String>,
+    /// True when this copy is not the one the server runs on: a world left
+    /// behind by a lost node or a move, kept for an operator to recover.
+    pub recovery_candidate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeList {
+    pub node_id: String,
+    pub volumes: Vec<VolumeView>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DrainRequest {
     /// Servers still on the node are stopped gracefully after this long.
@@ -340,6 +360,9 @@ pub struct SyncRequest {
     pub host: HostStats,
     #[serde(default)]
     pub disk: Option<DiskStats>,
+    /// Servers whose data dir (world) is on this node, running or not.
+    #[serde(default)]
+    pub volumes: Option<Vec<String>>,
     /// Long-poll: if nothing is to change, the answer may wait this long
     /// for new work.
     #[serde(default)]

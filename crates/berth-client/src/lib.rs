@@ -145,6 +145,10 @@ impl Client {
         }
     }
 
+    pub async fn node_volumes(&self, id: &str) -> Result<berth_api::VolumeList, ClientError> {
+        self.call(Method::GET, &format!("/v1/nodes/{}/volumes", seg(id)), None::<&()>, None).await
+    }
+
     pub async fn costs(&self, id: &str) -> Result<berth_api::Costs, ClientError> {
         self.call(Method::GET, &format!("/v1/servers/{}/costs", seg(id)), None::<&()>, None).await
     }

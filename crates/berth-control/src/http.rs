@@ -37,6 +37,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/:id/drain", post(drain_node))
         .route("/v1/nodes/:id/undrain", post(undrain_node))
+        .route("/v1/nodes/:id/volumes", get(node_volumes))
         .route("/v1/events", get(list_events))
         .route("/v1/tokens", post(create_token))
         .route("/v1/templates", get(list_templates))
@@ -144,6 +145,11 @@ async fn drain_node(State(app): AppState, headers: HeaderMap, Path(id): Path<Str
 async fn undrain_node(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
     let c = caller(&app, &headers).await?;
     Ok(Json(app.set_draining(&c, &id, false, None).await?).into_response())
+}
+
+async fn node_volumes(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<berth_api::VolumeList>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(app.node_volumes(&c, &id).await?))
 }
 
 async fn server_costs(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<berth_api::Costs>, ControlError> {

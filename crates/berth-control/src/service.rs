@@ -311,6 +311,29 @@ impl App {
         })
     }
 
+    /// The server data dirs a node keeps, flagged as recovery candidates
+    /// when they are not the copy the server runs on (never deleted here).
+    pub async fn node_volumes(&self, caller: &Caller, id_or_name: &str) -> Result<berth_api::VolumeList, ControlError> {
+        caller.require_admin()?;
+        let node = self.store.get_node(id_or_name).await?.ok_or_else(|| ControlError::NotFound(format!("node {id_or_name:?}")))?;
+        let mut volumes = Vec::new();
+        for sid in self.store.node_volumes(&node.id).await? {
+            let server = self.store.get_server(&sid.0).await?;
+            let placed_here = server.as_ref().is_some_and(|s| s.node_id.as_ref() == Some(&node.id));
+            volumes.push(berth_api::VolumeView {
+                server_id: sid.0.clone(),
+                server_name: server.as_ref().map(|s| s.name.clone()),
+                server_status: server.as_ref().map(|s| s.status),
+                server_node_id: server.as_ref().and_then(|s| s.node_id.as_ref().map(|n| n.0.clone())),
+                // Placed elsewhere, deleted, or lost with this node: this
+                // copy is a world someone may want back.
+                recovery_candidate: !placed_here
+                    && server.as_ref().is_none_or(|s| s.node_id.is_some() || s.last_exit.as_ref().is_some_and(|e| e.reason == "node_lost")),
+            });
+        }
+        Ok(berth_api::VolumeList { node_id: node.id.0, volumes })
+    }
+
     pub async fn create_token(&self, caller: &Caller, req: &CreateToken) -> Result<TokenCreated, ControlError> {
         caller.require_admin()?;
         let kind = TokenKind::parse(&req.kind)
@@ -436,6 +459,7 @@ impl App {
             disk_total_mib: disk.total_mib,
             disk_used_mib: disk.used_mib,
             disk_pressure,
+            volumes: req.volumes.clone(),
         };
         let retry = self.cfg.retry;
         let random = rand::random::<u64>();

@@ -85,6 +85,8 @@ pub struct SyncInput {
     pub disk_used_mib: u64,
     /// Decided by the control plane from its thresholds.
     pub disk_pressure: bool,
+    /// Server data dirs on the node, when the agent reported them.
+    pub volumes: Option<Vec<String>>,
 }
 
 /// One stretch of billed running of one server generation on one node.
@@ -202,6 +204,8 @@ pub trait Store: Send + Sync + 'static {
     /// has this holder and epoch (checked inside its transaction), so a
     /// replica that lost leadership cannot commit placements.
     fn set_fence(&self, fence: Option<(String, u64)>);
+    /// Server data dirs the node last reported keeping.
+    async fn node_volumes(&self, id: &NodeId) -> Result<Vec<ServerId>, StoreError>;
 
     /// Applies health verdicts, each conditional on the facts it was
     /// judged from (node not heard from since, server generation and

@@ -33,6 +33,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_init.sql")),
     (2, include_str!("../migrations/postgres/0002_cluster.sql")),
     (3, include_str!("../migrations/postgres/0003_fencing_billing.sql")),
+    (5, include_str!("../migrations/postgres/0005_volumes.sql")),
 ];
 
 pub struct PostgresStore {
@@ -84,8 +85,10 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 
 async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
     sqlx::raw_sql("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)").execute(&mut *conn).await?;
-    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations").fetch_one(&mut *conn).await?;
-    let current = current.unwrap_or(0);
+    // Every missing version is applied, not only those above the highest:
+    // migrations developed side by side may land out of order.
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations").fetch_all(&mut *conn).await?;
+    let current = applied.iter().copied().max().unwrap_or(0);
     if let Some((latest, _)) = MIGRATIONS.last() {
         if current > *latest {
             return Err(StoreError::Corrupt(format!(
@@ -93,7 +96,7 @@ async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<(), StoreError>
             )));
         }
     }
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| !applied.contains(v)) {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         sqlx::raw_sql(sql).execute(&mut *tx).await?;
         sqlx::query("INSERT INTO schema_migrations (version) VALUES ($1)").bind(version).execute(&mut *tx).await?;
@@ -692,6 +695,13 @@ impl Store for PostgresStore {
         node.last_sync_at = Some(now);
         node.host_total_mib = input.host_total_mib;
         node.host_available_mib = input.host_available_mib;
+        if let Some(volumes) = &input.volumes {
+            sqlx::query("UPDATE nodes SET volumes = $1 WHERE id = $2")
+                .bind(serde_json::to_string(volumes).expect("serializable"))
+                .bind(&node.id.0)
+                .execute(&mut *tx)
+                .await?;
+        }
         node.status = status;
         node.disk_total_mib = input.disk_total_mib;
         node.disk_used_mib = input.disk_used_mib;
@@ -917,6 +927,13 @@ impl Store for PostgresStore {
         ledger_tx(&mut tx, s.started_at, "opened", id, &s.server_id, "inserted").await?;
         tx.commit().await?;
         Ok(id)
+    }
+
+    async fn node_volumes(&self, id: &NodeId) -> Result<Vec<ServerId>, StoreError> {
+        let text: Option<String> = sqlx::query_scalar("SELECT volumes FROM nodes WHERE id = $1").bind(&id.0).fetch_optional(&self.read).await?;
+        let text = text.ok_or_else(|| StoreError::NotFound { what: format!("node {id}") })?;
+        let ids: Vec<String> = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("node volumes: {e}")))?;
+        Ok(ids.into_iter().map(ServerId).collect())
     }
 
     fn set_fence(&self, fence: Option<(String, u64)>) {

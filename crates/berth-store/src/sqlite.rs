@@ -33,6 +33,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../migrations/sqlite/0002_cluster.sql")),
     (3, include_str!("../migrations/sqlite/0003_fencing_billing.sql")),
+    (5, include_str!("../migrations/sqlite/0005_volumes.sql")),
 ];
 
 pub struct SqliteStore {
@@ -70,8 +71,10 @@ impl SqliteStore {
 
 async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     sqlx::raw_sql("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)").execute(pool).await?;
-    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations").fetch_one(pool).await?;
-    let current = current.unwrap_or(0);
+    // Every missing version is applied, not only those above the highest:
+    // migrations developed side by side may land out of order.
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations").fetch_all(pool).await?;
+    let current = applied.iter().copied().max().unwrap_or(0);
     if let Some((latest, _)) = MIGRATIONS.last() {
         if current > *latest {
             return Err(StoreError::Corrupt(format!(
@@ -79,7 +82,7 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
             )));
         }
     }
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| !applied.contains(v)) {
         let mut tx = pool.begin().await?;
         sqlx::raw_sql(sql).execute(&mut *tx).await?;
         sqlx::query("INSERT INTO schema_migrations (version) VALUES (?)").bind(version).execute(&mut *tx).await?;
@@ -668,6 +671,13 @@ impl Store for SqliteStore {
         node.last_sync_at = Some(now);
         node.host_total_mib = input.host_total_mib;
         node.host_available_mib = input.host_available_mib;
+        if let Some(volumes) = &input.volumes {
+            sqlx::query("UPDATE nodes SET volumes = ? WHERE id = ?")
+                .bind(serde_json::to_string(volumes).expect("serializable"))
+                .bind(&node.id.0)
+                .execute(&mut *tx)
+                .await?;
+        }
         node.status = status;
         node.disk_total_mib = input.disk_total_mib;
         node.disk_used_mib = input.disk_used_mib;
@@ -893,6 +903,13 @@ impl Store for SqliteStore {
         ledger_tx(&mut tx, s.started_at, "opened", id, &s.server_id, "inserted").await?;
         tx.commit().await?;
         Ok(id)
+    }
+
+    async fn node_volumes(&self, id: &NodeId) -> Result<Vec<ServerId>, StoreError> {
+        let text: Option<String> = sqlx::query_scalar("SELECT volumes FROM nodes WHERE id = ?").bind(&id.0).fetch_optional(&self.read).await?;
+        let text = text.ok_or_else(|| StoreError::NotFound { what: format!("node {id}") })?;
+        let ids: Vec<String> = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("node volumes: {e}")))?;
+        Ok(ids.into_iter().map(ServerId).collect())
     }
 
     fn set_fence(&self, fence: Option<(String, u64)>) {

@@ -358,6 +358,8 @@ pub enum NodeCmd {
     },
     /// Place servers on a node again
     Undrain { id: String },
+    /// Server data dirs kept on a node, and which are recovery candidates
+    Volumes { id: String },
 }
 
 #[derive(Subcommand)]
@@ -721,6 +723,27 @@ async fn node(cmd: NodeCmd, conn: &Conn) -> Result<()> {
         NodeCmd::Drain { id, deadline } => {
             let n = c.drain_node(&id, true, deadline).await?;
             if conn.json { println!("{}", serde_json::to_string_pretty(&n)?) } else { println!("node {} {}", n.name, n.status) }
+        }
+        NodeCmd::Volumes { id } => {
+            let v = c.node_volumes(&id).await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .volumes
+                    .iter()
+                    .map(|x| {
+                        vec![
+                            x.server_id.clone(),
+                            opt(&x.server_name),
+                            x.server_status.map(|s| s.to_string()).unwrap_or_else(|| "deleted".into()),
+                            opt(&x.server_node_id),
+                            if x.recovery_candidate { "yes".into() } else { "-".into() },
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["SERVER", "NAME", "STATUS", "RUNS_ON", "RECOVERY_CANDIDATE"], &rows));
+            }
         }
         NodeCmd::Undrain { id } => {
             let n = c.drain_node(&id, false, None).await?;

@@ -194,6 +194,15 @@ fn a_paused_agent_is_fenced_by_its_watchdog_before_the_server_is_replaced() {
     let live: Vec<_> = dirs.iter().flat_map(|d| pid_records(d)).filter(|r| r.server_id == id && pid_alive(r.pid)).collect();
     assert_eq!(live.len(), 1, "SIGCONT did not bring the old instance back: {live:?}");
     assert!(!pid_alive(old_pid));
+    // The old node keeps the old world and lists it for recovery.
+    let victim_name = ["n1", "n2"][victim];
+    let vols = wait_until(Duration::from_secs(10), "the old world listed", || {
+        let v = api.ok("GET", &format!("/v1/nodes/{victim_name}/volumes"), None);
+        v["volumes"].as_array().unwrap().iter().any(|x| x["server_id"] == id.as_str()).then_some(v)
+    });
+    let vol = vols["volumes"].as_array().unwrap().iter().find(|x| x["server_id"] == id.as_str()).unwrap().clone();
+    assert_eq!(vol["recovery_candidate"], true, "{vols}");
+    assert!(dirs[victim].join("instances").join(&id).join("world").join("level.dat").exists(), "never deleted silently");
     let costs = api.ok("GET", "/v1/servers/p/costs", None);
     let s = costs["sessions"].as_array().unwrap();
     assert_eq!(s.len(), 2);

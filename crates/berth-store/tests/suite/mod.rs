@@ -61,6 +61,7 @@ pub fn sync_input(node: &NodeId, epoch: u64, seq: u64) -> SyncInput {
         disk_total_mib: 0,
         disk_used_mib: 0,
         disk_pressure: false,
+        volumes: None,
     }
 }
 
