@@ -11,8 +11,12 @@ pub mod admission;
 pub mod error;
 pub mod invariants;
 pub mod model;
+pub mod notify;
+pub mod operation;
 pub mod placement;
+pub mod queue;
 pub mod reconcile;
+pub mod restart;
 pub mod retry;
 pub mod template;
 pub mod validate;
@@ -43,6 +47,7 @@ pub(crate) fn reconcile_test_server() -> Server {
         next_attempt_at: None,
         last_error: None,
         used_mib: None,
+        restart_policy: Default::default(),
         created_at: 0,
         updated_at: 0,
     }

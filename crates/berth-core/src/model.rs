@@ -323,6 +323,9 @@ pub struct Server {
     pub last_error: Option<String>,
     /// Resident memory of the instance as last reported by its agent.
     pub used_mib: Option<MemMib>,
+    /// What happens after a crash (`never` or `on-failure`).
+    #[serde(default)]
+    pub restart_policy: crate::restart::RestartPolicy,
     pub created_at: Millis,
     pub updated_at: Millis,
 }

@@ -181,6 +181,7 @@ mod tests {
             next_attempt_at: None,
             last_error: None,
             used_mib: None,
+            restart_policy: Default::default(),
             created_at: 0,
             updated_at: 0,
         }
@@ -250,7 +251,7 @@ mod tests {
         assert!(matches!(&r.changes[0], Change::Fail { .. }));
         f.error_class = Some(ErrorClass::Transient);
         let mut tired = server("a", ServerStatus::Starting, 1);
-        tired.attempts = 2;
+        tired.attempts = RetryPolicy::default().max_attempts - 1;
         let r = go(&[tired], &[f]);
         assert!(matches!(&r.changes[0], Change::Fail { .. }), "retries exhausted must fail");
     }

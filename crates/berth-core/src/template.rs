@@ -53,6 +53,11 @@ pub struct ProcessSpec {
     pub ready: ReadyCheck,
     #[serde(default = "default_ready_timeout")]
     pub ready_timeout_s: u64,
+    /// Exit codes that mean "this will never start" (bad config, missing
+    /// files): an instance that exits with one before it is ready fails
+    /// its server at once instead of being retried or restarted.
+    #[serde(default)]
+    pub permanent_exit_codes: Vec<i32>,
 }
 
 fn default_stop_signal() -> String {
@@ -122,6 +127,8 @@ pub struct InstanceSpec {
     pub stop_timeout_ms: u64,
     pub ready: ReadyCheck,
     pub ready_timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permanent_exit_codes: Vec<i32>,
 }
 
 const MAX_STRING: usize = 4096;
@@ -203,6 +210,7 @@ impl Template {
             stop_timeout_ms: p.stop_timeout_s * 1000,
             ready: p.ready,
             ready_timeout_ms: p.ready_timeout_s * 1000,
+            permanent_exit_codes: p.permanent_exit_codes.clone(),
         })
     }
 }
@@ -321,6 +329,7 @@ mod tests {
                 stop_timeout_s: 10,
                 ready: ReadyCheck::Tcp,
                 ready_timeout_s: 60,
+                permanent_exit_codes: vec![],
             }),
             config,
         }
