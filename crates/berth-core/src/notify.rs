@@ -39,12 +39,15 @@ pub struct Webhook {
     pub enabled: bool,
     /// Failed attempts in a row; reset by any success.
     pub consecutive_failures: u32,
+    /// The newest event when the webhook was created: it receives only
+    /// later ones, not the history.
+    pub after_seq: i64,
     pub created_at: crate::Millis,
 }
 
 impl Webhook {
     pub fn wants(&self, event: &Event, tenant: Option<&str>) -> bool {
-        if !self.enabled {
+        if !self.enabled || event.seq <= self.after_seq {
             return false;
         }
         if let Some(t) = &self.tenant {
@@ -102,6 +105,7 @@ mod tests {
             secret: "s".into(),
             enabled: true,
             consecutive_failures: 0,
+            after_seq: 0,
             created_at: 0,
         }
     }
