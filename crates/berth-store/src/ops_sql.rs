@@ -142,7 +142,9 @@ macro_rules! ops_store_impl {
                 op.finished_at = Some(now);
                 if let Some(s) = server {
                     if matches!(op.kind, OpKind::Start | OpKind::Restart) {
-                        op.attempts = s.attempts;
+                        // A confirmed start resets the server's count; the
+                        // operation keeps how many attempts it took.
+                        op.attempts = op.attempts.max(s.attempts);
                         op.next_attempt_at = s.next_attempt_at;
                     }
                 }
