@@ -303,9 +303,10 @@ macro_rules! ops_store_impl {
                         }
                     }
                     ops.retain(|o| !o.status.is_terminal());
-                    // The next waiting operation begins once no other
-                    // (non-kill) operation runs.
-                    let busy = ops.iter().any(|o| o.status == OpStatus::Running && o.kind != OpKind::Kill);
+                    // The next waiting operation begins once nothing runs
+                    // (a running kill too: what waits behind it needs the
+                    // instance confirmed gone).
+                    let busy = ops.iter().any(|o| o.status == OpStatus::Running);
                     if !busy {
                         if let Some(next) = ops.iter_mut().find(|o| o.status == OpStatus::Pending) {
                             begin_op(tx, next, server, now).await?;

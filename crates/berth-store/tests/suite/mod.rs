@@ -377,6 +377,12 @@ pub async fn kill_is_ordered_until_the_instance_is_gone(store: &dyn Store) {
     assert_eq!(store.killing_on(&node.id).await.unwrap(), vec![(s.id.clone(), 1)]);
     let e = store.request_operation(&op_req(&s, OpKind::Kill, "op_4"), 14).await.unwrap_err();
     assert!(matches!(e, StoreError::OperationInProgress { blocking: OpKind::Kill, .. }), "{e:?}");
+    // Regression: what waits behind a kill begins only once the instance
+    // is confirmed gone (it began at once and failed as invalid_state).
+    let (delete, _) = store.request_operation(&op_req(&s, OpKind::Delete, "op_5"), 14).await.unwrap();
+    assert_eq!(delete.status, OpStatus::Pending);
+    store.advance_operations(&s.id, 14).await.unwrap();
+    assert_eq!(store.get_operation("op_5").await.unwrap().unwrap().status, OpStatus::Pending);
     let id = s.id.clone();
     let gone = move |_: &[Server]| Reconciled {
         changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: None } }],
@@ -386,6 +392,8 @@ pub async fn kill_is_ordered_until_the_instance_is_gone(store: &dyn Store) {
     store.advance_operations(&s.id, 16).await.unwrap();
     assert_eq!(store.get_operation("op_3").await.unwrap().unwrap().status, OpStatus::Succeeded);
     assert_eq!(store.get_operation("op_2").await.unwrap().unwrap().status, OpStatus::Succeeded);
+    assert_eq!(store.get_operation("op_5").await.unwrap().unwrap().status, OpStatus::Succeeded);
+    assert!(store.get_server("k").await.unwrap().is_none(), "deleted after the kill");
     assert!(store.killing_on(&node.id).await.unwrap().is_empty());
     assert!(store.node_usage().await.unwrap().is_empty());
     assert_no_violations(store).await;
