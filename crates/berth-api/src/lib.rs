@@ -254,6 +254,7 @@ pub struct OperationAccepted {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     pub url: String,
     /// Event kinds; empty: the alert kinds; `["*"]`: every kind.
