@@ -566,6 +566,29 @@ mod tests {
         assert_eq!(begin(OpKind::Stop, ServerStatus::Queued), Begin::Transition { to: ServerStatus::Stopped, phase: OpPhase::Done });
     }
 
+    /// The guard table users read in the README is this one.
+    #[test]
+    fn the_readme_guard_table_matches_the_code() {
+        let readme = include_str!("../../../README.md");
+        let mut rows = 0;
+        for line in readme.lines().filter(|l| l.starts_with("| **")) {
+            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+            let running = OpKind::parse(cells[0].trim_matches('*')).expect("a kind per row");
+            for (requested, cell) in OpKind::ALL.into_iter().zip(&cells[1..]) {
+                let want = match *cell {
+                    "W" => Verdict::Wait,
+                    "R" => Verdict::Refuse,
+                    "P" => Verdict::Preempt,
+                    "A" => Verdict::Alongside,
+                    other => panic!("unknown cell {other:?}"),
+                };
+                assert_eq!(guard(running, requested), want, "README says {running} x {requested} is {cell}");
+            }
+            rows += 1;
+        }
+        assert_eq!(rows, OpKind::ALL.len(), "one README row per kind");
+    }
+
     #[test]
     fn only_the_five_lifecycle_kinds_are_implemented() {
         let implemented: Vec<OpKind> = OpKind::ALL.into_iter().filter(|k| k.is_implemented()).collect();
