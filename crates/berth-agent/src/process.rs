@@ -520,6 +520,7 @@ mod tests {
             stop_timeout_ms: 1000,
             ready: berth_core::template::ReadyCheck::Alive,
             ready_timeout_ms: 1000,
+            permanent_exit_codes: vec![],
         }
     }
 

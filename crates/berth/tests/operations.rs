@@ -120,7 +120,7 @@ enum Expect {
 fn every_pair_of_the_guard_table_with_real_instances() {
     use Expect::*;
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = cluster(tmp.path(), "26000-26099", &[]);
+    let c = cluster(tmp.path(), "26000-26099", &[]);
     let api = c.api.clone();
     let kinds = ["start", "stop", "restart", "kill", "delete"];
     let table: BTreeMap<(&str, &str), (Expect, &str)> = [
@@ -273,6 +273,25 @@ fn permanent_errors_fail_at_once_and_the_queue_times_out() {
     let dir = templates.display().to_string();
     let c = cluster(tmp.path(), "26100-26199", &["--templates-dir", &dir, "--queue-timeout-s", "3", "--retry-base-ms", "500"]);
     let api = &c.api;
+
+    // Strict validation at the edge: the field is named, nothing written.
+    let events_before = api.ok("GET", "/v1/events?limit=1000", None)["events"].as_array().unwrap().len();
+    for (body, code, field) in [
+        (json!({"name": "v", "template": "fakegame", "memory_mib": 64, "config": {"version": "1.8"}}), "invalid_config", "config.version"),
+        (json!({"name": "v", "template": "fakegame", "memory_mib": 64, "restart_policy": "always"}), "invalid_request", "restart_policy"),
+    ] {
+        let (s, v) = api.call("POST", "/v1/servers", Some(&body));
+        assert_eq!((s, v["error"]["code"].as_str()), (422, Some(code)), "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(field), "names {field}: {v}");
+    }
+    let (s, v) = api.call("POST", "/v1/servers/nosuch/operations", Some(&json!({"kind": "backup"})));
+    assert_eq!(s, 422, "reserved kinds are refused before anything else: {v}");
+    assert_eq!(v["error"]["code"], "unsupported_operation");
+    assert!(api.servers().is_empty());
+    assert_eq!(api.ok("GET", "/v1/events?limit=1000", None)["events"].as_array().unwrap().len(), events_before);
+    let ok = api.create_server("versioned", "fakegame", 64, json!({"version": "1.20.4"}));
+    assert_eq!(ok["config"]["version"], "1.20.4");
+    api.ok("DELETE", "/v1/servers/versioned", None);
 
     api.create_server("broken", "broken", 64, json!({}));
     api.ok("POST", "/v1/servers/broken/start", None);
