@@ -309,6 +309,19 @@ fn permanent_errors_fail_at_once_and_the_queue_times_out() {
     let ops = api.ok("GET", "/v1/servers/broken/operations", None);
     assert_eq!(ops["operations"][0]["status"], "failed", "{ops}");
     assert_eq!(ops["operations"][0]["error_code"], "start_failed", "{ops}");
+    // The CLI shows the same: operations, and events filtered by time.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin()).args(args).args(["--addr", &api.url, "--token", &api.token]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let out = cli(&["server", "ops", "broken"]);
+    assert!(out.contains("start") && out.contains("failed") && out.contains("start_failed"), "{out}");
+    let out = cli(&["events", "--server", "broken", "--kind", "start_failed", "--since", "10m", "--json"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("code 78"), "{out}");
+    let out = cli(&["events", "--server", "broken", "--since", "2099-01-01T00:00:00Z"]);
+    assert!(out.trim().is_empty(), "nothing from the future: {out}");
 
     api.create_server("flaky", "flaky", 64, json!({}));
     api.ok("POST", "/v1/servers/flaky/start", None);
