@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_api::{RegisterRequest, SyncRequest};
+use berth_api::{KillOrder, RegisterRequest, SyncRequest};
 use berth_client::{Client, ClientError};
 use berth_core::reconcile::{ErrorClass, InstanceReport, InstanceState};
 use berth_core::template::InstanceSpec;
@@ -81,11 +81,13 @@ struct Instance {
     used_mib: Option<u64>,
     since: Instant,
     stop_deadline: Option<Instant>,
+    /// A kill order was carried out; it is not repeated.
+    killed: bool,
 }
 
 impl Instance {
     fn new(spec: InstanceSpec, state: InstanceState) -> Instance {
-        Instance { spec, state, exit: None, error: None, used_mib: None, since: Instant::now(), stop_deadline: None }
+        Instance { spec, state, exit: None, error: None, used_mib: None, since: Instant::now(), stop_deadline: None, killed: false }
     }
 
     fn report(&self) -> InstanceReport {
@@ -273,7 +275,8 @@ impl Agent {
                 Ok(resp) => {
                     *self.lease.lock().expect("lease lock") =
                         Lease { renewed_at: Some(sent), renewed_mono_ms: sent_mono, ttl_ms: resp.lease_ttl_ms as i64 };
-                    let acted = self.converge(resp.desired).await;
+                    let killed = self.kill_ordered(&resp.kill).await;
+                    let acted = self.converge(resp.desired).await || killed;
                     self.publish_lease();
                     if !acted && sent.elapsed() < Duration::from_millis(50) {
                         // Guard against a hot loop if the two sides ever
@@ -471,6 +474,36 @@ impl Agent {
         acted
     }
 
+    /// Kills (SIGKILL, no grace) the live instances the control plane
+    /// ordered killed. The instance then reports `stopping` until the
+    /// supervisor sees it gone, so the control plane releases its
+    /// reservation only once it is confirmed dead (L3).
+    async fn kill_ordered(&self, orders: &[KillOrder]) -> bool {
+        let mut acted = false;
+        for o in orders {
+            let key: Key = (o.server_id.clone(), o.generation);
+            let due = {
+                let mut inst = self.instances.lock().expect("instances lock");
+                match inst.get_mut(&key) {
+                    Some(i) if i.is_live() && !i.killed => {
+                        i.killed = true;
+                        i.state = InstanceState::Stopping;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if due {
+                tracing::info!(server = %key.0, generation = key.1, "killing instance (kill operation)");
+                if let Err(e) = self.driver.kill(&key, "killed").await {
+                    tracing::warn!(error = %e, "kill failed");
+                }
+                acted = true;
+            }
+        }
+        acted
+    }
+
     async fn begin_stop(&self, key: &Key) {
         let spec = {
             let mut inst = self.instances.lock().expect("instances lock");
@@ -514,11 +547,23 @@ impl Agent {
                     Some(Observed::Exited(exit)) => {
                         let mut exit = exit.clone();
                         if inst.state == InstanceState::Stopping && exit.reason != "oom" {
-                            exit.reason = "stopped".into();
+                            exit.reason = if inst.killed { "killed".into() } else { "stopped".into() };
                         }
                         tracing::info!(server = %key.0, generation = key.1, reason = %exit.reason, code = ?exit.code, "instance ended");
+                        let permanent = inst.state == InstanceState::Starting
+                            && exit.code.is_some_and(|c| inst.spec.permanent_exit_codes.contains(&c));
                         self.update(&key, |i| {
-                            i.state = InstanceState::Exited;
+                            if permanent {
+                                // It will never start: fail it rather than
+                                // report a crash that a restart would repeat.
+                                i.state = InstanceState::Failed;
+                                i.error = Some((
+                                    ErrorClass::Permanent,
+                                    format!("exited with code {} before it was ready (a permanent error of its template)", exit.code.unwrap_or_default()),
+                                ));
+                            } else {
+                                i.state = InstanceState::Exited;
+                            }
                             i.exit = Some(exit);
                         });
                         changed = true;

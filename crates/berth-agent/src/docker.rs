@@ -613,6 +613,7 @@ mod tests {
             ready: ReadyCheck::Tcp,
             ready_timeout_ms: 60_000,
             stop_after_ms: 300_000,
+            permanent_exit_codes: vec![],
             docker: Some(DockerInstance {
                 image: "berth-fakegame:local".into(),
                 entrypoint: vec![],

@@ -527,6 +527,7 @@ mod tests {
             ready_timeout_ms: 1000,
             stop_after_ms: 300_000,
             docker: None,
+            permanent_exit_codes: vec![],
         }
     }
 

@@ -7,6 +7,8 @@
 //! behaviour beyond conversions.
 
 use berth_core::invariants::Violation;
+use berth_core::notify::Webhook;
+use berth_core::operation::Operation;
 use berth_core::reconcile::InstanceReport;
 use berth_core::template::InstanceSpec;
 use berth_core::{Event, LastExit, MemMib, Millis, Node, NodeStatus, PortRange, Server, ServerStatus};
@@ -47,6 +49,9 @@ pub struct CreateServer {
     /// create for their own tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// `never` (default) or `on-failure`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +78,8 @@ pub struct ServerView {
     pub plan: String,
     /// Set for a stateful server lost with its node: where its world is.
     pub home_node: Option<String>,
+    #[serde(default)]
+    pub restart_policy: String,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -99,6 +106,7 @@ impl From<&Server> for ServerView {
             stateless: s.stateless,
             plan: s.plan.clone(),
             home_node: s.home_node.as_ref().map(|n| n.0.clone()),
+            restart_policy: s.restart_policy.as_str().to_string(),
             created_at: rfc3339(s.created_at),
             updated_at: rfc3339(s.updated_at),
         }
@@ -228,6 +236,131 @@ pub struct EventList {
     pub events: Vec<EventView>,
     /// Pass as `after` to read the next page.
     pub next_cursor: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationView {
+    pub id: String,
+    pub server_id: String,
+    pub kind: String,
+    /// `pending running succeeded failed cancelled`
+    pub status: String,
+    pub phase: Option<String>,
+    /// `user` or `restart_policy`
+    pub origin: String,
+    pub seq: i64,
+    pub attempts: u32,
+    pub next_attempt_at: Option<String>,
+    pub error_code: Option<String>,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+impl From<&Operation> for OperationView {
+    fn from(o: &Operation) -> Self {
+        OperationView {
+            id: o.id.clone(),
+            server_id: o.server_id.0.clone(),
+            kind: o.kind.as_str().to_string(),
+            status: o.status.as_str().to_string(),
+            phase: o.phase.map(|p| p.as_str().to_string()),
+            origin: o.origin.as_str().to_string(),
+            seq: o.seq,
+            attempts: o.attempts,
+            next_attempt_at: o.next_attempt_at.map(rfc3339),
+            error_code: o.error_code.clone(),
+            error: o.error.clone(),
+            created_at: rfc3339(o.created_at),
+            started_at: o.started_at.map(rfc3339),
+            finished_at: o.finished_at.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationList {
+    pub operations: Vec<OperationView>,
+    pub next_cursor: Option<i64>,
+}
+
+/// The answer to an operation request: the operation and the server as it
+/// is right after admission.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationAccepted {
+    pub operation: OperationView,
+    pub server: ServerView,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhook {
+    pub url: String,
+    /// Event kinds; empty: the alert kinds; `["*"]`: every kind.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Admin tokens may create a webhook for one tenant; without it the
+    /// webhook is global. Tenant tokens always create for their tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookView {
+    pub id: String,
+    pub url: String,
+    pub tenant: Option<String>,
+    pub events: Vec<String>,
+    pub enabled: bool,
+    pub consecutive_failures: u32,
+    pub created_at: String,
+    /// The signing secret: only in the answer that created the webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl From<&Webhook> for WebhookView {
+    fn from(w: &Webhook) -> Self {
+        WebhookView {
+            id: w.id.clone(),
+            url: w.url.clone(),
+            tenant: w.tenant.clone(),
+            events: w.events.clone(),
+            enabled: w.enabled,
+            consecutive_failures: w.consecutive_failures,
+            created_at: rfc3339(w.created_at),
+            secret: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookList {
+    pub webhooks: Vec<WebhookView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryView {
+    /// Also the `Idempotency-Key` the receiver saw.
+    pub id: String,
+    pub channel: String,
+    pub webhook_id: Option<String>,
+    pub event_seq: i64,
+    pub event_kind: String,
+    /// `pending delivered failed`
+    pub status: String,
+    pub attempts: u32,
+    pub next_attempt_at: Option<String>,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub delivered_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryList {
+    pub deliveries: Vec<DeliveryView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -373,6 +506,16 @@ pub struct SyncRequest {
 pub struct SyncResponse {
     /// The complete set of instances the node should run.
     pub desired: Vec<InstanceSpec>,
+    /// Instances to end at once (SIGKILL), not gracefully: a `kill`
+    /// operation. They are never in `desired`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kill: Vec<KillOrder>,
     pub lease_ttl_ms: u64,
     pub sync_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KillOrder {
+    pub server_id: berth_core::ServerId,
+    pub generation: u64,
 }

@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use berth_api::{
-    CreateServer, CreateToken, ErrorBody, EventList, InvariantReport, NodeList, NodeView, RegisterRequest, RegisterResponse,
-    ServerList, ServerView, SyncRequest, SyncResponse, TemplateList, TokenCreated,
+    CreateServer, CreateToken, CreateWebhook, DeliveryList, ErrorBody, EventList, InvariantReport, NodeList, NodeView,
+    OperationList, RegisterRequest, RegisterResponse, ServerList, ServerView, SyncRequest, SyncResponse, TemplateList,
+    TokenCreated, WebhookList, WebhookView,
 };
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -126,6 +127,50 @@ impl Client {
 
     pub async fn stop_server(&self, id: &str) -> Result<ServerView, ClientError> {
         self.call(Method::POST, &format!("/v1/servers/{}/stop", seg(id)), None::<&()>, None).await
+    }
+
+    pub async fn restart_server(&self, id: &str) -> Result<ServerView, ClientError> {
+        self.call(Method::POST, &format!("/v1/servers/{}/restart", seg(id)), None::<&()>, None).await
+    }
+
+    pub async fn kill_server(&self, id: &str) -> Result<ServerView, ClientError> {
+        self.call(Method::POST, &format!("/v1/servers/{}/kill", seg(id)), None::<&()>, None).await
+    }
+
+    /// `query` is a ready-made query string without the leading `?`.
+    pub async fn server_operations(&self, id: &str, query: &str) -> Result<OperationList, ClientError> {
+        self.call(Method::GET, &format!("/v1/servers/{}/operations?{query}", seg(id)), None::<&()>, None).await
+    }
+
+    pub async fn create_webhook(&self, req: &CreateWebhook) -> Result<WebhookView, ClientError> {
+        self.call(Method::POST, "/v1/webhooks", Some(req), None).await
+    }
+
+    pub async fn list_webhooks(&self) -> Result<WebhookList, ClientError> {
+        self.call(Method::GET, "/v1/webhooks", None::<&()>, None).await
+    }
+
+    pub async fn set_webhook_enabled(&self, id: &str, enabled: bool) -> Result<WebhookView, ClientError> {
+        let verb = if enabled { "enable" } else { "disable" };
+        self.call(Method::POST, &format!("/v1/webhooks/{}/{verb}", seg(id)), None::<&()>, None).await
+    }
+
+    pub async fn delete_webhook(&self, id: &str) -> Result<(), ClientError> {
+        let url = format!("{}/v1/webhooks/{}", self.base, seg(id));
+        let resp = self.http.delete(&url).bearer_auth(&self.token).send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Transport { url, source })?;
+        Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(e) => ClientError::Api { status, code: e.error.code, message: e.error.message },
+            Err(_) => ClientError::Api { status, code: "error".into(), message: String::from_utf8_lossy(&bytes).into() },
+        })
+    }
+
+    pub async fn webhook_deliveries(&self, id: &str) -> Result<DeliveryList, ClientError> {
+        self.call(Method::GET, &format!("/v1/webhooks/{}/deliveries", seg(id)), None::<&()>, None).await
     }
 
     pub async fn delete_server(&self, id: &str) -> Result<ServerView, ClientError> {

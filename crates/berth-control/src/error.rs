@@ -25,6 +25,9 @@ pub enum ControlError {
     Invalid { code: &'static str, message: String },
     #[error("{0}")]
     Conflict(String),
+    /// The guard table refused a request because of another operation.
+    #[error("cannot {requested} now: {blocking} is {status} on this server (operation {id})")]
+    OperationInProgress { requested: &'static str, blocking: &'static str, status: &'static str, id: String },
     #[error(transparent)]
     Core(#[from] CoreError),
     #[error("stale sync: {0}")]
@@ -42,6 +45,10 @@ impl From<StoreError> for ControlError {
         match e {
             StoreError::NotFound { what } => ControlError::NotFound(what),
             StoreError::Conflict(m) => ControlError::Conflict(m),
+            // The service fills in what was requested; see `App::operation`.
+            StoreError::OperationInProgress { blocking, status, id } => {
+                ControlError::OperationInProgress { requested: "act", blocking: blocking.as_str(), status: status.as_str(), id }
+            }
             StoreError::Invalid(c) => ControlError::Core(c),
             StoreError::StaleSync(m) => ControlError::StaleSync(m),
             StoreError::Corrupt(m) => ControlError::Internal(m),
@@ -68,7 +75,7 @@ impl ControlError {
             ControlError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ControlError::Core(CoreError::InvalidTransition { .. }) => StatusCode::CONFLICT,
             ControlError::Core(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ControlError::Conflict(_) | ControlError::StaleSync(_) => StatusCode::CONFLICT,
+            ControlError::Conflict(_) | ControlError::StaleSync(_) | ControlError::OperationInProgress { .. } => StatusCode::CONFLICT,
             ControlError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::Startup(_) | ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -87,6 +94,7 @@ impl ControlError {
             ControlError::Core(CoreError::InvalidConfig { .. }) => "invalid_config",
             ControlError::Core(CoreError::InvalidTemplate { .. }) => "invalid_template",
             ControlError::Conflict(_) => "conflict",
+            ControlError::OperationInProgress { .. } => "operation_in_progress",
             ControlError::StaleSync(_) => "stale_sync",
             ControlError::Unavailable(_) => "store_unavailable",
             ControlError::Startup(_) | ControlError::Internal(_) => "internal",

@@ -8,11 +8,15 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use berth_api::{CreateToken, EventList, EventView, NodeList, RegisterRequest, ServerList, ServerView, SyncRequest, TemplateList};
+use berth_api::{
+    CreateToken, CreateWebhook, DeliveryList, EventList, EventView, NodeList, OperationAccepted, OperationList, OperationView,
+    RegisterRequest, ServerList, ServerView, SyncRequest, TemplateList, WebhookList, WebhookView,
+};
+use berth_core::operation::OpKind;
 use berth_core::NodeId;
 use berth_store::EventFilter;
 use serde::de::DeserializeOwned;
@@ -34,6 +38,17 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/servers/:id/stop", post(stop_server))
         .route("/v1/servers/:id/costs", get(server_costs))
         .route("/v1/usage", get(usage))
+        .route("/v1/servers/:id/restart", post(restart_server))
+        .route("/v1/servers/:id/kill", post(kill_server))
+        .route("/v1/servers/:id/operations", get(server_operations).post(request_operation))
+        .route("/v1/operations", get(list_operations))
+        .route("/v1/operations/:id", get(get_operation))
+        .route("/v1/webhooks", get(list_webhooks).post(create_webhook))
+        .route("/v1/webhooks/:id", axum::routing::delete(delete_webhook))
+        .route("/v1/webhooks/:id/enable", post(enable_webhook))
+        .route("/v1/webhooks/:id/disable", post(disable_webhook))
+        .route("/v1/webhooks/:id/deliveries", get(webhook_deliveries))
+        .route("/v1/deliveries", get(list_deliveries))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/:id/drain", post(drain_node))
         .route("/v1/nodes/:id/undrain", post(undrain_node))
@@ -102,6 +117,27 @@ async fn get_server(State(app): AppState, headers: HeaderMap, Path(id): Path<Str
     Ok(Json(ServerView::from(&app.find_server(&c, &id).await?)))
 }
 
+/// Runs an operation and answers with the server as it is after
+/// admission, naming the operation in the `Berth-Operation` header.
+async fn server_operation(app: &App, headers: &HeaderMap, id: &str, kind: OpKind, status: StatusCode) -> Result<Response, ControlError> {
+    server_operation_with(app, headers, id, kind, status, false).await
+}
+
+async fn server_operation_with(
+    app: &App,
+    headers: &HeaderMap,
+    id: &str,
+    kind: OpKind,
+    status: StatusCode,
+    fresh_world: bool,
+) -> Result<Response, ControlError> {
+    let c = caller(app, headers).await?;
+    let (op, s) = app.operation_with(&c, id, kind, fresh_world).await?;
+    let mut resp = (status, Json(ServerView::from(&s))).into_response();
+    resp.headers_mut().insert("berth-operation", HeaderValue::from_str(&op.id).expect("operation ids are ascii"));
+    Ok(resp)
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StartRequest {
@@ -112,22 +148,137 @@ struct StartRequest {
 }
 
 async fn start_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Response, ControlError> {
-    let c = caller(&app, &headers).await?;
-    c.require_user()?;
+    caller(&app, &headers).await?.require_user()?;
     let req: StartRequest = if body.is_empty() { StartRequest::default() } else { parse(&body)? };
-    let s = app.start_server(&c, &id, req.allow_fresh_world).await?;
-    Ok((StatusCode::ACCEPTED, Json(ServerView::from(&s))).into_response())
+    server_operation_with(&app, &headers, &id, OpKind::Start, StatusCode::ACCEPTED, req.allow_fresh_world).await
 }
 
 async fn stop_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
-    let c = caller(&app, &headers).await?;
-    let s = app.stop_server(&c, &id).await?;
-    Ok((StatusCode::ACCEPTED, Json(ServerView::from(&s))).into_response())
+    server_operation(&app, &headers, &id, OpKind::Stop, StatusCode::ACCEPTED).await
 }
 
-async fn delete_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<ServerView>, ControlError> {
+async fn restart_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
+    server_operation(&app, &headers, &id, OpKind::Restart, StatusCode::ACCEPTED).await
+}
+
+async fn kill_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
+    server_operation(&app, &headers, &id, OpKind::Kill, StatusCode::ACCEPTED).await
+}
+
+async fn delete_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {
+    server_operation(&app, &headers, &id, OpKind::Delete, StatusCode::OK).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperationBody {
+    kind: String,
+}
+
+async fn request_operation(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Response, ControlError> {
     let c = caller(&app, &headers).await?;
-    Ok(Json(ServerView::from(&app.delete_server(&c, &id).await?)))
+    c.require_user()?;
+    let req: OperationBody = parse(&body)?;
+    let kind = OpKind::parse(&req.kind).ok_or_else(|| {
+        let known: Vec<&str> = OpKind::ALL.iter().map(|k| k.as_str()).collect();
+        ControlError::invalid("invalid_request", format!("unknown operation kind {:?} (known: {})", req.kind, known.join(", ")))
+    })?;
+    let (op, s) = app.operation(&c, &id, kind).await?;
+    Ok((StatusCode::ACCEPTED, Json(OperationAccepted { operation: OperationView::from(&op), server: ServerView::from(&s) })).into_response())
+}
+
+fn query_error(e: axum::extract::rejection::QueryRejection) -> ControlError {
+    let text = e.body_text();
+    let detail = text.split_once(": ").map(|(_, d)| d.to_string()).unwrap_or(text);
+    ControlError::invalid("invalid_request", format!("invalid query: {detail}"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperationQuery {
+    server: Option<String>,
+    active: Option<bool>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+fn operation_list(ops: Vec<berth_core::operation::Operation>, limit: u32) -> OperationList {
+    let next_cursor = if ops.len() as u32 == limit { ops.last().map(|o| o.seq) } else { None };
+    OperationList { operations: ops.iter().map(OperationView::from).collect(), next_cursor }
+}
+
+async fn list_operations(State(app): AppState, headers: HeaderMap, query: Result<Query<OperationQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<OperationList>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let Query(q) = query.map_err(query_error)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let ops = app.list_operations(&c, q.server.as_deref(), q.active.unwrap_or(false), q.after, limit).await?;
+    Ok(Json(operation_list(ops, limit)))
+}
+
+async fn server_operations(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, query: Result<Query<OperationQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<OperationList>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let Query(q) = query.map_err(query_error)?;
+    if q.server.is_some() {
+        return Err(ControlError::invalid("invalid_request", "invalid query: the server is in the path"));
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let ops = app.list_operations(&c, Some(&id), q.active.unwrap_or(false), q.after, limit).await?;
+    Ok(Json(operation_list(ops, limit)))
+}
+
+async fn get_operation(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<OperationView>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(OperationView::from(&app.get_operation(&c, &id).await?)))
+}
+
+async fn create_webhook(State(app): AppState, headers: HeaderMap, body: Bytes) -> Result<Response, ControlError> {
+    let c = caller(&app, &headers).await?;
+    c.require_user()?;
+    let req: CreateWebhook = parse(&body)?;
+    Ok((StatusCode::CREATED, Json(app.create_webhook(&c, &req).await?)).into_response())
+}
+
+async fn list_webhooks(State(app): AppState, headers: HeaderMap) -> Result<Json<WebhookList>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(WebhookList { webhooks: app.list_webhooks(&c).await? }))
+}
+
+async fn delete_webhook(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<StatusCode, ControlError> {
+    let c = caller(&app, &headers).await?;
+    app.delete_webhook(&c, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn enable_webhook(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<WebhookView>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(app.set_webhook_enabled(&c, &id, true).await?))
+}
+
+async fn disable_webhook(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<WebhookView>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    Ok(Json(app.set_webhook_enabled(&c, &id, false).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveryQuery {
+    channel: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn webhook_deliveries(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<DeliveryList>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let Query(q) = query.map_err(query_error)?;
+    if q.channel.is_some() {
+        return Err(ControlError::invalid("invalid_request", "invalid query: a webhook's deliveries have one channel"));
+    }
+    Ok(Json(DeliveryList { deliveries: app.webhook_deliveries(&c, &id, q.limit.unwrap_or(100)).await? }))
+}
+
+async fn list_deliveries(State(app): AppState, headers: HeaderMap, query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<DeliveryList>, ControlError> {
+    let c = caller(&app, &headers).await?;
+    let Query(q) = query.map_err(query_error)?;
+    Ok(Json(DeliveryList { deliveries: app.deliveries(&c, q.channel, q.limit.unwrap_or(100)).await? }))
 }
 
 async fn list_nodes(State(app): AppState, headers: HeaderMap) -> Result<Json<NodeList>, ControlError> {
@@ -174,11 +325,6 @@ async fn usage(
     Ok(Json(app.usage(&c, q.tenant, &q.month).await?))
 }
 
-fn query_error(e: axum::extract::rejection::QueryRejection) -> ControlError {
-    let text = e.body_text();
-    let detail = text.split_once(": ").map(|(_, d)| d.to_string()).unwrap_or(text);
-    ControlError::invalid("invalid_request", format!("invalid query: {detail}"))
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -187,18 +333,30 @@ struct EventQuery {
     node: Option<String>,
     kind: Option<String>,
     after: Option<i64>,
+    /// RFC 3339 time or Unix milliseconds.
+    since: Option<String>,
     limit: Option<u32>,
+}
+
+fn parse_since(s: &str) -> Result<i64, ControlError> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    let t = humantime::parse_rfc3339_weak(s)
+        .map_err(|e| ControlError::invalid("invalid_request", format!("invalid query: since must be RFC 3339 or Unix milliseconds ({e})")))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
 }
 
 async fn list_events(State(app): AppState, headers: HeaderMap, query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<EventList>, ControlError> {
     let c = caller(&app, &headers).await?;
     let Query(q) = query.map_err(query_error)?;
+    let since = q.since.as_deref().map(parse_since).transpose()?;
     let server_id = match q.server {
         Some(s) => Some(app.find_server(&c, &s).await?.id),
         None => None,
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let filter = EventFilter { server_id, node_id: q.node.map(NodeId), kind: q.kind, after: q.after, limit };
+    let filter = EventFilter { server_id, node_id: q.node.map(NodeId), kind: q.kind, after: q.after, since, limit };
     let events = app.list_events(&c, filter).await?;
     let next_cursor = if events.len() as u32 == limit { events.last().map(|e| e.seq) } else { None };
     Ok(Json(EventList { events: events.iter().map(EventView::from).collect(), next_cursor }))

@@ -14,9 +14,12 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod monitor;
+pub mod notify;
+pub mod operations;
 pub mod service;
 pub mod templates;
 pub mod waker;
+pub mod webhooks;
 pub mod worker;
 
 use std::path::Path;
@@ -24,9 +27,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_core::placement::PlannerConfig;
+use berth_core::restart::CrashLoopBackoff;
 use berth_core::retry::RetryPolicy;
 use berth_core::TokenKind;
-use berth_store::{Store, TokenRecord};
+use berth_store::{DeliveryPolicy, Store, TokenRecord};
 use tokio::sync::{watch, Notify};
 
 pub use error::ControlError;
@@ -59,6 +63,12 @@ pub struct ControlConfig {
     /// How far a node's real memory use may exceed its budget before a
     /// `memory_drift` event (see `berth_core::drift`).
     pub drift_margin_mib: u64,
+    /// A queued server not placed within this fails with `no_capacity`.
+    pub queue_timeout_ms: i64,
+    /// Crash-loop backoff of restart policy `on-failure`.
+    pub restart: CrashLoopBackoff,
+    /// Webhook and email delivery retries; webhook disabling.
+    pub delivery: DeliveryPolicy,
 }
 
 impl Default for ControlConfig {
@@ -78,6 +88,9 @@ impl Default for ControlConfig {
             sweep_interval: Duration::from_secs(60),
             prices: [("standard".to_string(), 100)].into_iter().collect(),
             drift_margin_mib: 512,
+            queue_timeout_ms: 600_000,
+            restart: CrashLoopBackoff::default(),
+            delivery: DeliveryPolicy { retry: berth_core::notify::default_delivery_retry(), disable_after: 20 },
         }
     }
 }
@@ -88,11 +101,33 @@ pub struct ControlPlane {
     shutdown: watch::Sender<bool>,
 }
 
+/// What a control plane may be given beyond its config: a clock (tests
+/// drive time with one) and the email channel.
+#[derive(Default)]
+pub struct Extras {
+    pub clock: Option<Arc<dyn clock::Clock>>,
+    pub email: Option<notify::EmailConfig>,
+}
+
 impl ControlPlane {
     /// Builds the app and starts the leadership loop, the committer and the
     /// queue worker (which works only while this replica leads).
     pub fn start(store: Arc<dyn Store>, templates: templates::Templates, cfg: ControlConfig, replica: leader::Replica) -> ControlPlane {
-        let clock: Arc<dyn clock::Clock> = Arc::new(clock::SystemClock);
+        Self::start_with(store, templates, cfg, replica, Extras::default()).expect("no email settings to check")
+    }
+
+    /// Like `start`, with a clock and email settings; starts the operations
+    /// executor and the notifier too (both work only while this replica
+    /// leads).
+    pub fn start_with(
+        store: Arc<dyn Store>,
+        templates: templates::Templates,
+        cfg: ControlConfig,
+        replica: leader::Replica,
+        extras: Extras,
+    ) -> Result<ControlPlane, ControlError> {
+        let email = extras.email.map(notify::EmailSender::new).transpose()?.map(Arc::new);
+        let clock: Arc<dyn clock::Clock> = extras.clock.unwrap_or_else(|| Arc::new(clock::SystemClock));
         // Fenced from the start: nothing commits before this replica leads.
         store.set_fence(Some((replica.id.clone(), 0)));
         let committer = admission::Committer::spawn(store.clone(), clock.clone(), cfg.commit_window, cfg.commit_max_batch);
@@ -129,10 +164,40 @@ impl ControlPlane {
             monitor::BillingSweeper { store: store.clone(), clock: clock.clone(), cfg: cfg.clone(), leading: leading.clone() },
             rx.clone(),
         );
-        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, replica, leading, drift: Default::default() });
+        let ops_wake = Arc::new(Notify::new());
+        worker::spawn(
+            operations::OpsWorker {
+                store: store.clone(),
+                clock: clock.clone(),
+                cfg: cfg.clone(),
+                wake: ops_wake.clone(),
+                queue_wake: queue_wake.clone(),
+                nodes: nodes.clone(),
+                leading: leading.clone(),
+            },
+            rx.clone(),
+        );
+        let notify_wake = Arc::new(Notify::new());
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| ControlError::Startup(format!("cannot build the webhook client: {e}")))?;
+        worker::spawn(
+            notify::NotifyWorker {
+                store: store.clone(),
+                clock: clock.clone(),
+                policy: cfg.delivery,
+                email,
+                http,
+                leading: leading.clone(),
+                wake: notify_wake,
+            },
+            rx,
+        );
+        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, replica, leading, drift: Default::default(), ops_wake });
         // Servers may be waiting in the queue from before a restart.
         app.queue_wake.notify_one();
-        ControlPlane { app, shutdown }
+        Ok(ControlPlane { app, shutdown })
     }
 
     pub fn router(&self) -> axum::Router {

@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_api::{
-    CreateToken, InvariantReport, NodeView, RegisterRequest, RegisterResponse, SyncRequest, SyncResponse, TemplateView,
+    CreateToken, InvariantReport, KillOrder, NodeView, RegisterRequest, RegisterResponse, SyncRequest, SyncResponse, TemplateView,
     TokenCreated,
 };
 use berth_core::drift::MemoryFacts;
+use berth_core::operation::OpKind;
+use berth_core::restart::RestartPolicy;
 use berth_core::reconcile::{reconcile, Change, InstanceState};
 use berth_core::template::InstanceSpec;
 use berth_core::{validate, Event, MemMib, NewEvent, NodeId, NodeStatus, Server, ServerId, ServerStatus, TokenKind};
@@ -39,6 +41,8 @@ pub struct App {
     pub leading: Arc<std::sync::atomic::AtomicBool>,
     /// Memory drift verdicts per node, derived from the latest syncs.
     pub drift: DriftWatch,
+    /// Wakes the operations executor: an operation may settle or begin.
+    pub ops_wake: Arc<Notify>,
 }
 
 const DEFAULT_TENANT: &str = "default";
@@ -56,7 +60,7 @@ impl App {
         caller.require_user()?;
         let obj = body.as_object().ok_or_else(|| ControlError::invalid("invalid_request", "the body must be a JSON object"))?;
         for key in obj.keys() {
-            if !["name", "template", "memory_mib", "config", "tenant", "stop_after_s", "stateless", "plan"].contains(&key.as_str()) {
+            if !["name", "template", "memory_mib", "config", "tenant", "stop_after_s", "stateless", "plan", "restart_policy"].contains(&key.as_str()) {
                 return Err(ControlError::invalid("unknown_field", format!("unknown field {key:?}")));
             }
         }
@@ -125,6 +129,12 @@ impl App {
             let known: Vec<&str> = self.cfg.prices.keys().map(|k| k.as_str()).collect();
             ControlError::invalid("unknown_plan", format!("unknown plan {plan:?} (known: {})", known.join(", ")))
         })?;
+        let restart_policy = match field(obj, "restart_policy") {
+            None => RestartPolicy::Never,
+            Some(v) => v.as_str().and_then(RestartPolicy::parse).ok_or_else(|| {
+                ControlError::invalid("invalid_request", format!("restart_policy must be \"never\" or \"on-failure\", got {v}"))
+            })?,
+        };
         let tenant = match (caller.kind, field(obj, "tenant")) {
             (TokenKind::Tenant, Some(_)) => {
                 return Err(ControlError::Forbidden("tenant tokens create servers for their own tenant only".into()))
@@ -160,6 +170,7 @@ impl App {
             plan,
             price_per_gib_hour,
             home_node: None,
+            restart_policy,
             created_at: now,
             updated_at: now,
         };
@@ -189,25 +200,18 @@ impl App {
         Ok(self.store.list_servers(tenant).await?)
     }
 
-    pub async fn start_server(&self, caller: &Caller, id_or_name: &str, allow_fresh_world: bool) -> Result<Server, ControlError> {
-        let s = self.find_server(caller, id_or_name).await?;
-        let s = self.store.request_start(&s.id, self.clock.now_ms(), allow_fresh_world).await?;
-        self.queue_wake.notify_one();
-        Ok(s)
+    /// Every change of a server is an operation (see `operations`), so the
+    /// guard table serializes them.
+    pub async fn start_server(&self, caller: &Caller, id_or_name: &str) -> Result<Server, ControlError> {
+        Ok(self.operation(caller, id_or_name, OpKind::Start).await?.1)
     }
 
     pub async fn stop_server(&self, caller: &Caller, id_or_name: &str) -> Result<Server, ControlError> {
-        let s = self.find_server(caller, id_or_name).await?;
-        let s = self.store.request_stop(&s.id, self.clock.now_ms()).await?;
-        if let Some(node) = &s.node_id {
-            self.nodes.wake(node);
-        }
-        Ok(s)
+        Ok(self.operation(caller, id_or_name, OpKind::Stop).await?.1)
     }
 
     pub async fn delete_server(&self, caller: &Caller, id_or_name: &str) -> Result<Server, ControlError> {
-        let s = self.find_server(caller, id_or_name).await?;
-        Ok(self.store.delete_server(&s.id, self.clock.now_ms()).await?)
+        Ok(self.operation(caller, id_or_name, OpKind::Delete).await?.1)
     }
 
     pub async fn list_nodes(&self, caller: &Caller) -> Result<Vec<NodeView>, ControlError> {
@@ -471,9 +475,14 @@ impl App {
             self.queue_wake.notify_one();
         }
         self.watch_drift(&node, &req, now).await?;
+        if decided.changes.iter().any(|c| !matches!(c, Change::Usage { .. })) {
+            // An operation may have reached its end.
+            self.ops_wake.notify_one();
+        }
 
         let mut desired = self.store.desired_on(&node_id).await?;
-        if req.wait_ms > 0 && nothing_to_do(&desired, &req) {
+        let mut kill = self.store.killing_on(&node_id).await?;
+        if req.wait_ms > 0 && nothing_to_do(&desired, &kill, &req) {
             let wake = self.nodes.get(&node_id);
             let notified = wake.notified();
             tokio::pin!(notified);
@@ -481,14 +490,17 @@ impl App {
             // Re-read after registering interest so a change committed in
             // between is not missed.
             desired = self.store.desired_on(&node_id).await?;
-            if nothing_to_do(&desired, &req) {
+            kill = self.store.killing_on(&node_id).await?;
+            if nothing_to_do(&desired, &kill, &req) {
                 let wait = Duration::from_millis(req.wait_ms.min(self.cfg.long_poll_max_ms));
                 let _ = tokio::time::timeout(wait, notified).await;
                 desired = self.store.desired_on(&node_id).await?;
+                kill = self.store.killing_on(&node_id).await?;
             }
         }
         Ok(SyncResponse {
             desired: desired.iter().filter_map(|s| self.render(s)).collect(),
+            kill: kill.into_iter().map(|(server_id, generation)| KillOrder { server_id, generation }).collect(),
             lease_ttl_ms: self.cfg.lease_ttl_ms,
             sync_interval_ms: self.cfg.sync_interval_ms,
         })
@@ -528,9 +540,18 @@ impl App {
     }
 }
 
-/// The agent has nothing to do when it already has every desired instance
-/// and every other instance it reports is already on its way out.
-fn nothing_to_do(desired: &[Server], req: &SyncRequest) -> bool {
+/// The agent has nothing to do when it already has every desired instance,
+/// every other instance it reports is already on its way out, and none it
+/// must kill is still reported as starting or running (a killed instance
+/// reports `stopping` until it is seen gone).
+fn nothing_to_do(desired: &[Server], kill: &[(ServerId, u64)], req: &SyncRequest) -> bool {
+    let must_kill = req
+        .instances
+        .iter()
+        .any(|i| matches!(i.state, InstanceState::Starting | InstanceState::Running) && kill.iter().any(|(s, g)| *s == i.server_id && *g == i.generation));
+    if must_kill {
+        return false;
+    }
     let want: BTreeSet<(&str, u64)> = desired.iter().map(|s| (s.id.0.as_str(), s.generation)).collect();
     let have: BTreeSet<(&str, u64)> = req.instances.iter().map(|i| (i.server_id.0.as_str(), i.generation)).collect();
     want.is_subset(&have)

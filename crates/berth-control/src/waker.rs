@@ -21,4 +21,12 @@ impl NodeWaker {
     pub fn wake(&self, node: &NodeId) {
         self.get(node).notify_waiters();
     }
+
+    /// Wakes every held sync (the executor changed servers on nodes it did
+    /// not look up).
+    pub fn wake_all(&self) {
+        for n in self.inner.lock().expect("waker lock").values() {
+            n.notify_waiters();
+        }
+    }
 }

@@ -14,8 +14,12 @@ pub mod error;
 pub mod health;
 pub mod invariants;
 pub mod model;
+pub mod notify;
+pub mod operation;
 pub mod placement;
+pub mod queue;
 pub mod reconcile;
+pub mod restart;
 pub mod retry;
 pub mod template;
 pub mod validate;
@@ -51,6 +55,7 @@ pub(crate) fn reconcile_test_server() -> Server {
         plan: "standard".into(),
         price_per_gib_hour: 100,
         home_node: None,
+        restart_policy: Default::default(),
         created_at: 0,
         updated_at: 0,
     }

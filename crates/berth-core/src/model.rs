@@ -356,6 +356,9 @@ pub struct Server {
     /// again only there (its world is there) until an operator allows a
     /// fresh world elsewhere.
     pub home_node: Option<NodeId>,
+    /// What happens after a crash (`never` or `on-failure`).
+    #[serde(default)]
+    pub restart_policy: crate::restart::RestartPolicy,
     pub created_at: Millis,
     pub updated_at: Millis,
 }

@@ -223,6 +223,7 @@ mod tests {
         plan: "standard".into(),
         price_per_gib_hour: 100,
         home_node: None,
+            restart_policy: Default::default(),
             created_at: 0,
             updated_at: 0,
         }
@@ -292,7 +293,7 @@ mod tests {
         assert!(matches!(&r.changes[0], Change::Fail { .. }));
         f.error_class = Some(ErrorClass::Transient);
         let mut tired = server("a", ServerStatus::Starting, 1);
-        tired.attempts = 2;
+        tired.attempts = RetryPolicy::default().max_attempts - 1;
         let r = go(&[tired], &[f]);
         assert!(matches!(&r.changes[0], Change::Fail { .. }), "retries exhausted must fail");
     }

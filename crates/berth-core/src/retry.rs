@@ -18,7 +18,8 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { base_ms: 60_000, max_ms: 240_000, max_attempts: 3, jitter_permille: 100 }
+        // The first attempt and three retries, after 1, 2 and 4 minutes.
+        RetryPolicy { base_ms: 60_000, max_ms: 240_000, max_attempts: 4, jitter_permille: 100 }
     }
 }
 
@@ -51,7 +52,8 @@ mod tests {
         let p = RetryPolicy { jitter_permille: 0, ..RetryPolicy::default() };
         assert_eq!(p.after_failure(1, 0, 7), RetryDecision::RetryAt(60_000));
         assert_eq!(p.after_failure(2, 0, 7), RetryDecision::RetryAt(120_000));
-        assert_eq!(p.after_failure(3, 0, 7), RetryDecision::GiveUp);
+        assert_eq!(p.after_failure(3, 0, 7), RetryDecision::RetryAt(240_000));
+        assert_eq!(p.after_failure(4, 0, 7), RetryDecision::GiveUp);
     }
 
     #[test]

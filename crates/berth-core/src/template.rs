@@ -70,6 +70,11 @@ pub struct ProcessSpec {
     pub ready: ReadyCheck,
     #[serde(default = "default_ready_timeout")]
     pub ready_timeout_s: u64,
+    /// Exit codes that mean "this will never start" (bad config, missing
+    /// files): an instance that exits with one before it is ready fails
+    /// its server at once instead of being retried or restarted.
+    #[serde(default)]
+    pub permanent_exit_codes: Vec<i32>,
 }
 
 /// The `[docker]` section: what a container of this template runs. The
@@ -176,6 +181,8 @@ pub struct InstanceSpec {
     /// Present when the template has a `[docker]` section.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<DockerInstance>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permanent_exit_codes: Vec<i32>,
 }
 
 fn default_stop_after_ms() -> i64 {
@@ -313,6 +320,7 @@ impl Template {
                 data_mount: d.data_mount.clone(),
                 cpu_shares: d.cpu_shares,
             }),
+            permanent_exit_codes: p.permanent_exit_codes.clone(),
         })
     }
 }
@@ -434,6 +442,7 @@ mod tests {
                 stop_timeout_s: 10,
                 ready: ReadyCheck::Tcp,
                 ready_timeout_s: 60,
+                permanent_exit_codes: vec![],
             }),
             config,
         }

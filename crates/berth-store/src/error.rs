@@ -8,6 +8,9 @@ pub enum StoreError {
     NotFound { what: String },
     #[error("{0}")]
     Conflict(String),
+    /// The guard table refused an operation because of another one.
+    #[error("{blocking} is {status} on this server (operation {id})")]
+    OperationInProgress { blocking: berth_core::operation::OpKind, status: berth_core::operation::OpStatus, id: String },
     #[error(transparent)]
     Invalid(#[from] CoreError),
     #[error("stale sync: {0}")]

@@ -8,6 +8,8 @@
 //! same test suite.
 
 mod error;
+#[macro_use]
+mod ops_sql;
 mod postgres;
 mod sqlite;
 
@@ -15,8 +17,15 @@ use async_trait::async_trait;
 use berth_core::admission::Misfit;
 use berth_core::placement::{Placement, QueuedServer};
 use berth_core::health::Verdict;
+pub use berth_core::operation::Refusal;
+use berth_core::notify::Webhook;
+use berth_core::operation::{OpKind, OpOrigin, Operation};
 use berth_core::reconcile::Reconciled;
-use berth_core::{Event, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, PortRange, Reservation, Server, ServerId, TokenKind};
+use berth_core::retry::RetryPolicy;
+use berth_core::{
+    Event, Generation, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, PortRange, Reservation, Server, ServerId, ServerStatus,
+    TokenKind,
+};
 
 pub use error::StoreError;
 pub use postgres::PostgresStore;
@@ -123,7 +132,100 @@ pub struct EventFilter {
     pub kind: Option<String>,
     /// Only events with a larger sequence number.
     pub after: Option<i64>,
+    /// Only events at or after this time.
+    pub since: Option<Millis>,
     pub limit: u32,
+}
+
+/// A request for an operation on a server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpRequest {
+    pub server_id: ServerId,
+    pub kind: OpKind,
+    pub origin: OpOrigin,
+    /// The new operation's id (the store invents no ids).
+    pub new_id: String,
+    /// A start that lets a stateful server lost with its node run on a
+    /// fresh world elsewhere (clears its home node).
+    pub fresh_world: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OpFilter {
+    pub server_id: Option<ServerId>,
+    /// Only pending and running operations.
+    pub active_only: bool,
+    /// Only operations with a larger sequence number.
+    pub after: Option<i64>,
+    pub limit: u32,
+}
+
+/// What the operations executor looks at in one round.
+#[derive(Debug, Clone, Default)]
+pub struct OpsWork {
+    /// Servers with an operation that has not ended.
+    pub active: Vec<ServerId>,
+    /// Crashed servers whose restart policy is `on-failure` and that have no
+    /// unfinished operation, each with its automatic restarts since the
+    /// window began (and since the last start by a user).
+    pub crashed: Vec<(Server, u32)>,
+    /// Queued servers, for the queue timeout.
+    pub queued: Vec<QueuedServer>,
+}
+
+/// A notification delivery: one event to one channel, retried until it is
+/// delivered or given up. Its id is the idempotency key receivers see.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub id: String,
+    /// `webhook` or `email`.
+    pub channel: String,
+    pub webhook_id: Option<String>,
+    pub event_seq: i64,
+    pub event_kind: String,
+    pub tenant: Option<String>,
+    /// `pending`, `delivered` or `failed` (given up).
+    pub status: String,
+    pub attempts: u32,
+    pub next_attempt_at: Millis,
+    /// HTTP status of the last attempt, if it got an answer.
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at: Millis,
+    pub delivered_at: Option<Millis>,
+}
+
+/// A due delivery with what sending it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryJob {
+    pub delivery: Delivery,
+    pub event: Event,
+    /// The target webhook, `None` for email or if it was deleted.
+    pub webhook: Option<Webhook>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryOutcome {
+    Delivered { status: Option<u16> },
+    Failed { status: Option<u16>, error: String },
+    /// Stop trying (the webhook is gone or disabled).
+    Abandon { error: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeliveryFilter {
+    pub webhook_id: Option<String>,
+    pub channel: Option<String>,
+    pub tenant: Option<String>,
+    pub limit: u32,
+}
+
+/// How deliveries are retried and when a webhook is disabled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeliveryPolicy {
+    pub retry: RetryPolicy,
+    /// Failed attempts in a row after which a webhook is disabled.
+    pub disable_after: u32,
 }
 
 /// Per-node totals derived from reservation rows.
@@ -228,6 +330,45 @@ pub trait Store: Send + Sync + 'static {
     /// Test and repair hook: opens a session as it is, bypassing the
     /// lifecycle (used to inject zombies in tests).
     async fn insert_session(&self, s: &BillingSession) -> Result<i64, StoreError>;
+
+    /// Admits an operation in one transaction: settles the server's running
+    /// operation, runs the guard table (`operation::admit`), cancels what
+    /// the request preempts, and begins it if nothing is ahead. A refusal
+    /// writes nothing.
+    async fn request_operation(&self, req: &OpRequest, now: Millis) -> Result<(Operation, Server), StoreError>;
+    /// Settles the server's running operations and begins waiting ones
+    /// whose turn has come. Returns the operations it changed.
+    async fn advance_operations(&self, server_id: &ServerId, now: Millis) -> Result<Vec<Operation>, StoreError>;
+    async fn get_operation(&self, id: &str) -> Result<Option<Operation>, StoreError>;
+    async fn list_operations(&self, filter: &OpFilter) -> Result<Vec<Operation>, StoreError>;
+    /// `window_start`: automatic restarts before it are not counted.
+    async fn ops_work(&self, window_start: Millis) -> Result<OpsWork, StoreError>;
+    /// Fails a server that holds no reservation (queued past its timeout,
+    /// crashed too often), if it still has `generation` and `from`.
+    async fn fail_server(&self, id: &ServerId, generation: Generation, from: ServerStatus, error: &str, event: &NewEvent, now: Millis) -> Result<bool, StoreError>;
+    /// Records when a crashed server will be restarted (shown to users).
+    async fn set_restart_at(&self, id: &ServerId, generation: Generation, at: Millis) -> Result<(), StoreError>;
+    /// Instances on the node whose kill was requested and that are not yet
+    /// confirmed gone.
+    async fn killing_on(&self, node_id: &NodeId) -> Result<Vec<(ServerId, Generation)>, StoreError>;
+
+    async fn insert_webhook(&self, w: &Webhook) -> Result<Webhook, StoreError>;
+    /// `tenant`: only that tenant's webhooks; `None`: all.
+    async fn list_webhooks(&self, tenant: Option<&str>) -> Result<Vec<Webhook>, StoreError>;
+    async fn get_webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError>;
+    async fn delete_webhook(&self, id: &str) -> Result<(), StoreError>;
+    /// Enabling also forgets past failures.
+    async fn set_webhook_enabled(&self, id: &str, enabled: bool) -> Result<Webhook, StoreError>;
+    /// Turns events after the notification cursor into deliveries (one per
+    /// target, idempotent) and moves the cursor, in one transaction.
+    /// Returns how many events it looked at.
+    async fn fan_out(&self, email: bool, limit: u32, now: Millis) -> Result<usize, StoreError>;
+    async fn due_deliveries(&self, now: Millis, limit: u32) -> Result<Vec<DeliveryJob>, StoreError>;
+    /// Records one attempt: delivered, retried later, or given up; counts a
+    /// webhook's failures in a row and disables it (with an event) at the
+    /// policy's limit.
+    async fn record_delivery(&self, id: &str, outcome: &DeliveryOutcome, policy: &DeliveryPolicy, random: u64, now: Millis) -> Result<(), StoreError>;
+    async fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<Delivery>, StoreError>;
 
     async fn insert_events(&self, events: &[NewEvent], now: Millis) -> Result<(), StoreError>;
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;

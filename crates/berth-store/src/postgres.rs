@@ -33,6 +33,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_init.sql")),
     (2, include_str!("../migrations/postgres/0002_cluster.sql")),
     (3, include_str!("../migrations/postgres/0003_fencing_billing.sql")),
+    (4, include_str!("../migrations/postgres/0004_operations.sql")),
     (5, include_str!("../migrations/postgres/0005_volumes.sql")),
 ];
 
@@ -43,11 +44,14 @@ pub struct PostgresStore {
 }
 
 const SERVER_COLS: &str = "id, tenant, name, template, memory_mib, config, status, node_id, generation, port, last_exit, \
-     queued_at, attempts, next_attempt_at, last_error, used_mib, created_at, updated_at, stop_after_ms, stateless, plan, price_per_gib_hour, home_node";
+     queued_at, attempts, next_attempt_at, last_error, used_mib, created_at, updated_at, stop_after_ms, stateless, plan, price_per_gib_hour, home_node, \
+     restart_policy";
 const NODE_COLS: &str = "id, name, address, driver, total_mib, system_reserved_mib, cpu_cores, status, \
      max_concurrent_starts, port_min, port_max, epoch, sync_seq, last_sync_at, registered_at, host_total_mib, host_available_mib, \
      disk_total_mib, disk_used_mib, disk_pressure, drain_deadline";
 const RES_COLS: &str = "server_id, generation, node_id, memory_mib, port, state, created_at";
+
+ops_store_impl!(PostgresStore, Postgres, crate::ops_sql::numbered, " FOR UPDATE");
 
 impl PostgresStore {
     /// Connects to `url` and migrates the database. Acquiring a connection
@@ -134,6 +138,10 @@ fn server_from_row(r: &PgRow) -> Result<Server, StoreError> {
         next_attempt_at: r.try_get("next_attempt_at")?,
         last_error: r.try_get("last_error")?,
         used_mib: r.try_get::<Option<i64>, _>("used_mib")?.map(|m| MemMib(m as u64)),
+        restart_policy: {
+            let p: String = r.try_get("restart_policy")?;
+            berth_core::restart::RestartPolicy::parse(&p).ok_or_else(|| corrupt("restart policy", &p))?
+        },
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
         stop_after_ms: r.try_get("stop_after_ms")?,
@@ -400,7 +408,7 @@ impl Store for PostgresStore {
     async fn insert_server(&self, s: &Server, event: &NewEvent) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         let res = sqlx::query(&format!(
-            "INSERT INTO servers ({SERVER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, NULL, NULL, NULL, 0, NULL, NULL, NULL, $9, $10, $11, $12, $13, $14, NULL)"
+            "INSERT INTO servers ({SERVER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, NULL, NULL, NULL, 0, NULL, NULL, NULL, $9, $10, $11, $12, $13, $14, NULL, $15)"
         ))
         .bind(&s.id.0)
         .bind(&s.tenant)
@@ -416,6 +424,7 @@ impl Store for PostgresStore {
         .bind(s.stateless as i64)
         .bind(&s.plan)
         .bind(s.price_per_gib_hour)
+        .bind(s.restart_policy.as_str())
         .execute(&mut *tx)
         .await;
         match res {
@@ -940,6 +949,74 @@ impl Store for PostgresStore {
         *self.fence.lock().expect("fence lock") = fence;
     }
 
+
+        async fn request_operation(&self, req: &crate::OpRequest, now: Millis) -> Result<(berth_core::operation::Operation, Server), StoreError> {
+            self.ops_request(req, now).await
+        }
+        async fn advance_operations(&self, server_id: &ServerId, now: Millis) -> Result<Vec<berth_core::operation::Operation>, StoreError> {
+            self.ops_advance(server_id, now).await
+        }
+        async fn get_operation(&self, id: &str) -> Result<Option<berth_core::operation::Operation>, StoreError> {
+            self.ops_get(id).await
+        }
+        async fn list_operations(&self, filter: &crate::OpFilter) -> Result<Vec<berth_core::operation::Operation>, StoreError> {
+            self.ops_list(filter).await
+        }
+        async fn ops_work(&self, window_start: Millis) -> Result<crate::OpsWork, StoreError> {
+            self.ops_worklist(window_start).await
+        }
+        async fn fail_server(
+            &self,
+            id: &ServerId,
+            generation: berth_core::Generation,
+            from: ServerStatus,
+            error: &str,
+            event: &NewEvent,
+            now: Millis,
+        ) -> Result<bool, StoreError> {
+            self.ops_fail_server(id, generation, from, error, event, now).await
+        }
+        async fn set_restart_at(&self, id: &ServerId, generation: berth_core::Generation, at: Millis) -> Result<(), StoreError> {
+            self.ops_set_restart_at(id, generation, at).await
+        }
+        async fn killing_on(&self, node_id: &NodeId) -> Result<Vec<(ServerId, berth_core::Generation)>, StoreError> {
+            self.ops_killing_on(node_id).await
+        }
+        async fn insert_webhook(&self, w: &berth_core::notify::Webhook) -> Result<berth_core::notify::Webhook, StoreError> {
+            self.webhook_insert(w).await
+        }
+        async fn list_webhooks(&self, tenant: Option<&str>) -> Result<Vec<berth_core::notify::Webhook>, StoreError> {
+            self.webhook_list(tenant).await
+        }
+        async fn get_webhook(&self, id: &str) -> Result<Option<berth_core::notify::Webhook>, StoreError> {
+            self.webhook_get(id).await
+        }
+        async fn delete_webhook(&self, id: &str) -> Result<(), StoreError> {
+            self.webhook_delete(id).await
+        }
+        async fn set_webhook_enabled(&self, id: &str, enabled: bool) -> Result<berth_core::notify::Webhook, StoreError> {
+            self.webhook_set_enabled(id, enabled).await
+        }
+        async fn fan_out(&self, email: bool, limit: u32, now: Millis) -> Result<usize, StoreError> {
+            self.notify_fan_out(email, limit, now).await
+        }
+        async fn due_deliveries(&self, now: Millis, limit: u32) -> Result<Vec<crate::DeliveryJob>, StoreError> {
+            self.notify_due(now, limit).await
+        }
+        async fn record_delivery(
+            &self,
+            id: &str,
+            outcome: &crate::DeliveryOutcome,
+            policy: &crate::DeliveryPolicy,
+            random: u64,
+            now: Millis,
+        ) -> Result<(), StoreError> {
+            self.notify_record(id, outcome, policy, random, now).await
+        }
+        async fn list_deliveries(&self, filter: &crate::DeliveryFilter) -> Result<Vec<crate::Delivery>, StoreError> {
+            self.notify_list(filter).await
+        }
+
     async fn insert_events(&self, events: &[NewEvent], now: Millis) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         insert_events_tx(&mut tx, events, now).await?;
@@ -951,13 +1028,14 @@ impl Store for PostgresStore {
         let rows = sqlx::query(
             "SELECT seq, at, kind, server_id, node_id, message FROM events \
              WHERE ($1 IS NULL OR server_id = $1) AND ($2 IS NULL OR node_id = $2) AND ($3 IS NULL OR kind = $3) AND seq > $4 \
-             ORDER BY seq LIMIT $5",
+             AND ($6 IS NULL OR at >= $6) ORDER BY seq LIMIT $5",
         )
         .bind(f.server_id.as_ref().map(|s| s.0.as_str()))
         .bind(f.node_id.as_ref().map(|n| n.0.as_str()))
         .bind(f.kind.as_deref())
         .bind(f.after.unwrap_or(0))
         .bind(f.limit.clamp(1, 1000) as i64)
+        .bind(f.since)
         .fetch_all(&self.read)
         .await?;
         rows.iter()

@@ -36,6 +36,10 @@ fn store_suite_on_postgres() {
         case!(names_and_transitions);
         case!(leadership_is_exclusive_and_fences_commits);
         case!(events_filter_and_page);
+        case!(operations_follow_the_guard_table);
+        case!(kill_is_ordered_until_the_instance_is_gone);
+        case!(failing_and_restart_bookkeeping);
+        case!(webhooks_fan_out_retry_and_disable);
         let store: Arc<dyn Store> = Arc::new(PostgresStore::open(&pg.database("concurrent")).await.unwrap());
         suite::concurrent_commits_never_exceed_a_node(store).await;
 

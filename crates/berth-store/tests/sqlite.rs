@@ -31,6 +31,10 @@ suite_tests!(
     report_changes_are_conditional_on_generation,
     names_and_transitions,
     events_filter_and_page,
+    operations_follow_the_guard_table,
+    kill_is_ordered_until_the_instance_is_gone,
+    failing_and_restart_bookkeeping,
+    webhooks_fan_out_retry_and_disable,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

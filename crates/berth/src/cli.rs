@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use berth_api::{CreateServer, CreateToken, ServerView};
 use berth_client::Client;
+use berth_control::notify::{EmailConfig, SmtpTls};
 use berth_control::ControlConfig;
 use berth_core::ServerStatus;
 use clap::{Args, Parser, Subcommand};
@@ -85,6 +86,13 @@ pub enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Manage webhooks (notifications signed with HMAC-SHA256)
+    Webhook {
+        #[command(subcommand)]
+        cmd: WebhookCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// List templates and their config keys
     Templates {
         #[command(flatten)]
@@ -145,7 +153,7 @@ pub struct ControlFlags {
     /// Seconds between agent syncs (told to agents)
     #[arg(long, default_value_t = 2)]
     sync_interval: u64,
-    /// Milliseconds before the first retry of a transient start failure
+    /// Milliseconds before the first retry of a transient start failure (then doubling)
     #[arg(long, default_value_t = 60_000)]
     retry_base_ms: i64,
     /// Seconds added to the lease TTL before a silent node is judged
@@ -171,6 +179,45 @@ pub struct ControlFlags {
     /// before a memory_drift event
     #[arg(long, default_value_t = 512)]
     drift_margin_mib: u64,
+    /// Start attempts (the first and its retries) before a transient failure fails the server
+    #[arg(long, default_value_t = 4)]
+    retry_max_attempts: u32,
+    /// Seconds a queued server may wait for a node before it fails with no_capacity
+    #[arg(long, default_value_t = 600)]
+    queue_timeout_s: u64,
+    /// Restart policy on-failure: milliseconds before the first automatic restart (then doubling, up to 5 minutes)
+    #[arg(long, default_value_t = 10_000)]
+    restart_backoff_ms: i64,
+    /// Restart policy on-failure: automatic restarts within --restart-window-s before the server fails
+    #[arg(long, default_value_t = 5)]
+    restart_max: u32,
+    #[arg(long, default_value_t = 600)]
+    restart_window_s: u64,
+    /// Milliseconds before a failed webhook or email delivery is retried (then doubling)
+    #[arg(long, default_value_t = 5_000)]
+    delivery_retry_base_ms: i64,
+    /// Attempts of one delivery before it is given up
+    #[arg(long, default_value_t = 10)]
+    delivery_max_attempts: u32,
+    /// Failed webhook attempts in a row after which the webhook is disabled
+    #[arg(long, default_value_t = 20)]
+    webhook_disable_after: u32,
+    /// SMTP server for email notifications, HOST:PORT (no email without it)
+    #[arg(long)]
+    smtp: Option<String>,
+    /// opportunistic (STARTTLS when offered), required, wrapper (TLS on connect) or none
+    #[arg(long, default_value = "opportunistic")]
+    smtp_tls: String,
+    #[arg(long, env = "BERTH_SMTP_USER")]
+    smtp_user: Option<String>,
+    #[arg(long, env = "BERTH_SMTP_PASSWORD", hide_env_values = true)]
+    smtp_password: Option<String>,
+    /// Sender of notification emails
+    #[arg(long, default_value = "berth@localhost")]
+    email_from: String,
+    /// Recipients of notification emails, comma-separated
+    #[arg(long)]
+    email_to: Option<String>,
 }
 
 impl ControlFlags {
@@ -185,6 +232,9 @@ impl ControlFlags {
             max_session_ms: self.max_session_hours.max(1) * 3_600_000,
             ..Default::default()
         };
+        if self.retry_base_ms <= 0 || self.retry_max_attempts == 0 || self.restart_backoff_ms <= 0 || self.delivery_retry_base_ms <= 0 {
+            bail!("retry and backoff settings must be positive");
+        }
         cfg.retry.base_ms = self.retry_base_ms;
         cfg.drift_margin_mib = self.drift_margin_mib;
         cfg.retry.max_ms = self.retry_base_ms.saturating_mul(4);
@@ -197,7 +247,35 @@ impl ControlFlags {
         if self.disk_pressure_percent == 0 || self.disk_pressure_percent > 100 || self.disk_alert_percent > 100 {
             bail!("disk percentages must be from 1 to 100");
         }
-        Ok(ControlOpts { data_dir: self.data_dir.clone(), database: None, listen: self.listen, templates_dir: self.templates_dir.clone(), cfg })
+        cfg.retry.max_attempts = self.retry_max_attempts;
+        cfg.queue_timeout_ms = (self.queue_timeout_s as i64).saturating_mul(1000);
+        cfg.restart.base_ms = self.restart_backoff_ms;
+        cfg.restart.max_ms = cfg.restart.max_ms.max(self.restart_backoff_ms);
+        cfg.restart.max_restarts = self.restart_max;
+        cfg.restart.window_ms = (self.restart_window_s as i64).saturating_mul(1000);
+        cfg.delivery.retry.base_ms = self.delivery_retry_base_ms;
+        cfg.delivery.retry.max_ms = cfg.delivery.retry.max_ms.max(self.delivery_retry_base_ms);
+        cfg.delivery.retry.max_attempts = self.delivery_max_attempts.max(1);
+        cfg.delivery.disable_after = self.webhook_disable_after.max(1);
+        let email = match &self.smtp {
+            None => None,
+            Some(addr) => {
+                let (host, port) = addr.rsplit_once(':').context("--smtp must be HOST:PORT")?;
+                let port: u16 = port.parse().context("--smtp port must be a number")?;
+                let tls = SmtpTls::parse(&self.smtp_tls).context("--smtp-tls must be opportunistic, required, wrapper or none")?;
+                let to: Vec<String> = self.email_to.as_deref().unwrap_or_default().split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                if to.is_empty() {
+                    bail!("--smtp needs --email-to");
+                }
+                let credentials = match (&self.smtp_user, &self.smtp_password) {
+                    (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+                    (None, None) => None,
+                    _ => bail!("--smtp-user and --smtp-password go together"),
+                };
+                Some(EmailConfig { host: host.to_string(), port, tls, credentials, from: self.email_from.clone(), to })
+            }
+        };
+        Ok(ControlOpts { data_dir: self.data_dir.clone(), database: None, listen: self.listen, templates_dir: self.templates_dir.clone(), cfg, email })
     }
 }
 
@@ -316,6 +394,9 @@ pub enum ServerCmd {
         /// Price plan
         #[arg(long)]
         plan: Option<String>,
+        /// never (default) or on-failure (restart after a crash, with backoff)
+        #[arg(long)]
+        restart_policy: Option<String>,
     },
     /// Start a server (queue it for placement)
     Start {
@@ -337,6 +418,29 @@ pub enum ServerCmd {
         wait: bool,
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+    },
+    /// Stop a server, then start it again
+    Restart {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// End a server's instance at once (SIGKILL), bypassing the operation queue
+    Kill {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// List a server's operations (newest last)
+    Ops {
+        id: String,
+        /// Only operations that have not ended
+        #[arg(long)]
+        active: bool,
     },
     /// Delete a stopped server (its data dir is kept on the node)
     Delete { id: String },
@@ -373,8 +477,32 @@ pub enum TokenCmd {
     },
 }
 
+#[derive(Subcommand)]
+pub enum WebhookCmd {
+    /// Create a webhook; its signing secret is printed as the last line (once)
+    Create {
+        url: String,
+        /// Event kinds, comma-separated (default: alerts; * for all)
+        #[arg(long)]
+        events: Option<String>,
+        /// For one tenant's servers only (admin tokens; tenant tokens always)
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    List,
+    Delete { id: String },
+    /// Enable again (after it was disabled by failures)
+    Enable { id: String },
+    Disable { id: String },
+    /// The delivery log of a webhook
+    Deliveries { id: String },
+}
+
 #[derive(Args)]
 pub struct EventsArgs {
+    /// Only events at or after this time: RFC 3339, or a duration ago (10m, 2h)
+    #[arg(long)]
+    since: Option<String>,
     #[arg(long)]
     server: Option<String>,
     #[arg(long)]
@@ -528,6 +656,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Webhook { cmd, conn } => webhook(cmd, &conn).await,
         Cmd::Templates { conn } => {
             let t = conn.client()?.templates().await?;
             if conn.json {
@@ -593,6 +722,7 @@ fn print_server(s: &ServerView, json: bool) -> Result<()> {
     println!("port:        {}", opt(&s.port));
     println!("generation:  {}", s.generation);
     println!("used_mib:    {}", opt(&s.used_mib));
+    println!("restart:     {}", s.restart_policy);
     if let Some(e) = &s.last_exit {
         println!("last_exit:   {}{}", e.reason, e.code.map(|c| format!(" (code {c})")).unwrap_or_default());
     }
@@ -638,8 +768,8 @@ async fn wait_for(client: &Client, id: &str, target: ServerStatus, timeout: Dura
 async fn server(cmd: ServerCmd, conn: &Conn) -> Result<()> {
     let c = conn.client()?;
     match cmd {
-        ServerCmd::Create { name, template, memory_mib, config, tenant, stop_after_s, stateless, plan } => {
-            let req = CreateServer { name, template, memory_mib, config: parse_config(&config)?, tenant, stop_after_s, stateless, plan };
+        ServerCmd::Create { name, template, memory_mib, config, tenant, stop_after_s, stateless, plan, restart_policy } => {
+            let req = CreateServer { name, template, memory_mib, config: parse_config(&config)?, tenant, stop_after_s, stateless, plan, restart_policy };
             let s = c.create_server(&req).await?;
             if conn.json {
                 print_server(&s, true)?;
@@ -669,6 +799,51 @@ async fn server(cmd: ServerCmd, conn: &Conn) -> Result<()> {
                 print_server(&s, true)?;
             } else {
                 println!("server {} {}", s.name, s.status);
+            }
+        }
+        ServerCmd::Restart { id, wait, timeout } => {
+            let mut s = c.restart_server(&id).await?;
+            if wait {
+                s = wait_for_restart(&c, &id, Duration::from_secs(timeout), conn.json).await?;
+            }
+            if conn.json {
+                print_server(&s, true)?;
+            } else {
+                println!("server {} {}", s.name, s.status);
+            }
+        }
+        ServerCmd::Kill { id, wait, timeout } => {
+            let mut s = c.kill_server(&id).await?;
+            if wait {
+                s = wait_for(&c, &id, ServerStatus::Stopped, Duration::from_secs(timeout), conn.json).await?;
+            }
+            if conn.json {
+                print_server(&s, true)?;
+            } else {
+                println!("server {} {}", s.name, s.status);
+            }
+        }
+        ServerCmd::Ops { id, active } => {
+            let l = c.server_operations(&id, if active { "active=true&limit=1000" } else { "limit=1000" }).await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                let rows: Vec<Vec<String>> = l
+                    .operations
+                    .iter()
+                    .map(|o| {
+                        vec![
+                            o.id.clone(),
+                            o.kind.clone(),
+                            o.status.clone(),
+                            opt(&o.phase),
+                            o.origin.clone(),
+                            o.created_at.clone(),
+                            o.error.clone().map(|e| format!("{}: {e}", o.error_code.clone().unwrap_or_default())).unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["ID", "KIND", "STATUS", "PHASE", "ORIGIN", "CREATED", "ERROR"], &rows));
             }
         }
         ServerCmd::Delete { id } => {
@@ -767,11 +942,126 @@ fn drift_cell(d: Option<&berth_api::DriftView>) -> String {
     parts.join(", ")
 }
 
+/// `--since`: an RFC 3339 time as is, or a duration before now.
+fn since_param(s: &str) -> Result<String> {
+    if humantime::parse_rfc3339_weak(s).is_ok() {
+        return Ok(s.to_string());
+    }
+    let ago = humantime::parse_duration(s).with_context(|| format!("--since wants RFC 3339 or a duration like 10m, got {s:?}"))?;
+    let at = std::time::SystemTime::now().checked_sub(ago).context("--since is too far back")?;
+    Ok(humantime::format_rfc3339_millis(at).to_string())
+}
+
+async fn webhook(cmd: WebhookCmd, conn: &Conn) -> Result<()> {
+    let c = conn.client()?;
+    let print = |w: &berth_api::WebhookView| -> Result<()> {
+        if conn.json {
+            println!("{}", serde_json::to_string_pretty(w)?);
+        } else {
+            println!("webhook {} {} ({})", w.id, w.url, if w.enabled { "enabled" } else { "disabled" });
+        }
+        Ok(())
+    };
+    match cmd {
+        WebhookCmd::Create { url, events, tenant } => {
+            let events = events.map(|e| e.split(',').map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect()).unwrap_or_default();
+            let w = c.create_webhook(&berth_api::CreateWebhook { url, events, tenant }).await?;
+            print(&w)?;
+            if !conn.json {
+                println!("signing secret (shown once):");
+                println!("{}", w.secret.clone().unwrap_or_default());
+            }
+        }
+        WebhookCmd::List => {
+            let l = c.list_webhooks().await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                let rows: Vec<Vec<String>> = l
+                    .webhooks
+                    .iter()
+                    .map(|w| {
+                        vec![
+                            w.id.clone(),
+                            w.url.clone(),
+                            opt(&w.tenant),
+                            if w.events.is_empty() { "alerts".into() } else { w.events.join(",") },
+                            if w.enabled { "enabled".into() } else { "disabled".into() },
+                            w.consecutive_failures.to_string(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["ID", "URL", "TENANT", "EVENTS", "STATE", "FAILURES"], &rows));
+            }
+        }
+        WebhookCmd::Delete { id } => {
+            c.delete_webhook(&id).await?;
+            println!("deleted webhook {id}");
+        }
+        WebhookCmd::Enable { id } => print(&c.set_webhook_enabled(&id, true).await?)?,
+        WebhookCmd::Disable { id } => print(&c.set_webhook_enabled(&id, false).await?)?,
+        WebhookCmd::Deliveries { id } => {
+            let l = c.webhook_deliveries(&id).await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                let rows: Vec<Vec<String>> = l
+                    .deliveries
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.id.clone(),
+                            d.event_kind.clone(),
+                            d.status.clone(),
+                            d.attempts.to_string(),
+                            opt(&d.last_status),
+                            opt(&d.next_attempt_at),
+                            d.last_error.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["IDEMPOTENCY_KEY", "EVENT", "STATUS", "ATTEMPTS", "LAST_HTTP", "NEXT_TRY", "LAST_ERROR"], &rows));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the server has no unfinished operation, then requires it
+/// to be running (a restart ends with the server running or failed).
+async fn wait_for_restart(client: &Client, id: &str, timeout: Duration, json: bool) -> Result<ServerView> {
+    let bar = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new_spinner() };
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let started = Instant::now();
+    loop {
+        let active = client.server_operations(id, "active=true").await?;
+        let s = client.get_server(id).await?;
+        bar.set_message(format!("{}: {} ({}s)", s.name, s.status, started.elapsed().as_secs()));
+        if active.operations.is_empty() {
+            bar.finish_and_clear();
+            if s.status != ServerStatus::Running {
+                let why = s.last_error.clone().or(s.last_exit.as_ref().map(|e| e.reason.clone())).unwrap_or_default();
+                bail!("server {} is {} ({why})", s.name, s.status);
+            }
+            return Ok(s);
+        }
+        if started.elapsed() > timeout {
+            bar.finish_and_clear();
+            bail!("server {} is still {} after {}s", s.name, s.status, timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 async fn events(a: EventsArgs) -> Result<()> {
     let c = a.conn.client()?;
     let mut after: Option<i64> = None;
+    let since = a.since.as_deref().map(since_param).transpose()?;
     loop {
         let mut q = vec!["limit=500".to_string()];
+        if let (Some(s), None) = (&since, after) {
+            q.push(format!("since={}", s.replace('+', "%2B")));
+        }
         if let Some(s) = &a.server {
             q.push(format!("server={s}"));
         }

@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use berth_agent::{Agent, AgentConfig, DockerDriver, Driver, ProcessDriver};
 use berth_control::templates::Templates;
 use berth_control::leader::Replica;
-use berth_control::{ensure_token_file, ControlConfig, ControlPlane};
+use berth_control::notify::EmailConfig;
+use berth_control::{ensure_token_file, ControlConfig, ControlPlane, Extras};
 use berth_core::{PortRange, TokenKind};
 use berth_store::{PostgresStore, SqliteStore, Store};
 use tokio::sync::watch;
@@ -24,6 +25,8 @@ pub struct ControlOpts {
     pub listen: SocketAddr,
     pub templates_dir: Option<PathBuf>,
     pub cfg: ControlConfig,
+    /// SMTP settings; no email without them.
+    pub email: Option<EmailConfig>,
 }
 
 pub struct AgentOpts {
@@ -122,7 +125,8 @@ async fn start_control(opts: &ControlOpts, shutdown: watch::Receiver<bool>) -> R
     }
     let url = format!("http://{addr}");
     let replica = Replica { id: replica_id(&opts.data_dir)?, address: url.clone(), started_at: now_ms() };
-    let cp = ControlPlane::start(store.clone(), templates, opts.cfg.clone(), replica);
+    let extras = Extras { clock: None, email: opts.email.clone() };
+    let cp = ControlPlane::start_with(store.clone(), templates, opts.cfg.clone(), replica, extras)?;
     let admin_path = opts.data_dir.join("admin.token");
     let created = ensure_token_file(store.as_ref(), TokenKind::Admin, &admin_path, now_ms()).await?;
     std::fs::write(opts.data_dir.join("addr"), format!("{url}\n"))?;

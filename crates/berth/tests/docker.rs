@@ -515,6 +515,7 @@ fn driver_spec(server: &str, port: u16) -> berth_core::template::InstanceSpec {
         plan: "standard".into(),
         price_per_gib_hour: 100,
         home_node: None,
+        restart_policy: Default::default(),
         created_at: 0,
         updated_at: 0,
     };

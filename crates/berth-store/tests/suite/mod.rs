@@ -46,6 +46,7 @@ pub fn server(name: &str, mib: u64) -> Server {
         plan: "standard".into(),
         price_per_gib_hour: 100,
         home_node: None,
+        restart_policy: Default::default(),
         created_at: 1,
         updated_at: 1,
     }
@@ -306,4 +307,238 @@ pub async fn events_filter_and_page(store: &dyn Store) {
     let page2 = store.list_events(&berth_store::EventFilter { limit: 100, after: Some(page1[1].seq), ..Default::default() }).await.unwrap();
     assert_eq!(page1.len() + page2.len(), all.len());
     assert!(page2[0].seq > page1[1].seq);
+    store.insert_events(&[NewEvent { kind: "later", server_id: None, node_id: None, message: "later".into() }], 5_000).await.unwrap();
+    let since = store.list_events(&berth_store::EventFilter { since: Some(5_000), limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(since.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["later"]);
+}
+
+fn op_req(s: &Server, kind: berth_core::operation::OpKind, id: &str) -> berth_store::OpRequest {
+    berth_store::OpRequest { server_id: s.id.clone(), kind, origin: berth_core::operation::OpOrigin::User, new_id: id.into(), fresh_world: false }
+}
+
+async fn event_count(store: &dyn Store) -> usize {
+    store.list_events(&berth_store::EventFilter { limit: 1000, ..Default::default() }).await.unwrap().len()
+}
+
+fn sync_in(node: &NodeId, seq: u64) -> SyncInput {
+    sync_input(node, 1, seq)
+}
+
+/// L5: operations run one at a time along the guard table; a refusal
+/// writes nothing; a stop cancels a start; a start behind a stop waits
+/// until the instance is confirmed gone.
+pub async fn operations_follow_the_guard_table(store: &dyn Store) {
+    use berth_core::operation::{OpKind, OpStatus};
+    let node = store.register_node(&reg("n1", 8000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
+    let s = server("a", 100);
+    store.insert_server(&s, &ev()).await.unwrap();
+    let (start, srv) = store.request_operation(&op_req(&s, OpKind::Start, "op_1"), 10).await.unwrap();
+    assert_eq!((start.status, srv.status), (OpStatus::Running, ServerStatus::Queued));
+    let events = event_count(store).await;
+    let e = store.request_operation(&op_req(&s, OpKind::Delete, "op_2"), 11).await.unwrap_err();
+    assert!(matches!(e, StoreError::OperationInProgress { blocking: OpKind::Start, .. }), "{e:?}");
+    let e = store.request_operation(&op_req(&s, OpKind::Start, "op_3"), 11).await.unwrap_err();
+    assert!(matches!(e, StoreError::OperationInProgress { .. }), "{e:?}");
+    assert_eq!(event_count(store).await, events, "a refused request wrote an event");
+    assert!(store.get_operation("op_2").await.unwrap().is_none(), "a refused request wrote an operation");
+
+    // A stop while queued cancels the start and is done at once.
+    let (stop, srv) = store.request_operation(&op_req(&s, OpKind::Stop, "op_4"), 12).await.unwrap();
+    assert_eq!((stop.status, srv.status), (OpStatus::Succeeded, ServerStatus::Stopped));
+    let start = store.get_operation("op_1").await.unwrap().unwrap();
+    assert_eq!((start.status, start.error_code.as_deref()), (OpStatus::Cancelled, Some("cancelled")));
+
+    // Start, place, confirm; then stop and a start behind it.
+    let (_, srv) = store.request_operation(&op_req(&s, OpKind::Start, "op_5"), 13).await.unwrap();
+    store.commit_placements(&[plan(&srv, &node.id, 30000)], 14).await.unwrap();
+    let id = s.id.clone();
+    store.sync_node(&sync_in(&node.id, 1), 15, &move |_: &[Server], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() }).await.unwrap();
+    store.advance_operations(&s.id, 16).await.unwrap();
+    assert_eq!(store.get_operation("op_5").await.unwrap().unwrap().status, OpStatus::Succeeded);
+    let (stop, srv) = store.request_operation(&op_req(&s, OpKind::Stop, "op_6"), 17).await.unwrap();
+    assert_eq!((stop.status, srv.status), (OpStatus::Running, ServerStatus::Stopping));
+    let (again, _) = store.request_operation(&op_req(&s, OpKind::Start, "op_7"), 18).await.unwrap();
+    assert_eq!(again.status, OpStatus::Pending, "a start behind a stop waits");
+    assert!(store.advance_operations(&s.id, 19).await.unwrap().is_empty(), "nothing moves before the instance is gone");
+    assert_eq!(store.node_usage().await.unwrap()[0].reserved, MemMib(100), "the reservation stays until confirmed gone");
+    let id = s.id.clone();
+    let gone = move |_: &[Server], _: i64| Reconciled {
+        changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: Some(0) }, billed_until: 0 }],
+        ..Default::default()
+    };
+    store.sync_node(&sync_in(&node.id, 2), 20, &gone).await.unwrap();
+    let changed = store.advance_operations(&s.id, 21).await.unwrap();
+    assert_eq!(changed.len(), 2, "{changed:?}");
+    assert_eq!(store.get_operation("op_6").await.unwrap().unwrap().status, OpStatus::Succeeded);
+    assert_eq!(store.get_operation("op_7").await.unwrap().unwrap().status, OpStatus::Running);
+    assert_eq!(store.get_server("a").await.unwrap().unwrap().status, ServerStatus::Queued);
+    let all = store.list_operations(&berth_store::OpFilter { server_id: Some(s.id.clone()), limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(all.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(), ["op_1", "op_4", "op_5", "op_6", "op_7"]);
+    let active = store.list_operations(&berth_store::OpFilter { active_only: true, limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(active.len(), 1);
+    assert_eq!(store.ops_work(0).await.unwrap().active, vec![s.id.clone()]);
+    assert_no_violations(store).await;
+}
+
+/// Kill runs next to a stop, is listed for the node until the instance is
+/// confirmed gone, and the reservation is released only then (L3).
+pub async fn kill_is_ordered_until_the_instance_is_gone(store: &dyn Store) {
+    use berth_core::operation::{OpKind, OpStatus};
+    let node = store.register_node(&reg("n1", 8000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
+    let s = server("k", 100);
+    store.insert_server(&s, &ev()).await.unwrap();
+    let (_, srv) = store.request_operation(&op_req(&s, OpKind::Start, "op_1"), 10).await.unwrap();
+    store.commit_placements(&[plan(&srv, &node.id, 30000)], 11).await.unwrap();
+    let (stop, _) = store.request_operation(&op_req(&s, OpKind::Stop, "op_2"), 12).await.unwrap();
+    assert_eq!(stop.status, OpStatus::Running, "the stop preempted the start and waits for the instance");
+    assert_eq!(store.get_operation("op_1").await.unwrap().unwrap().status, OpStatus::Cancelled);
+    assert!(store.killing_on(&node.id).await.unwrap().is_empty(), "a stop is graceful");
+    let (kill, srv) = store.request_operation(&op_req(&s, OpKind::Kill, "op_3"), 13).await.unwrap();
+    assert_eq!((kill.status, srv.status), (OpStatus::Running, ServerStatus::Stopping));
+    assert_eq!(store.killing_on(&node.id).await.unwrap(), vec![(s.id.clone(), 1)]);
+    let e = store.request_operation(&op_req(&s, OpKind::Kill, "op_4"), 14).await.unwrap_err();
+    assert!(matches!(e, StoreError::OperationInProgress { blocking: OpKind::Kill, .. }), "{e:?}");
+    // Regression: what waits behind a kill begins only once the instance
+    // is confirmed gone (it began at once and failed as invalid_state).
+    let (delete, _) = store.request_operation(&op_req(&s, OpKind::Delete, "op_5"), 14).await.unwrap();
+    assert_eq!(delete.status, OpStatus::Pending);
+    store.advance_operations(&s.id, 14).await.unwrap();
+    assert_eq!(store.get_operation("op_5").await.unwrap().unwrap().status, OpStatus::Pending);
+    let id = s.id.clone();
+    let gone = move |_: &[Server], _: i64| Reconciled {
+        changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: None }, billed_until: 0 }],
+        ..Default::default()
+    };
+    store.sync_node(&sync_in(&node.id, 1), 15, &gone).await.unwrap();
+    store.advance_operations(&s.id, 16).await.unwrap();
+    assert_eq!(store.get_operation("op_3").await.unwrap().unwrap().status, OpStatus::Succeeded);
+    assert_eq!(store.get_operation("op_2").await.unwrap().unwrap().status, OpStatus::Succeeded);
+    assert_eq!(store.get_operation("op_5").await.unwrap().unwrap().status, OpStatus::Succeeded);
+    assert!(store.get_server("k").await.unwrap().is_none(), "deleted after the kill");
+    assert!(store.killing_on(&node.id).await.unwrap().is_empty());
+    assert!(store.node_usage().await.unwrap().is_empty());
+    assert_no_violations(store).await;
+}
+
+/// Queue timeout and crash loops fail servers that hold nothing; automatic
+/// restarts are counted per window and reset by a user's start.
+pub async fn failing_and_restart_bookkeeping(store: &dyn Store) {
+    use berth_core::operation::{OpKind, OpOrigin, OpStatus};
+    let node = store.register_node(&reg("n1", 8000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
+    let s = server("q", 100);
+    store.insert_server(&s, &ev()).await.unwrap();
+    let (_, srv) = store.request_operation(&op_req(&s, OpKind::Start, "op_1"), 10).await.unwrap();
+    let work = store.ops_work(0).await.unwrap();
+    assert_eq!(work.queued.len(), 1);
+    let fail_ev = NewEvent { kind: "start_failed", server_id: Some(s.id.clone()), node_id: None, message: "no capacity".into() };
+    assert!(!store.fail_server(&s.id, srv.generation + 7, ServerStatus::Queued, "no_capacity: x", &fail_ev, 20).await.unwrap(), "stale generation");
+    assert!(store.fail_server(&s.id, srv.generation, ServerStatus::Queued, "no_capacity: x", &fail_ev, 20).await.unwrap());
+    store.advance_operations(&s.id, 21).await.unwrap();
+    let op = store.get_operation("op_1").await.unwrap().unwrap();
+    assert_eq!((op.status, op.error_code.as_deref()), (OpStatus::Failed, Some("no_capacity")));
+    assert!(store.fail_server(&s.id, 0, ServerStatus::Running, "x", &fail_ev, 22).await.is_err(), "a placed server cannot be failed this way");
+
+    // A crashed server with restart policy on-failure.
+    let mut c = server("c", 100);
+    c.restart_policy = berth_core::restart::RestartPolicy::OnFailure;
+    store.insert_server(&c, &ev()).await.unwrap();
+    assert_eq!(store.get_server("c").await.unwrap().unwrap().restart_policy, berth_core::restart::RestartPolicy::OnFailure);
+    let mut seq = 0;
+    for (round, origin) in [(0, OpOrigin::User), (1, OpOrigin::RestartPolicy), (2, OpOrigin::RestartPolicy)] {
+        let req = berth_store::OpRequest { server_id: c.id.clone(), kind: OpKind::Start, origin, new_id: format!("op_c{round}"), fresh_world: false };
+        let (_, srv) = store.request_operation(&req, 100 + round).await.unwrap();
+        store.commit_placements(&[plan(&srv, &node.id, 30000)], 101 + round).await.unwrap();
+        let (id, gen) = (c.id.clone(), srv.generation + 1);
+        seq += 1;
+        let crash = move |_: &[Server], _: i64| Reconciled {
+            changes: vec![Change::Ended { server_id: id.clone(), generation: gen, to: ServerStatus::Crashed, exit: LastExit { reason: "exited".into(), code: Some(3) }, billed_until: 0 }],
+            ..Default::default()
+        };
+        store.sync_node(&sync_in(&node.id, seq), 102 + round, &crash).await.unwrap();
+        store.advance_operations(&c.id, 103 + round).await.unwrap();
+        let work = store.ops_work(0).await.unwrap();
+        let (crashed, restarts) = work.crashed.iter().find(|(s, _)| s.id == c.id).cloned().expect("listed as crashed");
+        assert_eq!(crashed.status, ServerStatus::Crashed);
+        assert_eq!(restarts, round as u32, "automatic restarts since the user's start");
+    }
+    assert_eq!(store.ops_work(1_000).await.unwrap().crashed[0].1, 0, "restarts before the window do not count");
+    store.set_restart_at(&c.id, store.get_server("c").await.unwrap().unwrap().generation, 5_000).await.unwrap();
+    assert_eq!(store.get_server("c").await.unwrap().unwrap().next_attempt_at, Some(5_000));
+    assert_no_violations(store).await;
+}
+
+/// Webhooks get deliveries for the events they want (not the history),
+/// once per event; failures are retried and, in a row, disable the webhook
+/// with an event; successes reset the count.
+pub async fn webhooks_fan_out_retry_and_disable(store: &dyn Store) {
+    use berth_core::notify::Webhook;
+    let crash = |id: &str| NewEvent { kind: "server_crashed", server_id: Some(ServerId(id.into())), node_id: None, message: "crashed".into() };
+    let s = server("w", 100);
+    store.insert_server(&s, &ev()).await.unwrap();
+    store.insert_events(&[crash(&s.id.0)], 1).await.unwrap();
+    let hook = |id: &str, tenant: Option<&str>| Webhook {
+        id: id.into(),
+        url: "http://127.0.0.1:9/hook".into(),
+        tenant: tenant.map(String::from),
+        events: vec![],
+        secret: "sekrit".into(),
+        enabled: true,
+        consecutive_failures: 0,
+        after_seq: 0,
+        created_at: 2,
+    };
+    let global = store.insert_webhook(&hook("wh_global", None)).await.unwrap();
+    assert!(global.after_seq > 0, "history is not sent to a new webhook");
+    store.insert_webhook(&hook("wh_other", Some("someone-else"))).await.unwrap();
+    store.insert_webhook(&hook("wh_mine", Some("default"))).await.unwrap();
+    assert_eq!(store.list_webhooks(Some("default")).await.unwrap().len(), 1);
+    assert_eq!(store.list_webhooks(None).await.unwrap().len(), 3);
+
+    store.insert_events(&[crash(&s.id.0)], 3).await.unwrap();
+    store.insert_events(&[NewEvent { kind: "server_running", server_id: Some(s.id.clone()), node_id: None, message: "up".into() }], 3).await.unwrap();
+    assert!(store.fan_out(true, 100, 4).await.unwrap() >= 2);
+    assert_eq!(store.fan_out(true, 100, 4).await.unwrap(), 0, "the cursor moved");
+    let due = store.due_deliveries(4, 100).await.unwrap();
+    let mut ids: Vec<&str> = due.iter().map(|j| j.delivery.id.as_str()).collect();
+    ids.sort();
+    let seq = due.iter().find(|j| j.delivery.channel == "webhook").unwrap().event.seq;
+    // Email follows the notification cursor (from the schema's creation),
+    // a webhook only events after its own creation.
+    assert_eq!(
+        ids,
+        [format!("email.{}", seq - 1), format!("email.{seq}"), format!("wh_global.{seq}"), format!("wh_mine.{seq}")],
+        "one per target, alerts only"
+    );
+    assert!(due.iter().all(|j| j.event.kind == "server_crashed"));
+    let job = due.iter().find(|j| j.delivery.id.starts_with("wh_global")).unwrap();
+    assert_eq!(job.webhook.as_ref().unwrap().secret, "sekrit");
+
+    let policy = berth_store::DeliveryPolicy { retry: berth_core::notify::default_delivery_retry(), disable_after: 3 };
+    let fail = berth_store::DeliveryOutcome::Failed { status: Some(500), error: "http 500".into() };
+    let id = format!("wh_global.{seq}");
+    store.record_delivery(&id, &fail, &policy, 0, 10).await.unwrap();
+    store.record_delivery(&id, &fail, &policy, 0, 11).await.unwrap();
+    assert!(store.due_deliveries(12, 100).await.unwrap().iter().all(|j| j.delivery.id != id), "not due before its backoff");
+    store.record_delivery(&id, &berth_store::DeliveryOutcome::Delivered { status: Some(200) }, &policy, 0, 20_000).await.unwrap();
+    store.record_delivery(&id, &fail, &policy, 0, 20_001).await.unwrap(); // a late duplicate changes nothing
+    let log = store.list_deliveries(&berth_store::DeliveryFilter { webhook_id: Some("wh_global".into()), limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!((log[0].status.as_str(), log[0].attempts, log[0].last_status), ("delivered", 3, Some(200)));
+    assert_eq!(store.get_webhook("wh_global").await.unwrap().unwrap().consecutive_failures, 0, "a success resets the count");
+
+    let id = format!("wh_mine.{seq}");
+    for t in 0..3 {
+        store.record_delivery(&id, &fail, &policy, 0, 30 + t).await.unwrap();
+    }
+    let mine = store.get_webhook("wh_mine").await.unwrap().unwrap();
+    assert!(!mine.enabled, "disabled after three failures in a row");
+    let disabled = store.list_events(&berth_store::EventFilter { kind: Some("webhook_disabled".into()), limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(disabled.len(), 1);
+    assert_eq!(store.list_deliveries(&berth_store::DeliveryFilter { webhook_id: Some("wh_mine".into()), limit: 10, ..Default::default() }).await.unwrap()[0].status, "failed");
+    let back = store.set_webhook_enabled("wh_mine", true).await.unwrap();
+    assert!(back.enabled && back.consecutive_failures == 0);
+    store.delete_webhook("wh_other").await.unwrap();
+    assert!(matches!(store.delete_webhook("wh_other").await, Err(StoreError::NotFound { .. })));
+    let emails = store.list_deliveries(&berth_store::DeliveryFilter { channel: Some("email".into()), limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(emails.len(), 2);
 }

@@ -1,0 +1,214 @@
+//! Operations on servers: the use cases that request them and the serial
+//! executor that moves them along.
+//!
+//! A request is admitted or refused in one store transaction that applies
+//! the guard table (`berth_core::operation`); if nothing is ahead of it,
+//! its first step happens in that same transaction, so the answer already
+//! shows the server queued or stopping. The executor (`OpsWorker`, leader
+//! only) settles running operations as agents confirm what happened,
+//! begins waiting ones in order, fails queued servers past the queue
+//! timeout with `no_capacity`, and applies restart policies. It decides
+//! nothing itself: every decision is a pure function of core; this module
+//! only reads, calls them and writes their results.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use berth_core::operation::{OpKind, OpOrigin, Operation};
+use berth_core::queue::{no_capacity_message, timed_out};
+use berth_core::restart::RestartDecision;
+use berth_core::{NewEvent, Server, ServerStatus};
+use berth_store::{OpFilter, OpRequest, Store, StoreError};
+use tokio::sync::Notify;
+
+use crate::auth::Caller;
+use crate::clock::Clock;
+use crate::error::ControlError;
+use crate::service::App;
+use crate::waker::NodeWaker;
+use crate::worker::{Worker, WorkerState};
+use crate::ControlConfig;
+
+pub fn new_operation_id() -> String {
+    format!("op_{:016x}", rand::random::<u64>())
+}
+
+impl App {
+    /// Requests `kind` on a server the caller may see. Reserved kinds are
+    /// refused at the edge; the guard table answers 409
+    /// `operation_in_progress` naming the operation in the way.
+    pub async fn operation(&self, caller: &Caller, id_or_name: &str, kind: OpKind) -> Result<(Operation, Server), ControlError> {
+        self.operation_with(caller, id_or_name, kind, false).await
+    }
+
+    /// Like `operation`; `fresh_world` lets a start place a stateful server
+    /// lost with its node elsewhere, on a new world.
+    pub async fn operation_with(&self, caller: &Caller, id_or_name: &str, kind: OpKind, fresh_world: bool) -> Result<(Operation, Server), ControlError> {
+        if !kind.is_implemented() {
+            return Err(ControlError::invalid(
+                "unsupported_operation",
+                format!("{kind} is reserved: the guard table knows it, but this version cannot run it"),
+            ));
+        }
+        let s = self.find_server(caller, id_or_name).await?;
+        let req = OpRequest { server_id: s.id.clone(), kind, origin: OpOrigin::User, new_id: new_operation_id(), fresh_world };
+        let (op, server) = self.store.request_operation(&req, self.clock.now_ms()).await.map_err(|e| match e {
+            StoreError::OperationInProgress { blocking, status, id } => {
+                ControlError::OperationInProgress { requested: kind.as_str(), blocking: blocking.as_str(), status: status.as_str(), id }
+            }
+            other => other.into(),
+        })?;
+        self.after_operation_change(&s);
+        Ok((op, server))
+    }
+
+    /// Wakes whoever acts next: the queue for a start, the node's agent for
+    /// a stop or kill, the executor for whatever waits.
+    pub(crate) fn after_operation_change(&self, before: &Server) {
+        self.queue_wake.notify_one();
+        if let Some(node) = &before.node_id {
+            self.nodes.wake(node);
+        }
+        self.ops_wake.notify_one();
+    }
+
+    pub async fn get_operation(&self, caller: &Caller, id: &str) -> Result<Operation, ControlError> {
+        caller.require_user()?;
+        let op = self.store.get_operation(id).await?.ok_or_else(|| ControlError::NotFound(format!("operation {id:?}")))?;
+        if !caller.is_admin() {
+            // Tenants see operations of their own servers only; a deleted
+            // server's operations stay visible to admins.
+            self.find_server(caller, &op.server_id.0).await.map_err(|_| ControlError::NotFound(format!("operation {id:?}")))?;
+        }
+        Ok(op)
+    }
+
+    /// Operations, oldest first; `server` narrows to one server (required
+    /// for tenant tokens).
+    pub async fn list_operations(&self, caller: &Caller, server: Option<&str>, active_only: bool, after: Option<i64>, limit: u32) -> Result<Vec<Operation>, ControlError> {
+        caller.require_user()?;
+        let server_id = match server {
+            Some(s) => Some(self.find_server(caller, s).await?.id),
+            None if caller.is_admin() => None,
+            None => return Err(ControlError::Forbidden("tenant tokens must name a server (?server=)".into())),
+        };
+        Ok(self.store.list_operations(&OpFilter { server_id, active_only, after, limit }).await?)
+    }
+}
+
+/// The serial executor of operations (leader only).
+pub struct OpsWorker {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub cfg: ControlConfig,
+    pub wake: Arc<Notify>,
+    pub queue_wake: Arc<Notify>,
+    pub nodes: NodeWaker,
+    pub leading: Arc<AtomicBool>,
+}
+
+/// Stable jitter for a server's n-th automatic restart, so the scheduled
+/// time does not move between rounds.
+fn restart_jitter(server: &Server, restarts: u32) -> u64 {
+    server.id.0.bytes().chain(restarts.to_le_bytes()).fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+#[async_trait]
+impl Worker for OpsWorker {
+    fn name(&self) -> &'static str {
+        "operations"
+    }
+
+    async fn work(&mut self) -> Result<WorkerState, ControlError> {
+        if !self.leading.load(Ordering::SeqCst) {
+            return Ok(WorkerState::Idle);
+        }
+        let now = self.clock.now_ms();
+        let work = self.store.ops_work(now - self.cfg.restart.window_ms).await?;
+        let mut acted = false;
+
+        for sid in &work.active {
+            if !self.store.advance_operations(sid, now).await?.is_empty() {
+                acted = true;
+            }
+        }
+
+        for q in timed_out(&work.queued, now, self.cfg.queue_timeout_ms) {
+            let Some(s) = self.store.get_server(&q.server_id.0).await? else { continue };
+            let message = no_capacity_message(self.cfg.queue_timeout_ms);
+            let ev = NewEvent {
+                kind: "start_failed",
+                server_id: Some(s.id.clone()),
+                node_id: None,
+                message: format!("start of {} failed: {message}", s.name),
+            };
+            if self.store.fail_server(&s.id, q.generation, ServerStatus::Queued, &message, &ev, now).await? {
+                tracing::warn!(server = %s.name, "queue timeout: failed with no_capacity");
+                self.store.advance_operations(&s.id, now).await?;
+                acted = true;
+            }
+        }
+
+        for (s, restarts) in &work.crashed {
+            match self.cfg.restart.decide(s.restart_policy, s.updated_at, *restarts, restart_jitter(s, *restarts)) {
+                RestartDecision::Never => {}
+                RestartDecision::GiveUp { restarts } => {
+                    let message = format!(
+                        "crash loop: restarted {restarts} times within {}s and crashed again",
+                        self.cfg.restart.window_ms / 1000
+                    );
+                    let ev = NewEvent {
+                        kind: "restart_limit_reached",
+                        server_id: Some(s.id.clone()),
+                        node_id: None,
+                        message: format!("server {} failed: {message}", s.name),
+                    };
+                    if self.store.fail_server(&s.id, s.generation, ServerStatus::Crashed, &message, &ev, now).await? {
+                        tracing::warn!(server = %s.name, restarts, "restart limit reached");
+                        acted = true;
+                    }
+                }
+                RestartDecision::At(at) if at <= now => {
+                    let req = OpRequest {
+                        server_id: s.id.clone(),
+                        kind: OpKind::Start,
+                        origin: OpOrigin::RestartPolicy,
+                        new_id: new_operation_id(),
+                        fresh_world: false,
+                    };
+                    match self.store.request_operation(&req, now).await {
+                        Ok(_) => {
+                            tracing::info!(server = %s.name, restart = restarts + 1, "restarting after a crash");
+                            acted = true;
+                        }
+                        // A user acted on the server meanwhile: theirs wins.
+                        Err(StoreError::OperationInProgress { .. } | StoreError::Invalid(_) | StoreError::NotFound { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                RestartDecision::At(at) => {
+                    if s.next_attempt_at != Some(at) {
+                        self.store.set_restart_at(&s.id, s.generation, at).await?;
+                    }
+                }
+            }
+        }
+
+        if acted {
+            self.queue_wake.notify_one();
+            self.nodes.wake_all();
+        }
+        Ok(WorkerState::Idle)
+    }
+
+    async fn wait_for_work(&mut self) {
+        // Also periodic: restart and queue-timeout times pass without a
+        // notification.
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
