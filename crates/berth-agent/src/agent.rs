@@ -532,7 +532,7 @@ impl Agent {
                 return;
             }
             let mut changed = self.fence().await;
-            if ticks % 50 == 0 {
+            if ticks.is_multiple_of(50) {
                 self.clean_disk();
             }
             ticks += 1;

@@ -64,15 +64,14 @@ pub fn judge(nodes: &[Node], placed: &[Server], now: Millis, judging_from: Milli
                     }
                 }
             }
-            NodeStatus::Draining => {
-                if node.drain_deadline.is_some_and(|d| now >= d) {
+            NodeStatus::Draining
+                if node.drain_deadline.is_some_and(|d| now >= d) => {
                     for s in &on_node {
                         if matches!(s.status, ServerStatus::Starting | ServerStatus::Running) {
                             out.push(Verdict::DrainDeadline { server_id: s.id.clone(), generation: s.generation });
                         }
                     }
                 }
-            }
             NodeStatus::Unreachable | NodeStatus::Lost => {
                 let mut remaining = 0;
                 for s in &on_node {

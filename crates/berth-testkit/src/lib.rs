@@ -601,6 +601,12 @@ fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
+impl Default for NetNs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl NetNs {
     pub fn available() -> bool {
         Command::new("ip").args(["netns", "list"]).output().map(|o| o.status.success()).unwrap_or(false)
@@ -650,5 +656,11 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+impl Default for NetNs {
+    fn default() -> Self {
+        NetNs::new()
     }
 }

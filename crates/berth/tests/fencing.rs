@@ -62,7 +62,7 @@ fn ms_of(rfc3339: &Value) -> i64 {
 }
 
 /// Which of the agents runs `server_id`, by its live pid records.
-fn running_on<'a>(dirs: &'a [PathBuf], server_id: &str) -> Option<(usize, i32)> {
+fn running_on(dirs: &[PathBuf], server_id: &str) -> Option<(usize, i32)> {
     dirs.iter().enumerate().find_map(|(i, d)| pid_records(d).into_iter().find(|r| r.server_id == server_id && pid_alive(r.pid)).map(|r| (i, r.pid)))
 }
 
