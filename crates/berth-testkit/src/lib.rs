@@ -658,9 +658,3 @@ impl Drop for NetNs {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
-
-impl Default for NetNs {
-    fn default() -> Self {
-        NetNs::new()
-    }
-}
