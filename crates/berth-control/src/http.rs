@@ -32,6 +32,7 @@ type AppState = State<Arc<App>>;
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/v1/servers", get(list_servers).post(create_server))
         .route("/v1/servers/:id", get(get_server).delete(delete_server))
         .route("/v1/servers/:id/start", post(start_server))
@@ -92,6 +93,13 @@ async fn caller(app: &App, headers: &HeaderMap) -> Result<Caller, ControlError> 
 
 async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// Prometheus text; like `/healthz`, no token (scrapers rarely carry one;
+/// it holds no tenant data, only fleet totals).
+async fn metrics(State(app): AppState) -> Result<Response, ControlError> {
+    let body = app.metrics().await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
 async fn not_found() -> ControlError {

@@ -395,6 +395,91 @@ impl App {
         }))
     }
 
+    /// Prometheus text exposition (base units, DESIGN §9 names), derived
+    /// from one store snapshot, the event log and the drift watch.
+    pub async fn metrics(&self) -> Result<String, ControlError> {
+        use std::fmt::Write;
+        const MIB: u64 = 1024 * 1024;
+        let snap = self.store.snapshot().await?;
+        let usage = self.store.node_usage().await?;
+        let counts = self.store.count_events().await?;
+        let count = |kind: &str| counts.iter().find(|(k, _)| k == kind).map(|(_, n)| *n).unwrap_or(0);
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, lines: Vec<(String, f64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, v) in lines {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let node_label = |n: &berth_core::Node| format!("{{node=\"{}\",node_id=\"{}\"}}", n.name, n.id);
+        gauge(
+            "berth_node_memory_allocatable_bytes",
+            "Memory reservations may use on the node.",
+            "gauge",
+            snap.nodes.iter().map(|n| (node_label(n), (n.allocatable_mib().0 * MIB) as f64)).collect(),
+        );
+        gauge(
+            "berth_node_memory_reserved_bytes",
+            "Sum of the node's reservation rows.",
+            "gauge",
+            snap.nodes
+                .iter()
+                .map(|n| (node_label(n), (usage.iter().find(|u| u.node_id == n.id).map(|u| u.reserved.0).unwrap_or(0) * MIB) as f64))
+                .collect(),
+        );
+        gauge(
+            "berth_node_memory_used_bytes",
+            "Memory in use on the host, as last reported by the agent.",
+            "gauge",
+            snap.nodes.iter().map(|n| (node_label(n), (n.used_mib().0 * MIB) as f64)).collect(),
+        );
+        gauge(
+            "berth_node_memory_drift",
+            "1 while the node's real memory use has drifted from its reservations.",
+            "gauge",
+            snap.nodes.iter().map(|n| (node_label(n), if self.drift.view(n).is_some() { 1.0 } else { 0.0 })).collect(),
+        );
+        gauge(
+            "berth_node_disk_pressure",
+            "1 while the node's data volume is past the pressure threshold.",
+            "gauge",
+            snap.nodes.iter().map(|n| (node_label(n), if n.disk_pressure { 1.0 } else { 0.0 })).collect(),
+        );
+        gauge(
+            "berth_nodes",
+            "Nodes by status.",
+            "gauge",
+            berth_core::NodeStatus::ALL
+                .iter()
+                .map(|st| (format!("{{status=\"{st}\"}}"), snap.nodes.iter().filter(|n| n.status == *st).count() as f64))
+                .collect(),
+        );
+        gauge(
+            "berth_servers",
+            "Servers by status.",
+            "gauge",
+            ServerStatus::ALL
+                .iter()
+                .filter(|st| **st != ServerStatus::Deleted)
+                .map(|st| (format!("{{status=\"{st}\"}}"), snap.servers.iter().filter(|s| s.status == *st).count() as f64))
+                .collect(),
+        );
+        let queued = snap.servers.iter().filter(|s| s.status == ServerStatus::Queued).count();
+        gauge("berth_queue_depth", "Servers waiting for a placement.", "gauge", vec![(String::new(), queued as f64)]);
+        gauge("berth_billing_open_sessions", "Open billing sessions.", "gauge", vec![(String::new(), snap.open_sessions.len() as f64)]);
+        for (name, help, kind) in [
+            ("berth_placements_total", "Placements committed.", "server_placed"),
+            ("berth_node_lost_total", "Nodes declared lost.", "node_lost"),
+            ("berth_servers_lost_total", "Servers lost with their node.", "server_lost"),
+            ("berth_billing_zombies_closed_total", "Billing sessions closed by the zombie sweeper.", "billing_zombie_closed"),
+            ("berth_memory_drift_total", "Memory drift events.", "memory_drift"),
+        ] {
+            gauge(name, help, "counter", vec![(String::new(), count(kind) as f64)]);
+        }
+        Ok(out)
+    }
+
     pub fn template_views(&self) -> Vec<TemplateView> {
         self.templates
             .all()

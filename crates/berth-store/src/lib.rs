@@ -306,6 +306,9 @@ pub trait Store: Send + Sync + 'static {
     /// has this holder and epoch (checked inside its transaction), so a
     /// replica that lost leadership cannot commit placements.
     fn set_fence(&self, fence: Option<(String, u64)>);
+    /// How many events of each kind exist: the monotonic counters of
+    /// `/metrics`, derived from the log so they survive restarts.
+    async fn count_events(&self) -> Result<Vec<(String, i64)>, StoreError>;
     /// Server data dirs the node last reported keeping.
     async fn node_volumes(&self, id: &NodeId) -> Result<Vec<ServerId>, StoreError>;
 

@@ -921,6 +921,11 @@ impl Store for SqliteStore {
         Ok(ids.into_iter().map(ServerId).collect())
     }
 
+    async fn count_events(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT kind, COUNT(*) AS n FROM events GROUP BY kind ORDER BY kind").fetch_all(&self.read).await?;
+        rows.iter().map(|r| Ok((r.try_get("kind")?, r.try_get("n")?))).collect()
+    }
+
     fn set_fence(&self, fence: Option<(String, u64)>) {
         *self.fence.lock().expect("fence lock") = fence;
     }

@@ -285,6 +285,22 @@ impl Api {
         m
     }
 
+    /// `/metrics` (no token), as (name with labels, value) pairs.
+    pub fn metrics(&self) -> Vec<(String, f64)> {
+        let text = self.http.get(format!("{}/metrics", self.url)).send().unwrap().text().unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k.to_string(), v.parse().unwrap_or(f64::NAN))))
+            .collect()
+    }
+
+    /// The value of the one metric line whose name-and-labels starts with `prefix`.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let m: Vec<_> = self.metrics().into_iter().filter(|(k, _)| k.starts_with(prefix)).collect();
+        assert_eq!(m.len(), 1, "metric {prefix}: {m:?}");
+        m[0].1
+    }
+
     pub fn violations(&self) -> Vec<Value> {
         self.ok("GET", "/v1/invariants", None)["violations"].as_array().cloned().unwrap_or_default()
     }

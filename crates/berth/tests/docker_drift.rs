@@ -83,6 +83,8 @@ fn a_memory_hog_outside_berth_shows_as_drift_and_a_start_that_fits_only_on_paper
     let node_id = api.nodes()[0]["id"].as_str().unwrap().to_string();
     assert_eq!(ev["node_id"], node_id.as_str());
     assert!(ev["message"].as_str().unwrap().contains("processes berth does not manage use"), "{ev}");
+    assert_eq!(api.metric("berth_node_memory_drift{"), 1.0, "drift is exposed in /metrics");
+    assert!(api.metric("berth_memory_drift_total") >= 1.0);
     let drift = &api.nodes()[0]["memory_drift"];
     assert!(drift["unmanaged_excess_mib"].as_u64().unwrap() > 1024, "{drift}");
     let out = Command::new(bin()).args(["node", "list", "--addr", &url, "--token", &token]).output().unwrap();
@@ -117,5 +119,6 @@ fn a_memory_hog_outside_berth_shows_as_drift_and_a_start_that_fits_only_on_paper
         (v["events"].as_array().map(|a| a.len()) == Some(1)).then_some(())
     });
     assert!(api.nodes()[0]["memory_drift"].is_null());
+    assert_eq!(api.metric("berth_node_memory_drift{"), 0.0);
     assert!(api.violations().is_empty());
 }

@@ -112,5 +112,13 @@ fn storm_of_200_starts_on_three_4096_nodes_runs_exactly_48() {
     let live: usize = (0..3).map(|i| pid_records(&tmp.path().join(format!("agent{i}"))).iter().filter(|r| pid_alive(r.pid)).count()).sum();
     assert_eq!(live, 48, "exactly 48 real processes run");
     assert!(api.violations().is_empty());
+    // The same facts through /metrics, in base units.
+    assert_eq!(api.metric("berth_servers{status=\"running\"}"), 48.0);
+    assert_eq!(api.metric("berth_queue_depth"), 152.0);
+    assert_eq!(api.metric("berth_placements_total"), 48.0);
+    assert_eq!(api.metric("berth_billing_open_sessions"), 48.0);
+    for i in 0..3 {
+        assert_eq!(api.metric(&format!("berth_node_memory_reserved_bytes{{node=\"n{i}\"")), 4096.0 * 1024.0 * 1024.0);
+    }
     drop(agents);
 }
