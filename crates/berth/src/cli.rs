@@ -707,6 +707,16 @@ fn server_rows(servers: &[ServerView]) -> String {
     table(&["NAME", "ID", "TEMPLATE", "MEMORY_MIB", "STATUS", "NODE", "PORT", "GEN"], &rows)
 }
 
+/// The server as JSON, or one line with its status.
+fn print_status(s: &ServerView, json: bool) -> Result<()> {
+    if json {
+        print_server(s, true)
+    } else {
+        println!("server {} {}", s.name, s.status);
+        Ok(())
+    }
+}
+
 fn print_server(s: &ServerView, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(s)?);
@@ -795,33 +805,21 @@ async fn server(cmd: ServerCmd, conn: &Conn) -> Result<()> {
             if wait {
                 s = wait_for(&c, &id, ServerStatus::Stopped, Duration::from_secs(timeout), conn.json).await?;
             }
-            if conn.json {
-                print_server(&s, true)?;
-            } else {
-                println!("server {} {}", s.name, s.status);
-            }
+            print_status(&s, conn.json)?;
         }
         ServerCmd::Restart { id, wait, timeout } => {
             let mut s = c.restart_server(&id).await?;
             if wait {
                 s = wait_for_restart(&c, &id, Duration::from_secs(timeout), conn.json).await?;
             }
-            if conn.json {
-                print_server(&s, true)?;
-            } else {
-                println!("server {} {}", s.name, s.status);
-            }
+            print_status(&s, conn.json)?;
         }
         ServerCmd::Kill { id, wait, timeout } => {
             let mut s = c.kill_server(&id).await?;
             if wait {
                 s = wait_for(&c, &id, ServerStatus::Stopped, Duration::from_secs(timeout), conn.json).await?;
             }
-            if conn.json {
-                print_server(&s, true)?;
-            } else {
-                println!("server {} {}", s.name, s.status);
-            }
+            print_status(&s, conn.json)?;
         }
         ServerCmd::Ops { id, active } => {
             let l = c.server_operations(&id, if active { "active=true&limit=1000" } else { "limit=1000" }).await?;
