@@ -140,6 +140,27 @@ fn scan_group_rss() -> HashMap<i32, u64> {
     out
 }
 
+/// Pids of process-group leaders whose environment places them in a data
+/// dir under `root` but which are not in `known`.
+fn unrecorded_instances(root: &Path, known: &[i32]) -> Vec<i32> {
+    let marker = format!("BERTH_DATA_DIR={}/", root.display());
+    let mut out = Vec::new();
+    let Ok(dir) = fs::read_dir("/proc") else { return out };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if known.contains(&pid) || pid == std::process::id() as i32 {
+            continue;
+        }
+        let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let in_root = env.split(|b| *b == 0).any(|kv| kv.starts_with(marker.as_bytes()));
+        // Group leaders only: the instance itself; its helpers die with it.
+        if in_root && read_stat(pid).is_some_and(|st| st.pgrp == pid && st.state != 'Z') {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 pub(crate) fn alive(pid: i32, start_time: u64) -> bool {
     matches!(read_stat(pid), Some(st) if st.start_time == start_time && st.state != 'Z' && st.state != 'X')
 }
@@ -225,6 +246,16 @@ impl Driver for ProcessDriver {
                 }));
                 procs.insert(key, Proc { pid: rec.pid, start_time: rec.start_time, child: None, record: path, cgroup: rec.cgroup, kill_reason: None, exited });
             }
+        }
+        // A process spawned just before the previous agent died, before its
+        // pid record was written, runs unknown to anyone and would hold its
+        // port and its world: found by the data dir in its environment, it
+        // is stopped.
+        let known: Vec<i32> = procs.values().map(|p| p.pid).collect();
+        drop(procs);
+        for pid in unrecorded_instances(&self.root, &known) {
+            tracing::warn!(pid, "stopping an instance that has no pid record (its agent died while starting it)");
+            kill_group(pid, libc::SIGKILL);
         }
         Ok(out)
     }
@@ -560,6 +591,30 @@ mod tests {
         let _ = d.procs.lock().unwrap().get_mut(&key).unwrap().child.as_mut().unwrap().wait();
         d2.forget(&key).await;
         assert!(!d2.record_path(&key).exists());
+    }
+
+    #[tokio::test]
+    async fn an_instance_without_a_pid_record_is_stopped_on_adoption() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = ProcessDriver::new(tmp.path().join("i"), "/bin/true".into(), false).unwrap();
+        let s = spec("/bin/sleep", &["30"]);
+        let key = (s.server_id.clone(), 1);
+        d.start(&s).await.unwrap();
+        let pid = d.procs.lock().unwrap().get(&key).unwrap().pid;
+        // As if the agent died between spawn and writing the record.
+        std::fs::remove_file(d.record_path(&key)).unwrap();
+        let d2 = ProcessDriver::new(tmp.path().join("i"), "/bin/true".into(), false).unwrap();
+        assert!(d2.adopt().await.unwrap().is_empty());
+        let mut dead = false;
+        for _ in 0..50 {
+            let _ = d.procs.lock().unwrap().get_mut(&key).unwrap().child.as_mut().unwrap().try_wait();
+            if !alive(pid, read_stat(pid).map(|s| s.start_time).unwrap_or(0)) {
+                dead = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(dead, "the unrecorded instance {pid} was stopped");
     }
 
     #[tokio::test]

@@ -82,6 +82,22 @@ impl InstanceReaper {
                 }
             }
         }
+        // Also instances with no pid record (an agent killed between spawn
+        // and record): found by the data dir in their environment.
+        for d in &self.dirs {
+            let Ok(root) = std::fs::canonicalize(d.join("instances")) else { continue };
+            let marker = format!("BERTH_DATA_DIR={}/", root.display());
+            for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+                let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+                if env.split(|b| *b == 0).any(|kv| kv.starts_with(marker.as_bytes())) {
+                    // SAFETY: kill(2) of a process this test's agent started.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
         std::thread::sleep(Duration::from_millis(100));
         for d in &self.dirs {
             for rec in pid_records(d) {
