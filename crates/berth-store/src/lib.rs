@@ -7,6 +7,8 @@
 //! the default; a PostgreSQL backend implements the same trait and runs the
 //! same test suite.
 
+#[macro_use]
+mod common_sql;
 mod error;
 #[macro_use]
 mod ops_sql;
