@@ -306,7 +306,11 @@ fn permanent_errors_fail_at_once_and_the_queue_times_out() {
     let kinds: Vec<&str> = ev["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert!(!kinds.contains(&"start_retry"), "{kinds:?}");
     assert_eq!(kinds.iter().filter(|k| **k == "start_failed").count(), 1, "{kinds:?}");
-    let ops = api.ok("GET", "/v1/servers/broken/operations", None);
+    // The operation settles on the executor's round after the server did.
+    let ops = wait_until(Duration::from_secs(10), "the start operation to settle", || {
+        let ops = api.ok("GET", "/v1/servers/broken/operations", None);
+        (ops["operations"][0]["status"] != "running").then_some(ops)
+    });
     assert_eq!(ops["operations"][0]["status"], "failed", "{ops}");
     assert_eq!(ops["operations"][0]["error_code"], "start_failed", "{ops}");
     // The CLI shows the same: operations, and events filtered by time.
@@ -348,7 +352,11 @@ fn permanent_errors_fail_at_once_and_the_queue_times_out() {
     });
     assert!(queued_at.elapsed() >= Duration::from_secs(3), "not before the timeout");
     assert!(s["last_error"].as_str().unwrap().starts_with("no_capacity"), "{s}");
-    let ops = api.ok("GET", "/v1/servers/big2/operations", None);
+    let ops = wait_until(Duration::from_secs(10), "the start operation to settle", || {
+        let ops = api.ok("GET", "/v1/servers/big2/operations", None);
+        (ops["operations"][0]["status"] != "running").then_some(ops)
+    });
+    assert_eq!(ops["operations"][0]["status"], "failed", "{ops}");
     assert_eq!(ops["operations"][0]["error_code"], "no_capacity", "{ops}");
     assert_eq!(api.server("big1")["status"], "running");
     assert_consistent(api, &[&c.agent_dir]);
