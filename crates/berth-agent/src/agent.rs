@@ -208,7 +208,7 @@ impl Agent {
     }
 
     fn registration(&self) -> RegisterRequest {
-        let mem = host::memory();
+        let mem = self.driver.host_memory();
         let allocatable = self.cfg.memory_mib.unwrap_or(mem.total_mib.saturating_sub(SYSTEM_RESERVE_MIB));
         RegisterRequest {
             name: self.cfg.name.clone(),
@@ -216,7 +216,7 @@ impl Agent {
             driver: self.driver.name().to_string(),
             total_mib: mem.total_mib.max(allocatable),
             allocatable_mib: allocatable,
-            cpu_cores: host::cpu_cores(),
+            cpu_cores: self.driver.cpu_cores(),
             ports: self.cfg.ports,
             max_concurrent_starts: self.cfg.max_concurrent_starts,
         }
@@ -258,7 +258,7 @@ impl Agent {
                 epoch,
                 seq,
                 instances: self.report(),
-                host: host::memory(),
+                host: self.driver.host_memory(),
                 disk: self.cfg.data_dir.as_deref().and_then(host::disk),
                 volumes: self.cfg.data_dir.as_deref().map(list_volumes),
                 wait_ms: self.cfg.sync_interval.as_millis() as u64,
@@ -449,8 +449,8 @@ impl Agent {
                 continue;
             }
             acted = true;
-            let mem = host::memory();
-            let port_free = preflight::port_is_free(spec.port);
+            let mem = self.driver.host_memory();
+            let port_free = self.driver.port_free(spec.port);
             let mut inst = match preflight::check(mem.available_mib, spec.memory_mib.0, self.cfg.headroom_mib, spec.port, port_free) {
                 Err(e) => {
                     tracing::warn!(server = %spec.server_id, error = %e, "preflight failed");

@@ -5,7 +5,9 @@
 //! agent restart (`adopt`). It decides nothing: the agent decides what
 //! should run; the driver only does it and reports what it sees. Every
 //! driver (process, docker, sim) implements this one trait, and fakes for
-//! tests implement it too.
+//! tests implement it too. The host facts a preflight needs (memory, free
+//! ports) come through the driver too, so a simulated node sees its own
+//! simulated host rather than the machine it runs on.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -88,6 +90,22 @@ pub trait Driver: Send + Sync + 'static {
     /// instances listen.
     async fn ready(&self, spec: &InstanceSpec) -> bool {
         host_ready(spec).await
+    }
+
+    /// The memory of the host the instances run on, for registration and
+    /// the preflight. The default reads this machine's.
+    fn host_memory(&self) -> berth_api::HostStats {
+        crate::host::memory()
+    }
+
+    fn cpu_cores(&self) -> u32 {
+        crate::host::cpu_cores()
+    }
+
+    /// Whether a new instance may take `port`. The default binds it on
+    /// this machine.
+    fn port_free(&self, port: u16) -> bool {
+        crate::preflight::port_is_free(port)
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::clock::Clock;
 use crate::error::ControlError;
-use crate::waker::NodeWaker;
+use crate::waker::{NodeWaker, PlacementWaiters};
 use crate::worker::{Worker, WorkerState};
 use crate::ControlConfig;
 
@@ -81,6 +81,8 @@ pub struct QueueWorker {
     pub committer: Committer,
     pub wake: Arc<Notify>,
     pub nodes: NodeWaker,
+    /// Requests waiting for their server's placement.
+    pub placed: PlacementWaiters,
     pub cfg: ControlConfig,
     /// True while this replica holds the leader lease.
     pub leading: Arc<std::sync::atomic::AtomicBool>,
@@ -105,13 +107,17 @@ impl Worker for QueueWorker {
         if plans.is_empty() {
             return Ok(WorkerState::Idle);
         }
-        let nodes: Vec<_> = plans.iter().map(|p| p.node_id.clone()).collect();
+        let placed: Vec<_> = plans.iter().map(|p| (p.node_id.clone(), p.server_id.clone())).collect();
         let outcomes = self.committer.submit(plans).await?;
         let mut committed = 0;
-        for (node, outcome) in nodes.iter().zip(&outcomes) {
+        let mut woken = std::collections::HashSet::new();
+        for ((node, server), outcome) in placed.iter().zip(&outcomes) {
             if matches!(outcome, PlacementOutcome::Committed { .. }) {
                 committed += 1;
-                self.nodes.wake(node);
+                self.placed.placed(server);
+                if woken.insert(node) {
+                    self.nodes.wake(node);
+                }
             }
         }
         tracing::debug!(committed, planned = outcomes.len(), "admission round");

@@ -128,19 +128,8 @@ async fn get_server(State(app): AppState, headers: HeaderMap, Path(id): Path<Str
 /// Runs an operation and answers with the server as it is after
 /// admission, naming the operation in the `Berth-Operation` header.
 async fn server_operation(app: &App, headers: &HeaderMap, id: &str, kind: OpKind, status: StatusCode) -> Result<Response, ControlError> {
-    server_operation_with(app, headers, id, kind, status, false).await
-}
-
-async fn server_operation_with(
-    app: &App,
-    headers: &HeaderMap,
-    id: &str,
-    kind: OpKind,
-    status: StatusCode,
-    fresh_world: bool,
-) -> Result<Response, ControlError> {
     let c = caller(app, headers).await?;
-    let (op, s) = app.operation_with(&c, id, kind, fresh_world).await?;
+    let (op, s) = app.operation(&c, id, kind).await?;
     let mut resp = (status, Json(ServerView::from(&s))).into_response();
     resp.headers_mut().insert("berth-operation", HeaderValue::from_str(&op.id).expect("operation ids are ascii"));
     Ok(resp)
@@ -153,12 +142,36 @@ struct StartRequest {
     /// with a fresh world.
     #[serde(default)]
     allow_fresh_world: bool,
+    /// `"placed"`: answer once the server's memory is reserved on a node
+    /// (or the start ended, or `wait_timeout_s` passed).
+    #[serde(default)]
+    wait: Option<String>,
+    #[serde(default)]
+    wait_timeout_s: Option<u64>,
 }
 
+const MAX_WAIT_S: u64 = 300;
+
 async fn start_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Response, ControlError> {
-    caller(&app, &headers).await?.require_user()?;
+    let c = caller(&app, &headers).await?;
+    c.require_user()?;
     let req: StartRequest = if body.is_empty() { StartRequest::default() } else { parse(&body)? };
-    server_operation_with(&app, &headers, &id, OpKind::Start, StatusCode::ACCEPTED, req.allow_fresh_world).await
+    let wait = match (req.wait.as_deref(), req.wait_timeout_s) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(ControlError::invalid("invalid_request", "wait_timeout_s needs \"wait\": \"placed\"")),
+        (Some("placed"), t) => match t.unwrap_or(30) {
+            t @ 1..=MAX_WAIT_S => Some(std::time::Duration::from_secs(t)),
+            t => return Err(ControlError::invalid("invalid_request", format!("wait_timeout_s must be from 1 to {MAX_WAIT_S}, got {t}"))),
+        },
+        (Some(other), _) => return Err(ControlError::invalid("invalid_request", format!("wait must be \"placed\", got {other:?}"))),
+    };
+    let (op, s) = match wait {
+        Some(timeout) => app.start_and_wait_placed(&c, &id, req.allow_fresh_world, timeout).await?,
+        None => app.operation_with(&c, &id, OpKind::Start, req.allow_fresh_world).await?,
+    };
+    let mut resp = (StatusCode::ACCEPTED, Json(ServerView::from(&s))).into_response();
+    resp.headers_mut().insert("berth-operation", HeaderValue::from_str(&op.id).expect("operation ids are ascii"));
+    Ok(resp)
 }
 
 async fn stop_server(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ControlError> {

@@ -133,6 +133,7 @@ impl ControlPlane {
         let committer = admission::Committer::spawn(store.clone(), clock.clone(), cfg.commit_window, cfg.commit_max_batch);
         let queue_wake = Arc::new(Notify::new());
         let nodes = waker::NodeWaker::default();
+        let placed = waker::PlacementWaiters::default();
         let (shutdown, rx) = watch::channel(false);
         let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
         leader::spawn(store.clone(), clock.clone(), replica.clone(), cfg.lease_ttl_ms as i64, leading.clone(), queue_wake.clone(), rx.clone());
@@ -143,6 +144,7 @@ impl ControlPlane {
                 committer: committer.clone(),
                 wake: queue_wake.clone(),
                 nodes: nodes.clone(),
+                placed: placed.clone(),
                 cfg: cfg.clone(),
                 leading: leading.clone(),
             },
@@ -194,7 +196,7 @@ impl ControlPlane {
             },
             rx,
         );
-        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, replica, leading, drift: Default::default(), ops_wake });
+        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, placed, replica, leading, drift: Default::default(), ops_wake });
         // Servers may be waiting in the queue from before a restart.
         app.queue_wake.notify_one();
         Ok(ControlPlane { app, shutdown })

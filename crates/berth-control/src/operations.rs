@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use berth_core::operation::{OpKind, OpOrigin, Operation};
+use berth_core::operation::{needs_advance, OpKind, OpOrigin, Operation};
 use berth_core::queue::{no_capacity_message, timed_out};
 use berth_core::restart::RestartDecision;
 use berth_core::{NewEvent, Server, ServerStatus};
@@ -62,6 +62,45 @@ impl App {
         })?;
         self.after_operation_change(&s);
         Ok((op, server))
+    }
+
+    /// Starts a server and answers once its memory is reserved on a node
+    /// (or the start ended, or `timeout` passed): the server as it is
+    /// then. A client measures from request to committed reservation.
+    pub async fn start_and_wait_placed(&self, caller: &Caller, id_or_name: &str, fresh_world: bool, timeout: Duration) -> Result<(Operation, Server), ControlError> {
+        let (op, before) = self.operation_with(caller, id_or_name, OpKind::Start, fresh_world).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut current = before.clone();
+        loop {
+            // Interest is registered before the store is read, so a
+            // placement committed in between is not missed.
+            let wake = self.placed.get(&before.id);
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let placed = current.generation > before.generation && current.status.holds_reservation();
+            let op_now = self.store.get_operation(&op.id).await?;
+            let ended = op_now.as_ref().is_none_or(|o| o.status.is_terminal());
+            if placed || ended || current.status == ServerStatus::Deleted {
+                self.placed.release(&before.id, &wake);
+                return Ok((op_now.unwrap_or(op), current));
+            }
+            let timed_out = tokio::select! {
+                _ = &mut notified => false,
+                // Placements committed elsewhere (another replica) are
+                // seen by re-reading.
+                _ = tokio::time::sleep(Duration::from_millis(1000)) => false,
+                _ = tokio::time::sleep_until(deadline) => true,
+            };
+            current = match self.store.get_server(&before.id.0).await? {
+                Some(s) => s,
+                None => Server { status: ServerStatus::Deleted, ..current },
+            };
+            if timed_out {
+                self.placed.release(&before.id, &wake);
+                return Ok((op_now.unwrap_or(op), current));
+            }
+        }
     }
 
     /// Wakes whoever acts next: the queue for a start, the node's agent for
@@ -129,10 +168,16 @@ impl Worker for OpsWorker {
         let work = self.store.ops_work(now - self.cfg.restart.window_ms).await?;
         let mut acted = false;
 
-        for sid in &work.active {
-            if !self.store.advance_operations(sid, now).await?.is_empty() {
-                acted = true;
-            }
+        // Only servers where settling would change something get a write;
+        // those writes go out together so the store can commit them as one.
+        let mut advances = tokio::task::JoinSet::new();
+        for a in work.active.into_iter().filter(|a| needs_advance(a.server.as_ref(), &a.ops)) {
+            let store = self.store.clone();
+            advances.spawn(async move { store.advance_operations(&a.server_id, now).await });
+        }
+        while let Some(done) = advances.join_next().await {
+            let changed = done.map_err(|e| ControlError::Internal(format!("operation advance task failed: {e}")))??;
+            acted |= !changed.is_empty();
         }
 
         for q in timed_out(&work.queued, now, self.cfg.queue_timeout_ms) {

@@ -26,7 +26,7 @@ use crate::clock::Clock;
 use crate::drift::DriftWatch;
 use crate::error::ControlError;
 use crate::templates::Templates;
-use crate::waker::NodeWaker;
+use crate::waker::{NodeWaker, PlacementWaiters};
 use crate::ControlConfig;
 
 pub struct App {
@@ -37,6 +37,8 @@ pub struct App {
     /// Wakes the queue worker: a server was queued or capacity was freed.
     pub queue_wake: Arc<Notify>,
     pub nodes: NodeWaker,
+    /// Requests waiting until their server is placed.
+    pub placed: PlacementWaiters,
     pub replica: crate::leader::Replica,
     pub leading: Arc<std::sync::atomic::AtomicBool>,
     /// Memory drift verdicts per node, derived from the latest syncs.
@@ -553,8 +555,9 @@ impl App {
         let retry = self.cfg.retry;
         let random = rand::random::<u64>();
         let report = req.instances.clone();
-        let decide = move |placed: &[Server], last_alive: i64| reconcile(placed, &report, now, last_alive, &retry, random);
-        let (node, decided) = self.store.sync_node(&input, now, &decide).await?;
+        let decide: berth_store::Decide =
+            Arc::new(move |placed: &[Server], last_alive: i64| reconcile(placed, &report, now, last_alive, &retry, random));
+        let (node, decided) = self.store.sync_node(&input, now, decide).await?;
         if decided.changes.iter().any(|c| !matches!(c, Change::Usage { .. } | Change::Confirmed { .. })) {
             // Capacity was freed or a server went back to the queue.
             self.queue_wake.notify_one();

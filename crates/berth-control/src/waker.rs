@@ -1,11 +1,13 @@
-//! Per-node wake-ups for long-polling agents: when a node's desired set
-//! changes (a placement, a stop), its held sync answer is released at once
-//! instead of at the end of the poll.
+//! Wake-ups, in memory only: per node for long-polling agents (when a
+//! node's desired set changes, its held sync answer is released at once
+//! instead of at the end of the poll), and per server for requests waiting
+//! for a placement. Losing one costs latency, never correctness: every
+//! waiter also re-reads the store on a timer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use berth_core::NodeId;
+use berth_core::{NodeId, ServerId};
 use tokio::sync::Notify;
 
 #[derive(Clone, Default)]
@@ -28,5 +30,44 @@ impl NodeWaker {
         for n in self.inner.lock().expect("waker lock").values() {
             n.notify_waiters();
         }
+    }
+}
+
+/// Wake-ups for requests waiting until a server is placed (a start with
+/// `"wait": "placed"`): the queue worker calls `placed` after the commit
+/// that reserved the server's memory. Waiters also re-read the store now
+/// and then, so a placement committed by another replica is seen too.
+#[derive(Clone, Default)]
+pub struct PlacementWaiters {
+    inner: Arc<Mutex<HashMap<ServerId, Arc<Notify>>>>,
+}
+
+impl PlacementWaiters {
+    pub fn get(&self, server: &ServerId) -> Arc<Notify> {
+        self.inner.lock().expect("waiters lock").entry(server.clone()).or_default().clone()
+    }
+
+    pub fn placed(&self, server: &ServerId) {
+        let waiting = self.inner.lock().expect("waiters lock").remove(server);
+        if let Some(n) = waiting {
+            n.notify_waiters();
+        }
+    }
+
+    /// Forgets a server's entry once nobody but the caller holds it.
+    pub fn release(&self, server: &ServerId, mine: &Arc<Notify>) {
+        let mut inner = self.inner.lock().expect("waiters lock");
+        // The map's handle and the caller's: nobody else waits.
+        if inner.get(server).is_some_and(|n| Arc::ptr_eq(n, mine) && Arc::strong_count(n) <= 2) {
+            inner.remove(server);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("waiters lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }

@@ -445,6 +445,36 @@ pub fn settle(kind: OpKind, phase: Option<OpPhase>, status: Option<ServerStatus>
     }
 }
 
+/// What of a server the settling of its operations depends on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerFacts {
+    pub status: ServerStatus,
+    pub attempts: u32,
+    pub next_attempt_at: Option<Millis>,
+    pub last_error: Option<String>,
+}
+
+/// Whether settling and beginning a server's unfinished operations (`ops`,
+/// in admission order) would change anything now: a running one settles or
+/// moves to its next phase, or mirrors a changed retry state; or nothing
+/// runs and one waits. `server` is `None` once the server is deleted. The
+/// executor asks this of every server with unfinished operations and opens
+/// a write only for those where the answer is yes; it must agree with the
+/// store's `converge`, which applies the same `settle`.
+pub fn needs_advance(server: Option<&ServerFacts>, ops: &[Operation]) -> bool {
+    let mut running = ops.iter().filter(|o| o.status == OpStatus::Running).peekable();
+    if running.peek().is_none() {
+        return ops.iter().any(|o| o.status == OpStatus::Pending);
+    }
+    running.any(|op| match settle(op.kind, op.phase, server.map(|s| s.status), server.and_then(|s| s.last_error.as_deref())) {
+        Settle::Continue => {
+            matches!(op.kind, OpKind::Start | OpKind::Restart)
+                && server.is_some_and(|s| s.attempts != op.attempts || s.next_attempt_at != op.next_attempt_at)
+        }
+        _ => true,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,6 +496,41 @@ mod tests {
             started_at: None,
             finished_at: None,
         }
+    }
+
+    fn facts(status: ServerStatus) -> ServerFacts {
+        ServerFacts { status, attempts: 0, next_attempt_at: None, last_error: None }
+    }
+
+    #[test]
+    fn needs_advance_only_when_converge_would_act() {
+        let mut start = op("o1", OpKind::Start, OpStatus::Running);
+        start.phase = Some(OpPhase::Starting);
+        // Waiting for placement or confirmation: nothing to do.
+        assert!(!needs_advance(Some(&facts(ServerStatus::Queued)), std::slice::from_ref(&start)));
+        assert!(!needs_advance(Some(&facts(ServerStatus::Starting)), std::slice::from_ref(&start)));
+        // Confirmed, failed, deleted: it settles.
+        assert!(needs_advance(Some(&facts(ServerStatus::Running)), std::slice::from_ref(&start)));
+        assert!(needs_advance(Some(&facts(ServerStatus::Failed)), std::slice::from_ref(&start)));
+        assert!(needs_advance(None, std::slice::from_ref(&start)));
+        // A retry changed the server's attempts: the operation mirrors it.
+        let retried = ServerFacts { attempts: 1, next_attempt_at: Some(60_000), ..facts(ServerStatus::Queued) };
+        assert!(needs_advance(Some(&retried), std::slice::from_ref(&start)));
+        start.attempts = 1;
+        start.next_attempt_at = Some(60_000);
+        assert!(!needs_advance(Some(&retried), std::slice::from_ref(&start)));
+        // A stop waits behind a running start; it begins only once the start ends.
+        let stop = op("o2", OpKind::Stop, OpStatus::Pending);
+        assert!(!needs_advance(Some(&retried), &[start.clone(), stop.clone()]));
+        assert!(needs_advance(Some(&facts(ServerStatus::Running)), &[start, stop.clone()]));
+        // Nothing runs and one waits: it begins.
+        assert!(needs_advance(Some(&facts(ServerStatus::Running)), &[stop]));
+        assert!(!needs_advance(Some(&facts(ServerStatus::Running)), &[]));
+        // A stop finishes once the instance is confirmed gone.
+        let mut stopping = op("o3", OpKind::Stop, OpStatus::Running);
+        stopping.phase = Some(OpPhase::Stopping);
+        assert!(!needs_advance(Some(&facts(ServerStatus::Stopping)), std::slice::from_ref(&stopping)));
+        assert!(needs_advance(Some(&facts(ServerStatus::Stopped)), &[stopping]));
     }
 
     #[test]

@@ -68,19 +68,28 @@ pub fn queue_order(queue: &mut [QueuedServer]) {
 /// memory left afterwards (best fit), ties broken by fewer starts in flight,
 /// then by id. Returns the index into `nodes` and the port.
 pub fn best_fit(nodes: &[NodeCapacity], memory: MemMib, home: Option<&NodeId>) -> Option<(usize, u16)> {
-    nodes
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| home.is_none_or(|h| &n.node_id == h))
-        .filter(|(_, n)| n.fits_memory(memory).is_ok())
-        .filter_map(|(i, n)| n.first_free_port().map(|p| (i, p, n)))
-        .min_by(|(_, _, a), (_, _, b)| {
-            (a.free().0 - memory.0)
-                .cmp(&(b.free().0 - memory.0))
-                .then(a.pending_starts.cmp(&b.pending_starts))
-                .then_with(|| a.node_id.cmp(&b.node_id))
-        })
-        .map(|(i, p, _)| (i, p))
+    // The best node by memory is found first and its port looked up only
+    // then: looking up a port on every node made planning a queue of
+    // thousands quadratic in the ports in use. A node without a free port
+    // is passed over and the next best taken, as if it did not fit.
+    let mut no_port: Vec<usize> = Vec::new();
+    loop {
+        let (i, n) = nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| !no_port.contains(i) && home.is_none_or(|h| &n.node_id == h))
+            .filter(|(_, n)| n.fits_memory(memory).is_ok())
+            .min_by(|(_, a), (_, b)| {
+                (a.free().0 - memory.0)
+                    .cmp(&(b.free().0 - memory.0))
+                    .then(a.pending_starts.cmp(&b.pending_starts))
+                    .then_with(|| a.node_id.cmp(&b.node_id))
+            })?;
+        match n.first_free_port() {
+            Some(port) => return Some((i, port)),
+            None => no_port.push(i),
+        }
+    }
 }
 
 /// Plans as many queued servers as fit. `nodes` is a snapshot and is not
@@ -253,6 +262,40 @@ mod tests {
                 n.take(p.memory_mib, p.port);
                 prop_assert!(n.reserved <= n.allocatable);
             }
+        }
+
+        // The fast best fit chooses exactly what a scan of every node's
+        // first free port would, including when ports run out.
+        #[test]
+        fn best_fit_equals_the_exhaustive_scan(
+            allocs in proptest::collection::vec(0u64..5_000, 1..10),
+            reserved in proptest::collection::vec(0u64..5_000, 10),
+            used in proptest::collection::vec(0u16..6, 10),
+            pending in proptest::collection::vec(0u32..3, 10),
+            memory in 1u64..3_000,
+        ) {
+            let nodes: Vec<_> = allocs.iter().enumerate()
+                .map(|(i, a)| {
+                    let mut n = cap(&format!("n{i}"), *a, reserved[i].min(*a));
+                    n.ports = PortRange { min: 1000, max: 1004 };
+                    n.used_ports = (0..used[i]).map(|p| 1000 + p).collect();
+                    n.pending_starts = pending[i];
+                    n
+                })
+                .collect();
+            let exhaustive = nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.fits_memory(MemMib(memory)).is_ok())
+                .filter_map(|(i, n)| n.first_free_port().map(|p| (i, p, n)))
+                .min_by(|(_, _, a), (_, _, b)| {
+                    (a.free().0 - memory)
+                        .cmp(&(b.free().0 - memory))
+                        .then(a.pending_starts.cmp(&b.pending_starts))
+                        .then_with(|| a.node_id.cmp(&b.node_id))
+                })
+                .map(|(i, p, _)| (i, p));
+            prop_assert_eq!(best_fit(&nodes, MemMib(memory), None), exhaustive);
         }
     }
 }

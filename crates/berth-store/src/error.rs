@@ -21,6 +21,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The write's batch did not commit (the writer stopped, or the
+    /// database failed under it); nothing of it was written.
+    #[error("the write was not committed: {0}")]
+    NotCommitted(String),
 }
 
 impl StoreError {
@@ -35,6 +39,7 @@ impl StoreError {
                 d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P"))
             }
             StoreError::Database(sqlx::Error::Protocol(m)) => m.contains("connection"),
+            StoreError::NotCommitted(_) => true,
             _ => false,
         }
     }

@@ -10,6 +10,7 @@
 #[macro_use]
 mod common_sql;
 mod error;
+mod group;
 #[macro_use]
 mod ops_sql;
 mod postgres;
@@ -21,7 +22,7 @@ use berth_core::placement::{Placement, QueuedServer};
 use berth_core::health::Verdict;
 pub use berth_core::operation::Refusal;
 use berth_core::notify::Webhook;
-use berth_core::operation::{OpKind, OpOrigin, Operation};
+use berth_core::operation::{OpKind, OpOrigin, Operation, ServerFacts};
 use berth_core::reconcile::Reconciled;
 use berth_core::retry::RetryPolicy;
 use berth_core::{
@@ -31,7 +32,7 @@ use berth_core::{
 
 pub use error::StoreError;
 pub use postgres::PostgresStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenRecord {
@@ -162,11 +163,21 @@ pub struct OpFilter {
     pub limit: u32,
 }
 
+/// A server with operations that have not ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveOps {
+    pub server_id: ServerId,
+    /// `None` once the server is deleted.
+    pub server: Option<ServerFacts>,
+    /// Its unfinished operations, in admission order.
+    pub ops: Vec<Operation>,
+}
+
 /// What the operations executor looks at in one round.
 #[derive(Debug, Clone, Default)]
 pub struct OpsWork {
     /// Servers with an operation that has not ended.
-    pub active: Vec<ServerId>,
+    pub active: Vec<ActiveOps>,
     /// Crashed servers whose restart policy is `on-failure` and that have no
     /// unfinished operation, each with its automatic restarts since the
     /// window began (and since the last start by a user).
@@ -256,10 +267,18 @@ pub struct LeaderLease {
     pub expires_at: Millis,
 }
 
+/// How many writes the store answered and how many commits (fsyncs) made
+/// them durable: group commit folds many writes into one commit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    pub writes: u64,
+    pub commits: u64,
+}
+
 /// The pure decision `sync_node` runs inside its transaction.
 /// It gets the servers placed on the node and when the node last renewed
-/// before this sync.
-pub type Decide<'a> = &'a (dyn Fn(&[Server], Millis) -> Reconciled + Send + Sync);
+/// before this sync. Owned, so a group-committed write can carry it.
+pub type Decide = std::sync::Arc<dyn Fn(&[Server], Millis) -> Reconciled + Send + Sync>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -294,7 +313,7 @@ pub trait Store: Send + Sync + 'static {
     /// sequence, records the lease renewal and host stats, runs `decide` on
     /// the servers placed on the node and applies its changes, each
     /// conditional on the server's generation and status.
-    async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide<'_>) -> Result<(Node, Reconciled), StoreError>;
+    async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide) -> Result<(Node, Reconciled), StoreError>;
     /// Servers placed on the node that it should run now.
     async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError>;
 
@@ -378,4 +397,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_events(&self, events: &[NewEvent], now: Millis) -> Result<(), StoreError>;
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;
     async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+    /// The group-committed writes so far, where the backend counts them.
+    fn write_stats(&self) -> Option<WriteStats> {
+        None
+    }
 }

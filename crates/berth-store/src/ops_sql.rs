@@ -321,83 +321,82 @@ macro_rules! ops_store_impl {
                 }
             }
 
+            /// Admits an operation inside `tx` (see `Store::request_operation`);
+            /// the caller commits, or drops `tx` on an error so a refusal
+            /// writes nothing.
+            pub(crate) async fn request_tx(tx: &mut Tx, req: &OpRequest, now: Millis) -> Result<(Operation, Server), StoreError> {
+                let mut server = Some(server_by_id_tx(tx, &req.server_id).await?);
+                let mut ops = active_ops(tx, &req.server_id).await?;
+                converge(tx, &mut server, &mut ops, now).await?;
+                let Some(current) = server.clone() else {
+                    return Err(StoreError::NotFound { what: format!("server {}", req.server_id) });
+                };
+                let admission = admit(current.status, &ops, req.kind).map_err(|r| match r {
+                    crate::Refusal::InProgress { blocking, blocking_status, blocking_id } => {
+                        StoreError::OperationInProgress { blocking, status: blocking_status, id: blocking_id }
+                    }
+                    crate::Refusal::InvalidState(e) => StoreError::Invalid(e),
+                })?;
+                for op in ops.iter_mut().filter(|o| admission.cancel.contains(&o.id)) {
+                    let why = format!("cancelled by {} operation {}", req.kind, req.new_id);
+                    finish(tx, op, OpStatus::Cancelled, Some("cancelled"), Some(why), server.as_ref(), now).await?;
+                }
+                ops.retain(|o| !o.status.is_terminal());
+                let seq: i64 = sqlx::query_scalar(&$q(
+                    "INSERT INTO operations (id, server_id, kind, status, origin, created_at) VALUES (?, ?, ?, 'pending', ?, ?) RETURNING seq",
+                ))
+                .bind(&req.new_id)
+                .bind(&req.server_id.0)
+                .bind(req.kind.as_str())
+                .bind(req.origin.as_str())
+                .bind(now)
+                .fetch_one(&mut **tx)
+                .await?;
+                let mut op = Operation {
+                    id: req.new_id.clone(),
+                    server_id: req.server_id.clone(),
+                    kind: req.kind,
+                    status: OpStatus::Pending,
+                    phase: None,
+                    origin: req.origin,
+                    seq,
+                    attempts: 0,
+                    next_attempt_at: None,
+                    error_code: None,
+                    error: None,
+                    created_at: now,
+                    started_at: None,
+                    finished_at: None,
+                };
+                if req.fresh_world && req.kind == OpKind::Start {
+                    // The operator gives up the world on the lost node:
+                    // the server may be placed anywhere from now on.
+                    sqlx::query(&$q("UPDATE servers SET home_node = NULL WHERE id = ?")).bind(&req.server_id.0).execute(&mut **tx).await?;
+                    if let Some(s) = server.as_mut() {
+                        s.home_node = None;
+                    }
+                }
+                if admission.begin_now {
+                    begin_op(tx, &mut op, &mut server, now).await?;
+                }
+                let after = match &server {
+                    Some(s) => s.clone(),
+                    None => Server { status: ServerStatus::Deleted, ..current },
+                };
+                Ok((op, after))
+            }
+
+            /// Settles and begins a server's operations inside `tx`.
+            pub(crate) async fn advance_tx(tx: &mut Tx, id: &ServerId, now: Millis) -> Result<Vec<Operation>, StoreError> {
+                let mut server = status_of(tx, id).await?;
+                let mut ops = active_ops(tx, id).await?;
+                if ops.is_empty() {
+                    return Ok(vec![]);
+                }
+                converge(tx, &mut server, &mut ops, now).await
+            }
+
             impl $Store {
-                pub(crate) async fn ops_request(&self, req: &OpRequest, now: Millis) -> Result<(Operation, Server), StoreError> {
-                    let mut tx = self.begin().await?;
-                    let mut server = Some(server_by_id_tx(&mut tx, &req.server_id).await?);
-                    let mut ops = active_ops(&mut tx, &req.server_id).await?;
-                    converge(&mut tx, &mut server, &mut ops, now).await?;
-                    let Some(current) = server.clone() else {
-                        return Err(StoreError::NotFound { what: format!("server {}", req.server_id) });
-                    };
-                    let admission = admit(current.status, &ops, req.kind).map_err(|r| match r {
-                        crate::Refusal::InProgress { blocking, blocking_status, blocking_id } => {
-                            StoreError::OperationInProgress { blocking, status: blocking_status, id: blocking_id }
-                        }
-                        crate::Refusal::InvalidState(e) => StoreError::Invalid(e),
-                    })?;
-                    for op in ops.iter_mut().filter(|o| admission.cancel.contains(&o.id)) {
-                        let why = format!("cancelled by {} operation {}", req.kind, req.new_id);
-                        finish(&mut tx, op, OpStatus::Cancelled, Some("cancelled"), Some(why), server.as_ref(), now).await?;
-                    }
-                    ops.retain(|o| !o.status.is_terminal());
-                    let seq: i64 = sqlx::query_scalar(&$q(
-                        "INSERT INTO operations (id, server_id, kind, status, origin, created_at) VALUES (?, ?, ?, 'pending', ?, ?) RETURNING seq",
-                    ))
-                    .bind(&req.new_id)
-                    .bind(&req.server_id.0)
-                    .bind(req.kind.as_str())
-                    .bind(req.origin.as_str())
-                    .bind(now)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    let mut op = Operation {
-                        id: req.new_id.clone(),
-                        server_id: req.server_id.clone(),
-                        kind: req.kind,
-                        status: OpStatus::Pending,
-                        phase: None,
-                        origin: req.origin,
-                        seq,
-                        attempts: 0,
-                        next_attempt_at: None,
-                        error_code: None,
-                        error: None,
-                        created_at: now,
-                        started_at: None,
-                        finished_at: None,
-                    };
-                    if req.fresh_world && req.kind == OpKind::Start {
-                        // The operator gives up the world on the lost node:
-                        // the server may be placed anywhere from now on.
-                        sqlx::query(&$q("UPDATE servers SET home_node = NULL WHERE id = ?")).bind(&req.server_id.0).execute(&mut *tx).await?;
-                        if let Some(s) = server.as_mut() {
-                            s.home_node = None;
-                        }
-                    }
-                    if admission.begin_now {
-                        begin_op(&mut tx, &mut op, &mut server, now).await?;
-                    }
-                    let after = match &server {
-                        Some(s) => s.clone(),
-                        None => Server { status: ServerStatus::Deleted, ..current },
-                    };
-                    tx.commit().await?;
-                    Ok((op, after))
-                }
-
-                pub(crate) async fn ops_advance(&self, id: &ServerId, now: Millis) -> Result<Vec<Operation>, StoreError> {
-                    let mut tx = self.begin().await?;
-                    let mut server = status_of(&mut tx, id).await?;
-                    let mut ops = active_ops(&mut tx, id).await?;
-                    if ops.is_empty() {
-                        return Ok(vec![]);
-                    }
-                    let changed = converge(&mut tx, &mut server, &mut ops, now).await?;
-                    tx.commit().await?;
-                    Ok(changed)
-                }
-
                 pub(crate) async fn ops_get(&self, id: &str) -> Result<Option<Operation>, StoreError> {
                     let row = sqlx::query(&$q(&format!("SELECT {OP_COLS} FROM operations WHERE id = ?")))
                         .bind(id)
@@ -422,11 +421,36 @@ macro_rules! ops_store_impl {
 
                 pub(crate) async fn ops_worklist(&self, window_start: Millis) -> Result<OpsWork, StoreError> {
                     let mut conn = self.read.acquire().await?;
-                    let active: Vec<String> = sqlx::query_scalar(
-                        "SELECT DISTINCT server_id FROM operations WHERE status IN ('pending', 'running') ORDER BY server_id",
-                    )
+                    // Unfinished operations with what settling them depends
+                    // on, in one read, so the executor writes only where
+                    // something would change.
+                    let op_cols: String = OP_COLS.split(", ").map(|c| format!("o.{c}")).collect::<Vec<_>>().join(", ");
+                    let rows = sqlx::query(&format!(
+                        "SELECT {op_cols}, s.status AS s_status, s.attempts AS s_attempts, s.next_attempt_at AS s_next, \
+                         s.last_error AS s_error FROM operations o LEFT JOIN servers s ON s.id = o.server_id AND s.status <> 'deleted' \
+                         WHERE o.status IN ('pending', 'running') ORDER BY o.server_id, o.seq"
+                    ))
                     .fetch_all(&mut *conn)
                     .await?;
+                    let mut active_ops: Vec<crate::ActiveOps> = Vec::new();
+                    for r in &rows {
+                        let op = op_from_row(r)?;
+                        if active_ops.last().is_none_or(|a| a.server_id != op.server_id) {
+                            let status: Option<String> = r.try_get("s_status")?;
+                            let server = match status {
+                                None => None,
+                                Some(st) => Some(berth_core::operation::ServerFacts {
+                                    status: ServerStatus::parse(&st).ok_or_else(|| corrupt("server status", &st))?,
+                                    attempts: r.try_get::<i64, _>("s_attempts")? as u32,
+                                    next_attempt_at: r.try_get("s_next")?,
+                                    last_error: r.try_get("s_error")?,
+                                }),
+                            };
+                            active_ops.push(crate::ActiveOps { server_id: op.server_id.clone(), server, ops: Vec::new() });
+                        }
+                        active_ops.last_mut().expect("pushed above").ops.push(op);
+                    }
+                    let active: std::collections::HashSet<&str> = active_ops.iter().map(|a| a.server_id.0.as_str()).collect();
                     let crashed_rows = sqlx::query(&format!(
                         "SELECT {SERVER_COLS} FROM servers WHERE status = 'crashed' AND restart_policy = 'on-failure' ORDER BY id"
                     ))
@@ -435,7 +459,7 @@ macro_rules! ops_store_impl {
                     let mut crashed = Vec::new();
                     for r in &crashed_rows {
                         let s = server_from_row(r)?;
-                        if active.contains(&s.id.0) {
+                        if active.contains(s.id.0.as_str()) {
                             continue;
                         }
                         let n: i64 = sqlx::query_scalar(&$q(
@@ -467,7 +491,7 @@ macro_rules! ops_store_impl {
                         })
                     })
                     .collect::<Result<_, StoreError>>()?;
-                    Ok(OpsWork { active: active.into_iter().map(ServerId).collect(), crashed, queued })
+                    Ok(OpsWork { active: active_ops, crashed, queued })
                 }
 
                 pub(crate) async fn ops_fail_server(

@@ -519,7 +519,7 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
-    async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide<'_>) -> Result<(Node, Reconciled), StoreError> {
+    async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide) -> Result<(Node, Reconciled), StoreError> {
         let mut tx = self.begin().await?;
         let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1 FOR UPDATE"))
             .bind(&input.node_id.0)
@@ -804,10 +804,18 @@ impl Store for PostgresStore {
 
 
         async fn request_operation(&self, req: &crate::OpRequest, now: Millis) -> Result<(berth_core::operation::Operation, Server), StoreError> {
-            self.ops_request(req, now).await
+            // Concurrent writers each take their own transaction here;
+            // PostgreSQL groups their commits itself.
+            let mut tx = self.begin().await?;
+            let out = ops_impl::request_tx(&mut tx, req, now).await?;
+            tx.commit().await?;
+            Ok(out)
         }
         async fn advance_operations(&self, server_id: &ServerId, now: Millis) -> Result<Vec<berth_core::operation::Operation>, StoreError> {
-            self.ops_advance(server_id, now).await
+            let mut tx = self.begin().await?;
+            let changed = ops_impl::advance_tx(&mut tx, server_id, now).await?;
+            tx.commit().await?;
+            Ok(changed)
         }
         async fn get_operation(&self, id: &str) -> Result<Option<berth_core::operation::Operation>, StoreError> {
             self.ops_get(id).await

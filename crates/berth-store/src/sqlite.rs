@@ -4,6 +4,8 @@
 //! All writes go through a pool of exactly one connection, so write
 //! transactions are serialized in-process and never deadlock on SQLite's
 //! lock upgrade; reads use a separate pool and see the last committed state.
+//! The frequent writes are group-committed (`group`): many in one
+//! transaction, each in its own savepoint, answered after the one commit.
 //! Transactions here contain queries and pure calls only, never foreign I/O.
 
 use std::collections::HashMap;
@@ -24,6 +26,7 @@ use berth_core::{
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
+use crate::group::{GroupCommit, Tx};
 use crate::{
     BillingSession, Decide, EventFilter, LeaderLease, LedgerEntry, NodeRegistration, NodeUsage, PlacementOutcome, QueueSnapshot, ReplicaInfo, Snapshot,
     Store, StoreError, SyncInput, TokenRecord,
@@ -41,6 +44,23 @@ pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
     fence: std::sync::Mutex<Option<(String, u64)>>,
+    /// The hot writes (starts and stops, syncs, placements, creates) go
+    /// through group commit; the rest take the one write connection alone.
+    group: GroupCommit,
+}
+
+/// How a `SqliteStore` writes.
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteOptions {
+    /// Most writes committed together in one transaction (one fsync);
+    /// 1 turns group commit off.
+    pub group_commit_max: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { group_commit_max: 256 }
+    }
 }
 
 
@@ -50,6 +70,10 @@ ops_store_impl!(SqliteStore, Sqlite, crate::ops_sql::same, "");
 impl SqliteStore {
     /// Opens (creating if missing) the database at `path` and migrates it.
     pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_with(path, SqliteOptions::default()).await
+    }
+
+    pub async fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -59,7 +83,8 @@ impl SqliteStore {
         let write = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
         migrate(&write).await?;
         let read = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
-        Ok(SqliteStore { write, read, fence: std::sync::Mutex::new(None) })
+        let group = GroupCommit::spawn(write.clone(), options.group_commit_max);
+        Ok(SqliteStore { write, read, fence: std::sync::Mutex::new(None), group })
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
@@ -240,38 +265,8 @@ impl Store for SqliteStore {
     }
 
     async fn insert_server(&self, s: &Server, event: &NewEvent) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        let res = sqlx::query(&format!(
-            "INSERT INTO servers ({SERVER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL, NULL, NULL, 0, NULL, NULL, NULL, ?, ?, ?, ?, ?, ?, NULL, ?)"
-        ))
-        .bind(&s.id.0)
-        .bind(&s.tenant)
-        .bind(&s.name)
-        .bind(&s.template)
-        .bind(s.memory_mib.0 as i64)
-        .bind(serde_json::to_string(&s.config).expect("a json map serializes"))
-        .bind(s.status.as_str())
-        .bind(s.generation as i64)
-        .bind(s.created_at)
-        .bind(s.updated_at)
-        .bind(s.stop_after_ms)
-        .bind(s.stateless as i64)
-        .bind(&s.plan)
-        .bind(s.price_per_gib_hour)
-        .bind(s.restart_policy.as_str())
-        .execute(&mut *tx)
-        .await;
-        match res {
-            Err(e) if is_unique_violation(&e) => {
-                return Err(StoreError::Conflict(format!("a server named {:?} already exists", s.name)));
-            }
-            other => {
-                other?;
-            }
-        }
-        insert_events_tx(&mut tx, std::slice::from_ref(event), s.created_at).await?;
-        tx.commit().await?;
-        Ok(())
+        let (s, event) = (s.clone(), event.clone());
+        self.group.write(move |tx| Box::pin(async move { insert_server_tx(tx, &s, &event).await })).await
     }
 
     async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError> {
@@ -401,168 +396,16 @@ impl Store for SqliteStore {
     }
 
     async fn commit_placements(&self, plans: &[Placement], now: Millis) -> Result<Vec<PlacementOutcome>, StoreError> {
-        let mut tx = self.begin().await?;
+        // The fence is read when the commit is requested; it is checked
+        // against the lease row inside the transaction.
         let fence = self.fence.lock().expect("fence lock").clone();
-        if let Some((holder, epoch)) = fence {
-            let row = sqlx::query("SELECT holder, epoch FROM leader WHERE id = 1").fetch_optional(&mut *tx).await?;
-            let current = row.map(|r| -> Result<(String, i64), sqlx::Error> { Ok((r.try_get("holder")?, r.try_get("epoch")?)) }).transpose()?;
-            if current != Some((holder.clone(), epoch as i64)) {
-                return Err(StoreError::NotLeader { holder, epoch });
-            }
-        }
-        // Capacity per node is derived from the rows inside this
-        // transaction, then updated as plans are accepted, so every plan is
-        // checked against everything committed before it (L1, L2).
-        let mut caps: HashMap<NodeId, NodeCapacity> = HashMap::new();
-        let mut out = Vec::with_capacity(plans.len());
-        for p in plans {
-            let server = sqlx::query("SELECT name, status, generation FROM servers WHERE id = ?")
-                .bind(&p.server_id.0)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some(server) = server else {
-                out.push(PlacementOutcome::Stale);
-                continue;
-            };
-            let status: String = server.try_get("status")?;
-            let generation = server.try_get::<i64, _>("generation")? as u64;
-            let name: String = server.try_get("name")?;
-            if status != ServerStatus::Queued.as_str() || generation != p.expected_generation {
-                out.push(PlacementOutcome::Stale);
-                continue;
-            }
-            if !caps.contains_key(&p.node_id) {
-                let Some(row) = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?"))
-                    .bind(&p.node_id.0)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                else {
-                    out.push(PlacementOutcome::Stale);
-                    continue;
-                };
-                let node = node_from_row(&row)?;
-                let rows = sqlx::query(&format!("SELECT {RES_COLS} FROM reservations WHERE node_id = ?"))
-                    .bind(&p.node_id.0)
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .iter()
-                    .map(reservation_from_row)
-                    .collect::<Result<Vec<_>, _>>()?;
-                caps.insert(p.node_id.clone(), NodeCapacity::from_rows(&node, &rows));
-            }
-            let cap = caps.get_mut(&p.node_id).expect("inserted above");
-            if let Err(misfit) = recheck(cap, p) {
-                out.push(PlacementOutcome::Rejected(misfit));
-                continue;
-            }
-            let new_gen = p.new_generation();
-            sqlx::query(&format!("INSERT INTO reservations ({RES_COLS}) VALUES (?, ?, ?, ?, ?, 'pending', ?)"))
-                .bind(&p.server_id.0)
-                .bind(new_gen as i64)
-                .bind(&p.node_id.0)
-                .bind(p.memory_mib.0 as i64)
-                .bind(p.port as i64)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "UPDATE servers SET status = 'starting', node_id = ?, generation = ?, port = ?, updated_at = ? \
-                 WHERE id = ? AND generation = ? AND status = 'queued'",
-            )
-            .bind(&p.node_id.0)
-            .bind(new_gen as i64)
-            .bind(p.port as i64)
-            .bind(now)
-            .bind(&p.server_id.0)
-            .bind(p.expected_generation as i64)
-            .execute(&mut *tx)
-            .await?;
-            cap.take(p.memory_mib, p.port);
-            insert_events_tx(
-                &mut tx,
-                &[NewEvent {
-                    kind: "server_placed",
-                    server_id: Some(p.server_id.clone()),
-                    node_id: Some(p.node_id.clone()),
-                    message: format!("server {name} placed on node {} (generation {new_gen}, port {})", p.node_id, p.port),
-                }],
-                now,
-            )
-            .await?;
-            out.push(PlacementOutcome::Committed { generation: new_gen });
-        }
-        tx.commit().await?;
-        Ok(out)
+        let plans = plans.to_vec();
+        self.group.write(move |tx| Box::pin(async move { commit_placements_tx(tx, &plans, now, fence).await })).await
     }
 
-    async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide<'_>) -> Result<(Node, Reconciled), StoreError> {
-        let mut tx = self.begin().await?;
-        let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?"))
-            .bind(&input.node_id.0)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound { what: format!("node {}", input.node_id) })?;
-        let mut node = node_from_row(&row)?;
-        if input.epoch != node.epoch {
-            return Err(StoreError::StaleSync(format!("epoch {} is not the node's current epoch {}", input.epoch, node.epoch)));
-        }
-        if input.seq <= node.sync_seq {
-            return Err(StoreError::StaleSync(format!("sequence {} is not after {}", input.seq, node.sync_seq)));
-        }
-        // A node heard from again is back, whatever the monitor concluded.
-        let status = if matches!(node.status, NodeStatus::Unreachable | NodeStatus::Lost) { NodeStatus::Ready } else { node.status };
-        let last_alive = node.last_sync_at.unwrap_or(node.registered_at);
-        sqlx::query("UPDATE nodes SET sync_seq = ?, last_sync_at = ?, host_total_mib = ?, host_available_mib = ?, status = ?, disk_total_mib = ?, disk_used_mib = ?, disk_pressure = ? WHERE id = ?")
-            .bind(input.seq as i64)
-            .bind(now)
-            .bind(input.host_total_mib.0 as i64)
-            .bind(input.host_available_mib.0 as i64)
-            .bind(status.as_str())
-            .bind(input.disk_total_mib as i64)
-            .bind(input.disk_used_mib as i64)
-            .bind(input.disk_pressure as i64)
-            .bind(&node.id.0)
-            .execute(&mut *tx)
-            .await?;
-        node.sync_seq = input.seq;
-        node.last_sync_at = Some(now);
-        node.host_total_mib = input.host_total_mib;
-        node.host_available_mib = input.host_available_mib;
-        if let Some(volumes) = &input.volumes {
-            sqlx::query("UPDATE nodes SET volumes = ? WHERE id = ?")
-                .bind(serde_json::to_string(volumes).expect("serializable"))
-                .bind(&node.id.0)
-                .execute(&mut *tx)
-                .await?;
-        }
-        node.status = status;
-        node.disk_total_mib = input.disk_total_mib;
-        node.disk_used_mib = input.disk_used_mib;
-        node.disk_pressure = input.disk_pressure;
-
-        let placed = sqlx::query(&format!(
-            "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')"
-        ))
-        .bind(&node.id.0)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(server_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-        let decided = decide(&placed, last_alive);
-        let by_id: HashMap<&ServerId, &Server> = placed.iter().map(|s| (&s.id, s)).collect();
-        let mut applied_events = Vec::new();
-        for (change, ev) in decided.changes.iter().zip_events(&decided.events) {
-            let applied = apply_change(&mut tx, change, &by_id, now).await?;
-            if applied {
-                if let Some(ev) = ev {
-                    applied_events.push(ev.clone());
-                }
-            }
-        }
-        insert_events_tx(&mut tx, &applied_events, now).await?;
-        tx.commit().await?;
-        Ok((node, decided))
+    async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide) -> Result<(Node, Reconciled), StoreError> {
+        let input = input.clone();
+        self.group.write(move |tx| Box::pin(async move { sync_node_tx(tx, &input, now, &decide).await })).await
     }
 
     async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
@@ -778,12 +621,19 @@ impl Store for SqliteStore {
         *self.fence.lock().expect("fence lock") = fence;
     }
 
+    fn write_stats(&self) -> Option<crate::WriteStats> {
+        let (writes, commits) = self.group.stats();
+        Some(crate::WriteStats { writes, commits })
+    }
+
 
         async fn request_operation(&self, req: &crate::OpRequest, now: Millis) -> Result<(berth_core::operation::Operation, Server), StoreError> {
-            self.ops_request(req, now).await
+            let req = req.clone();
+            self.group.write(move |tx| Box::pin(async move { ops_impl::request_tx(tx, &req, now).await })).await
         }
         async fn advance_operations(&self, server_id: &ServerId, now: Millis) -> Result<Vec<berth_core::operation::Operation>, StoreError> {
-            self.ops_advance(server_id, now).await
+            let id = server_id.clone();
+            self.group.write(move |tx| Box::pin(async move { ops_impl::advance_tx(tx, &id, now).await })).await
         }
         async fn get_operation(&self, id: &str) -> Result<Option<berth_core::operation::Operation>, StoreError> {
             self.ops_get(id).await
@@ -908,6 +758,199 @@ impl Store for SqliteStore {
 
 
 
+
+async fn insert_server_tx(tx: &mut Tx, s: &Server, event: &NewEvent) -> Result<(), StoreError> {
+    let res = sqlx::query(&format!(
+        "INSERT INTO servers ({SERVER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL, NULL, NULL, 0, NULL, NULL, NULL, ?, ?, ?, ?, ?, ?, NULL, ?)"
+    ))
+    .bind(&s.id.0)
+    .bind(&s.tenant)
+    .bind(&s.name)
+    .bind(&s.template)
+    .bind(s.memory_mib.0 as i64)
+    .bind(serde_json::to_string(&s.config).expect("a json map serializes"))
+    .bind(s.status.as_str())
+    .bind(s.generation as i64)
+    .bind(s.created_at)
+    .bind(s.updated_at)
+    .bind(s.stop_after_ms)
+    .bind(s.stateless as i64)
+    .bind(&s.plan)
+    .bind(s.price_per_gib_hour)
+    .bind(s.restart_policy.as_str())
+    .execute(&mut **tx)
+    .await;
+    match res {
+        Err(e) if is_unique_violation(&e) => {
+            return Err(StoreError::Conflict(format!("a server named {:?} already exists", s.name)));
+        }
+        other => {
+            other?;
+        }
+    }
+    insert_events_tx(tx, std::slice::from_ref(event), s.created_at).await?;
+    Ok(())
+}
+
+async fn commit_placements_tx(tx: &mut Tx, plans: &[Placement], now: Millis, fence: Option<(String, u64)>) -> Result<Vec<PlacementOutcome>, StoreError> {
+    if let Some((holder, epoch)) = fence {
+        let row = sqlx::query("SELECT holder, epoch FROM leader WHERE id = 1").fetch_optional(&mut **tx).await?;
+        let current = row.map(|r| -> Result<(String, i64), sqlx::Error> { Ok((r.try_get("holder")?, r.try_get("epoch")?)) }).transpose()?;
+        if current != Some((holder.clone(), epoch as i64)) {
+            return Err(StoreError::NotLeader { holder, epoch });
+        }
+    }
+    // Capacity per node is derived from the rows inside this
+    // transaction, then updated as plans are accepted, so every plan is
+    // checked against everything committed before it (L1, L2).
+    let mut caps: HashMap<NodeId, NodeCapacity> = HashMap::new();
+    let mut out = Vec::with_capacity(plans.len());
+    for p in plans {
+        let server = sqlx::query("SELECT name, status, generation FROM servers WHERE id = ?")
+            .bind(&p.server_id.0)
+            .fetch_optional(&mut **tx)
+            .await?;
+        let Some(server) = server else {
+            out.push(PlacementOutcome::Stale);
+            continue;
+        };
+        let status: String = server.try_get("status")?;
+        let generation = server.try_get::<i64, _>("generation")? as u64;
+        let name: String = server.try_get("name")?;
+        if status != ServerStatus::Queued.as_str() || generation != p.expected_generation {
+            out.push(PlacementOutcome::Stale);
+            continue;
+        }
+        if !caps.contains_key(&p.node_id) {
+            let Some(row) = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?"))
+                .bind(&p.node_id.0)
+                .fetch_optional(&mut **tx)
+                .await?
+            else {
+                out.push(PlacementOutcome::Stale);
+                continue;
+            };
+            let node = node_from_row(&row)?;
+            let rows = sqlx::query(&format!("SELECT {RES_COLS} FROM reservations WHERE node_id = ?"))
+                .bind(&p.node_id.0)
+                .fetch_all(&mut **tx)
+                .await?
+                .iter()
+                .map(reservation_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            caps.insert(p.node_id.clone(), NodeCapacity::from_rows(&node, &rows));
+        }
+        let cap = caps.get_mut(&p.node_id).expect("inserted above");
+        if let Err(misfit) = recheck(cap, p) {
+            out.push(PlacementOutcome::Rejected(misfit));
+            continue;
+        }
+        let new_gen = p.new_generation();
+        sqlx::query(&format!("INSERT INTO reservations ({RES_COLS}) VALUES (?, ?, ?, ?, ?, 'pending', ?)"))
+            .bind(&p.server_id.0)
+            .bind(new_gen as i64)
+            .bind(&p.node_id.0)
+            .bind(p.memory_mib.0 as i64)
+            .bind(p.port as i64)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query(
+            "UPDATE servers SET status = 'starting', node_id = ?, generation = ?, port = ?, updated_at = ? \
+             WHERE id = ? AND generation = ? AND status = 'queued'",
+        )
+        .bind(&p.node_id.0)
+        .bind(new_gen as i64)
+        .bind(p.port as i64)
+        .bind(now)
+        .bind(&p.server_id.0)
+        .bind(p.expected_generation as i64)
+        .execute(&mut **tx)
+        .await?;
+        cap.take(p.memory_mib, p.port);
+        insert_events_tx(
+            tx,
+            &[NewEvent {
+                kind: "server_placed",
+                server_id: Some(p.server_id.clone()),
+                node_id: Some(p.node_id.clone()),
+                message: format!("server {name} placed on node {} (generation {new_gen}, port {})", p.node_id, p.port),
+            }],
+            now,
+        )
+        .await?;
+        out.push(PlacementOutcome::Committed { generation: new_gen });
+    }
+    Ok(out)
+}
+
+async fn sync_node_tx(tx: &mut Tx, input: &SyncInput, now: Millis, decide: &Decide) -> Result<(Node, Reconciled), StoreError> {
+    let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?"))
+        .bind(&input.node_id.0)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound { what: format!("node {}", input.node_id) })?;
+    let mut node = node_from_row(&row)?;
+    if input.epoch != node.epoch {
+        return Err(StoreError::StaleSync(format!("epoch {} is not the node's current epoch {}", input.epoch, node.epoch)));
+    }
+    if input.seq <= node.sync_seq {
+        return Err(StoreError::StaleSync(format!("sequence {} is not after {}", input.seq, node.sync_seq)));
+    }
+    // A node heard from again is back, whatever the monitor concluded.
+    let status = if matches!(node.status, NodeStatus::Unreachable | NodeStatus::Lost) { NodeStatus::Ready } else { node.status };
+    let last_alive = node.last_sync_at.unwrap_or(node.registered_at);
+    sqlx::query("UPDATE nodes SET sync_seq = ?, last_sync_at = ?, host_total_mib = ?, host_available_mib = ?, status = ?, disk_total_mib = ?, disk_used_mib = ?, disk_pressure = ? WHERE id = ?")
+        .bind(input.seq as i64)
+        .bind(now)
+        .bind(input.host_total_mib.0 as i64)
+        .bind(input.host_available_mib.0 as i64)
+        .bind(status.as_str())
+        .bind(input.disk_total_mib as i64)
+        .bind(input.disk_used_mib as i64)
+        .bind(input.disk_pressure as i64)
+        .bind(&node.id.0)
+        .execute(&mut **tx)
+        .await?;
+    node.sync_seq = input.seq;
+    node.last_sync_at = Some(now);
+    node.host_total_mib = input.host_total_mib;
+    node.host_available_mib = input.host_available_mib;
+    if let Some(volumes) = &input.volumes {
+        sqlx::query("UPDATE nodes SET volumes = ? WHERE id = ?")
+            .bind(serde_json::to_string(volumes).expect("serializable"))
+            .bind(&node.id.0)
+            .execute(&mut **tx)
+            .await?;
+    }
+    node.status = status;
+    node.disk_total_mib = input.disk_total_mib;
+    node.disk_used_mib = input.disk_used_mib;
+    node.disk_pressure = input.disk_pressure;
+
+    let placed = sqlx::query(&format!(
+        "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')"
+    ))
+    .bind(&node.id.0)
+    .fetch_all(&mut **tx)
+    .await?
+    .iter()
+    .map(server_from_row)
+    .collect::<Result<Vec<_>, _>>()?;
+    let decided = decide(&placed, last_alive);
+    let by_id: HashMap<&ServerId, &Server> = placed.iter().map(|s| (&s.id, s)).collect();
+    let mut applied_events = Vec::new();
+    for (change, ev) in decided.changes.iter().zip_events(&decided.events) {
+        let applied = apply_change(tx, change, &by_id, now).await?;
+        if applied {
+            if let Some(ev) = ev {
+                applied_events.push(ev.clone());
+            }
+        }
+    }
+    insert_events_tx(tx, &applied_events, now).await?;
+    Ok((node, decided))
+}
 
 /// Takes the lease if it is free or expired, renews it if held; the epoch
 /// grows only when the holder changes or its lease had lapsed. Binds:

@@ -54,7 +54,7 @@ impl Sim {
         let input = suite::sync_input(&self.node, 1, self.seq);
         let t = self.t;
         let decide = move |placed: &[Server], last_alive: i64| reconcile(placed, &report, t, last_alive, &RetryPolicy::default(), 0);
-        self.store.sync_node(&input, t, &decide).await.unwrap();
+        self.store.sync_node(&input, t, std::sync::Arc::new(decide.clone())).await.unwrap();
         self.last_send = t;
     }
 

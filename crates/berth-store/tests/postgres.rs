@@ -42,6 +42,8 @@ fn store_suite_on_postgres() {
         case!(webhooks_fan_out_retry_and_disable);
         let store: Arc<dyn Store> = Arc::new(PostgresStore::open(&pg.database("concurrent")).await.unwrap());
         suite::concurrent_commits_never_exceed_a_node(store).await;
+        let store: Arc<dyn Store> = Arc::new(PostgresStore::open(&pg.database("burst")).await.unwrap());
+        suite::a_burst_of_writes_is_answered_write_by_write(store).await;
 
         // Two stores on one database are two replicas: committing
         // concurrently through both still never over-commits.

@@ -7,7 +7,7 @@ mod suite;
 use std::sync::Arc;
 
 use berth_core::{MemMib, NodeId};
-use berth_store::{SqliteStore, Store};
+use berth_store::{SqliteOptions, SqliteStore, Store};
 
 async fn open(dir: &tempfile::TempDir) -> SqliteStore {
     SqliteStore::open(&dir.path().join("berth.db")).await.unwrap()
@@ -42,6 +42,25 @@ async fn concurrent_commits_never_exceed_a_node() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(open(&dir).await);
     suite::concurrent_commits_never_exceed_a_node(store).await;
+}
+
+/// Group commit answers every write of a burst as if it ran alone, and
+/// folds them into fewer commits; with group commit off (one transaction
+/// per write, the benchmarks' naive path) the answers are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_writes_is_group_committed_with_the_same_answers() {
+    for group_commit_max in [256, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open_with(&dir.path().join("berth.db"), SqliteOptions { group_commit_max }).await.unwrap());
+        suite::a_burst_of_writes_is_answered_write_by_write(store.clone()).await;
+        let stats = store.write_stats().unwrap();
+        assert!(stats.writes >= 40 + 40 + 30, "{stats:?}");
+        if group_commit_max == 1 {
+            assert_eq!(stats.commits, stats.writes, "one commit per write: {stats:?}");
+        } else {
+            assert!(stats.commits < stats.writes, "a burst shares commits: {stats:?}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,8 @@ use berth_core::invariants;
 use berth_core::placement::Placement;
 use berth_core::reconcile::{Change, Reconciled};
 use berth_core::{LastExit, MemMib, NewEvent, NodeId, PortRange, Server, ServerId, ServerStatus};
-use berth_store::{NodeRegistration, PlacementOutcome, Store, StoreError, SyncInput};
+use berth_core::operation::{OpKind, OpOrigin, OpStatus as BurstOpStatus};
+use berth_store::{NodeRegistration, OpRequest, PlacementOutcome, Store, StoreError, SyncInput};
 
 pub fn reg(name: &str, mib: u64) -> NodeRegistration {
     NodeRegistration {
@@ -132,6 +133,98 @@ pub async fn concurrent_commits_never_exceed_a_node(store: Arc<dyn Store>) {
     assert_no_violations(store.as_ref()).await;
 }
 
+/// Many writes at once are each answered as if alone (group commit must
+/// not change a single answer): a refused request in the burst writes
+/// nothing, not even the settling it did before it was refused (L7); a
+/// duplicate name is refused without a row or an event; every other write
+/// commits; concurrent placements never exceed the node (L1).
+pub async fn a_burst_of_writes_is_answered_write_by_write(store: Arc<dyn Store>) {
+    let node = store.register_node(&reg("burst", 4096), &NodeId("node_burst".into()), 1).await.unwrap();
+    let a = server("burst-a", 1024);
+    store.insert_server(&a, &ev()).await.unwrap();
+    let start = |id: &ServerId, op: &str| OpRequest { server_id: id.clone(), kind: OpKind::Start, origin: OpOrigin::User, new_id: op.into(), fresh_world: false };
+    store.request_operation(&start(&a.id, "op_burst_a"), 2).await.unwrap();
+    let out = store.commit_placements(&[plan(&a, &node.id, 30000)], 3).await.unwrap();
+    assert!(matches!(out[0], PlacementOutcome::Committed { generation: 1 }));
+    let id = a.id.clone();
+    store
+        .sync_node(&sync_input(&node.id, node.epoch, 1), 4, Arc::new(move |_: &[Server], _: i64| Reconciled {
+            changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }],
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    // `a` runs; its start operation is still running until it is settled.
+    assert_eq!(store.get_operation("op_burst_a").await.unwrap().unwrap().status, BurstOpStatus::Running);
+    let events_before = event_count(store.as_ref()).await;
+
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let store = store.clone();
+        burst.spawn(async move { ("create", store.insert_server(&server(&format!("burst-{i}"), 100), &ev()).await.map(|_| ())) });
+    }
+    for i in 0..5 {
+        let (store, mut dup) = (store.clone(), server(&format!("burst-{i}"), 100));
+        dup.id = ServerId(format!("srv_dup{i:013}"));
+        burst.spawn(async move { ("duplicate", store.insert_server(&dup, &ev()).await.map(|_| ())) });
+    }
+    {
+        let store = store.clone();
+        let delete = OpRequest { kind: OpKind::Delete, ..start(&a.id, "op_burst_delete") };
+        burst.spawn(async move { ("delete", store.request_operation(&delete, 5).await.map(|_| ())) });
+    }
+    let (mut created, mut duplicates, mut refused_delete) = (0, 0, false);
+    while let Some(done) = burst.join_next().await {
+        match done.unwrap() {
+            ("create", Ok(())) => created += 1,
+            ("create", Err(StoreError::Conflict(_))) => duplicates += 1, // a duplicate won the name
+            ("duplicate", Err(StoreError::Conflict(_))) => duplicates += 1,
+            ("duplicate", Ok(())) => created += 1,
+            ("delete", Err(StoreError::Invalid(_) | StoreError::OperationInProgress { .. })) => refused_delete = true,
+            (what, other) => panic!("{what}: {other:?}"),
+        }
+    }
+    assert_eq!((created, duplicates), (40, 5));
+    assert!(refused_delete, "a running server cannot be deleted");
+    assert_eq!(
+        store.get_operation("op_burst_a").await.unwrap().unwrap().status,
+        BurstOpStatus::Running,
+        "the refused request's settling of the start was rolled back with it"
+    );
+    assert!(store.get_operation("op_burst_delete").await.unwrap().is_none(), "the refused operation left no row");
+    assert_eq!(store.list_servers(None).await.unwrap().len(), 41);
+    assert_eq!(event_count(store.as_ref()).await, events_before + 40, "refused writes leave no events");
+
+    // Start the 40 at once, then place them in 40 concurrent commits: the
+    // 3072 MiB left take 30 of them, never more.
+    let servers: Vec<Server> = store.list_servers(None).await.unwrap().into_iter().filter(|s| s.id != a.id).collect();
+    let mut starts = tokio::task::JoinSet::new();
+    for (i, s) in servers.iter().enumerate() {
+        let (store, req) = (store.clone(), start(&s.id, &format!("op_burst_{i}")));
+        starts.spawn(async move { store.request_operation(&req, 6).await.unwrap().1 });
+    }
+    let mut queued = Vec::new();
+    while let Some(s) = starts.join_next().await {
+        let s = s.unwrap();
+        assert_eq!(s.status, ServerStatus::Queued);
+        queued.push(s);
+    }
+    let mut commits = tokio::task::JoinSet::new();
+    for (i, s) in queued.iter().enumerate() {
+        let (store, p) = (store.clone(), plan(s, &node.id, 30001 + i as u16));
+        commits.spawn(async move { store.commit_placements(&[p], 7).await.unwrap() });
+    }
+    let mut committed = 0;
+    while let Some(out) = commits.join_next().await {
+        if matches!(out.unwrap()[0], PlacementOutcome::Committed { .. }) {
+            committed += 1;
+        }
+    }
+    assert_eq!(committed, 30);
+    assert_eq!(store.node_usage().await.unwrap()[0].reserved, MemMib(4024));
+    assert_no_violations(store.as_ref()).await;
+}
+
 /// L2: one port per node, one reservation per server, and plans for a
 /// server that changed since the snapshot are refused.
 pub async fn ports_are_unique_and_stale_servers_refused(store: &dyn Store) {
@@ -156,13 +249,13 @@ pub async fn syncs_are_fenced_by_epoch_and_sequence(store: &dyn Store) {
     let node = store.register_node(&reg("n1", 8000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
     let nothing = |_: &[Server], _: i64| Reconciled::default();
     let input = |epoch, seq| sync_input(&node.id, epoch, seq);
-    store.sync_node(&input(1, 1), 5, &nothing).await.unwrap();
-    assert!(matches!(store.sync_node(&input(1, 1), 6, &nothing).await, Err(StoreError::StaleSync(_))));
+    store.sync_node(&input(1, 1), 5, std::sync::Arc::new(nothing.clone())).await.unwrap();
+    assert!(matches!(store.sync_node(&input(1, 1), 6, std::sync::Arc::new(nothing.clone())).await, Err(StoreError::StaleSync(_))));
     let again = store.register_node(&reg("n1", 8000), &NodeId("node_ffffffffffffffff".into()), 7).await.unwrap();
     assert_eq!(again.id, node.id, "re-registration keeps the node");
     assert_eq!(again.epoch, 2);
-    assert!(matches!(store.sync_node(&input(1, 9), 8, &nothing).await, Err(StoreError::StaleSync(_))));
-    store.sync_node(&input(2, 1), 9, &nothing).await.unwrap();
+    assert!(matches!(store.sync_node(&input(1, 9), 8, std::sync::Arc::new(nothing.clone())).await, Err(StoreError::StaleSync(_))));
+    store.sync_node(&input(2, 1), 9, std::sync::Arc::new(nothing.clone())).await.unwrap();
 }
 
 /// L3: a change derived from a report about another generation is not
@@ -183,11 +276,11 @@ pub async fn report_changes_are_conditional_on_generation(store: &dyn Store) {
         }],
         ..Default::default()
     };
-    store.sync_node(&input(1), 30, &old).await.unwrap();
+    store.sync_node(&input(1), 30, std::sync::Arc::new(old.clone())).await.unwrap();
     assert_eq!(store.get_server("a").await.unwrap().unwrap().status, ServerStatus::Starting);
     let id = a.id.clone();
     let current = move |_: &[Server], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() };
-    store.sync_node(&input(2), 31, &current).await.unwrap();
+    store.sync_node(&input(2), 31, std::sync::Arc::new(current.clone())).await.unwrap();
     assert_eq!(store.get_server("a").await.unwrap().unwrap().status, ServerStatus::Running);
     let desired = store.desired_on(&node.id).await.unwrap();
     assert_eq!(desired.len(), 1);
@@ -199,7 +292,7 @@ pub async fn report_changes_are_conditional_on_generation(store: &dyn Store) {
         changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: Some(0) }, billed_until: 41 }],
         ..Default::default()
     };
-    store.sync_node(&input(3), 41, &gone).await.unwrap();
+    store.sync_node(&input(3), 41, std::sync::Arc::new(gone.clone())).await.unwrap();
     let s = store.get_server("a").await.unwrap().unwrap();
     assert_eq!(s.status, ServerStatus::Stopped);
     assert_eq!(s.node_id, None);
@@ -352,7 +445,7 @@ pub async fn operations_follow_the_guard_table(store: &dyn Store) {
     let (_, srv) = store.request_operation(&op_req(&s, OpKind::Start, "op_5"), 13).await.unwrap();
     store.commit_placements(&[plan(&srv, &node.id, 30000)], 14).await.unwrap();
     let id = s.id.clone();
-    store.sync_node(&sync_in(&node.id, 1), 15, &move |_: &[Server], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() }).await.unwrap();
+    store.sync_node(&sync_in(&node.id, 1), 15, std::sync::Arc::new(move |_: &[Server], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() })).await.unwrap();
     store.advance_operations(&s.id, 16).await.unwrap();
     assert_eq!(store.get_operation("op_5").await.unwrap().unwrap().status, OpStatus::Succeeded);
     let (stop, srv) = store.request_operation(&op_req(&s, OpKind::Stop, "op_6"), 17).await.unwrap();
@@ -366,7 +459,7 @@ pub async fn operations_follow_the_guard_table(store: &dyn Store) {
         changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: Some(0) }, billed_until: 0 }],
         ..Default::default()
     };
-    store.sync_node(&sync_in(&node.id, 2), 20, &gone).await.unwrap();
+    store.sync_node(&sync_in(&node.id, 2), 20, std::sync::Arc::new(gone.clone())).await.unwrap();
     let changed = store.advance_operations(&s.id, 21).await.unwrap();
     assert_eq!(changed.len(), 2, "{changed:?}");
     assert_eq!(store.get_operation("op_6").await.unwrap().unwrap().status, OpStatus::Succeeded);
@@ -376,7 +469,14 @@ pub async fn operations_follow_the_guard_table(store: &dyn Store) {
     assert_eq!(all.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(), ["op_1", "op_4", "op_5", "op_6", "op_7"]);
     let active = store.list_operations(&berth_store::OpFilter { active_only: true, limit: 100, ..Default::default() }).await.unwrap();
     assert_eq!(active.len(), 1);
-    assert_eq!(store.ops_work(0).await.unwrap().active, vec![s.id.clone()]);
+    let work = store.ops_work(0).await.unwrap();
+    assert_eq!(work.active.iter().map(|a| a.server_id.clone()).collect::<Vec<_>>(), vec![s.id.clone()]);
+    assert_eq!(work.active[0].ops.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(), ["op_7"]);
+    assert_eq!(work.active[0].server.as_ref().map(|f| f.status), Some(ServerStatus::Queued));
+    // The executor's filter agrees with the store: a queued start has
+    // nothing to settle, and advancing it changes nothing.
+    assert!(!berth_core::operation::needs_advance(work.active[0].server.as_ref(), &work.active[0].ops));
+    assert!(store.advance_operations(&s.id, 22).await.unwrap().is_empty());
     assert_no_violations(store).await;
 }
 
@@ -409,7 +509,7 @@ pub async fn kill_is_ordered_until_the_instance_is_gone(store: &dyn Store) {
         changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: None }, billed_until: 0 }],
         ..Default::default()
     };
-    store.sync_node(&sync_in(&node.id, 1), 15, &gone).await.unwrap();
+    store.sync_node(&sync_in(&node.id, 1), 15, std::sync::Arc::new(gone.clone())).await.unwrap();
     store.advance_operations(&s.id, 16).await.unwrap();
     assert_eq!(store.get_operation("op_3").await.unwrap().unwrap().status, OpStatus::Succeeded);
     assert_eq!(store.get_operation("op_2").await.unwrap().unwrap().status, OpStatus::Succeeded);
@@ -454,7 +554,7 @@ pub async fn failing_and_restart_bookkeeping(store: &dyn Store) {
             changes: vec![Change::Ended { server_id: id.clone(), generation: gen, to: ServerStatus::Crashed, exit: LastExit { reason: "exited".into(), code: Some(3) }, billed_until: 0 }],
             ..Default::default()
         };
-        store.sync_node(&sync_in(&node.id, seq), 102 + round, &crash).await.unwrap();
+        store.sync_node(&sync_in(&node.id, seq), 102 + round, std::sync::Arc::new(crash.clone())).await.unwrap();
         store.advance_operations(&c.id, 103 + round).await.unwrap();
         let work = store.ops_work(0).await.unwrap();
         let (crashed, restarts) = work.crashed.iter().find(|(s, _)| s.id == c.id).cloned().expect("listed as crashed");
