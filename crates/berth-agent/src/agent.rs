@@ -251,6 +251,9 @@ impl Agent {
     async fn sync_loop(&self) {
         let (mut node_id, mut epoch) = self.register().await;
         let mut seq = 0u64;
+        // The last desired set received and its version: an answer that
+        // says `unchanged` means this set.
+        let mut last_desired: Option<(String, Vec<InstanceSpec>)> = None;
         loop {
             seq += 1;
             let req = SyncRequest {
@@ -262,6 +265,7 @@ impl Agent {
                 disk: self.cfg.data_dir.as_deref().and_then(host::disk),
                 volumes: self.cfg.data_dir.as_deref().map(list_volumes),
                 wait_ms: self.cfg.sync_interval.as_millis() as u64,
+                desired_version: last_desired.as_ref().map(|(v, _)| v.clone()),
             };
             let sent = Instant::now();
             let sent_mono = watchdog::monotonic_ms();
@@ -276,7 +280,18 @@ impl Agent {
                     *self.lease.lock().expect("lease lock") =
                         Lease { renewed_at: Some(sent), renewed_mono_ms: sent_mono, ttl_ms: resp.lease_ttl_ms as i64 };
                     let killed = self.kill_ordered(&resp.kill).await;
-                    let acted = self.converge(resp.desired).await || killed;
+                    let desired = match (resp.unchanged, &last_desired) {
+                        (true, Some((_, cached))) => cached.clone(),
+                        (true, None) => {
+                            // Cannot happen (no version was sent); ask again.
+                            continue;
+                        }
+                        (false, _) => {
+                            last_desired = Some((resp.desired_version.clone(), resp.desired.clone()));
+                            resp.desired
+                        }
+                    };
+                    let acted = self.converge(desired).await || killed;
                     self.publish_lease();
                     if !acted && sent.elapsed() < Duration::from_millis(50) {
                         // Guard against a hot loop if the two sides ever
@@ -288,6 +303,7 @@ impl Agent {
                     tracing::warn!(%message, "sync refused; registering again");
                     (node_id, epoch) = self.register().await;
                     seq = 0;
+                    last_desired = None;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "sync failed");

@@ -500,12 +500,25 @@ pub struct SyncRequest {
     /// for new work.
     #[serde(default)]
     pub wait_ms: u64,
+    /// The `desired_version` of the last desired set the agent received;
+    /// if it still holds, the answer leaves the set out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_version: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SyncResponse {
-    /// The complete set of instances the node should run.
+    /// The complete set of instances the node should run; empty when
+    /// `unchanged`.
     pub desired: Vec<InstanceSpec>,
+    /// Names the desired set (see `desired_version`).
+    #[serde(default)]
+    pub desired_version: String,
+    /// The desired set is the one the agent named in its request: keep it.
+    /// Most syncs are renewals that change nothing; sending and rendering
+    /// the whole set on each would cost more than everything else.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
     /// Instances to end at once (SIGKILL), not gracefully: a `kill`
     /// operation. They are never in `desired`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -514,8 +527,40 @@ pub struct SyncResponse {
     pub sync_interval_ms: u64,
 }
 
+/// Names a desired set by what identifies it: each (server, generation).
+/// A generation's instance spec never changes (a change of a server is a
+/// new placement, a new generation), so equal versions mean equal sets.
+/// FNV-1a over the sorted pairs, in hex.
+pub fn desired_version(keys: &[(berth_core::ServerId, u64)]) -> String {
+    let mut sorted: Vec<&(berth_core::ServerId, u64)> = keys.iter().collect();
+    sorted.sort();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (id, generation) in sorted {
+        for b in id.0.bytes().chain([b':']).chain(generation.to_le_bytes()).chain([b';']) {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    format!("{h:016x}.{}", keys.len())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KillOrder {
     pub server_id: berth_core::ServerId,
     pub generation: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_core::ServerId;
+
+    #[test]
+    fn the_desired_version_names_the_set_not_its_order() {
+        let a = (ServerId("srv_a".into()), 1);
+        let b = (ServerId("srv_b".into()), 2);
+        assert_eq!(desired_version(&[a.clone(), b.clone()]), desired_version(&[b.clone(), a.clone()]));
+        assert_ne!(desired_version(&[a.clone(), b.clone()]), desired_version(&[a.clone()]));
+        assert_ne!(desired_version(&[a.clone()]), desired_version(&[(ServerId("srv_a".into()), 2)]), "a new generation is a new set");
+        assert_ne!(desired_version(&[]), desired_version(&[a]));
+    }
 }

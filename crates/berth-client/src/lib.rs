@@ -103,6 +103,24 @@ impl Client {
         self.call(Method::GET, "/healthz", None::<&()>, None).await
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> Result<String, ClientError> {
+        let url = format!("{}/metrics", self.base);
+        let resp = self.http.get(&url).send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|source| ClientError::Transport { url, source })?;
+        if !status.is_success() {
+            return Err(ClientError::Api { status: status.as_u16(), code: "metrics_failed".into(), message: text.chars().take(200).collect() });
+        }
+        Ok(text)
+    }
+
+    /// `/metrics` as (series, value) pairs: `name{labels}` exactly as
+    /// written, comments skipped.
+    pub async fn metrics(&self) -> Result<Vec<(String, f64)>, ClientError> {
+        Ok(parse_metrics(&self.metrics_text().await?))
+    }
+
     pub async fn create_server(&self, req: &CreateServer) -> Result<ServerView, ClientError> {
         self.call(Method::POST, "/v1/servers", Some(req), None).await
     }
@@ -123,6 +141,14 @@ impl Client {
     pub async fn start_server_fresh(&self, id: &str) -> Result<ServerView, ClientError> {
         let body = serde_json::json!({"allow_fresh_world": true});
         self.call(Method::POST, &format!("/v1/servers/{}/start", seg(id)), Some(&body), None).await
+    }
+
+    /// Starts a server and answers once its memory is reserved on a node
+    /// (status `starting`), the start ended, or `timeout_s` passed.
+    pub async fn start_server_wait_placed(&self, id: &str, timeout_s: u64) -> Result<ServerView, ClientError> {
+        let body = serde_json::json!({"wait": "placed", "wait_timeout_s": timeout_s});
+        let http_timeout = Duration::from_secs(timeout_s) + Duration::from_secs(10);
+        self.call(Method::POST, &format!("/v1/servers/{}/start", seg(id)), Some(&body), Some(http_timeout)).await
     }
 
     pub async fn stop_server(&self, id: &str) -> Result<ServerView, ClientError> {
@@ -240,6 +266,17 @@ impl Client {
         let timeout = Duration::from_millis(req.wait_ms) + Duration::from_secs(5);
         self.call(Method::POST, "/v1/agent/sync", Some(req), Some(timeout)).await
     }
+}
+
+/// Parses Prometheus text into (series, value) pairs.
+pub fn parse_metrics(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 /// True for answers that mean "try again later" rather than "you are wrong".

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use berth_core::admission::NodeCapacity;
 use berth_core::placement::{plan, Placement};
 use berth_store::{PlacementOutcome, Store};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -98,17 +97,20 @@ impl Worker for QueueWorker {
         if !self.leading.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(WorkerState::Idle);
         }
+        let t0 = std::time::Instant::now();
         let snap = self.store.queue_snapshot().await?;
+        let t_snap = t0.elapsed();
         if snap.queued.is_empty() {
             return Ok(WorkerState::Idle);
         }
-        let caps: Vec<NodeCapacity> = snap.nodes.iter().map(|n| NodeCapacity::from_rows(n, &snap.reservations)).collect();
-        let plans = plan(&caps, &snap.queued, self.clock.now_ms(), self.cfg.planner);
+        let plans = plan(&snap.capacities, &snap.queued, self.clock.now_ms(), self.cfg.planner);
         if plans.is_empty() {
             return Ok(WorkerState::Idle);
         }
         let placed: Vec<_> = plans.iter().map(|p| (p.node_id.clone(), p.server_id.clone())).collect();
+        let t_plan = t0.elapsed();
         let outcomes = self.committer.submit(plans).await?;
+        let t_commit = t0.elapsed();
         let mut committed = 0;
         let mut woken = std::collections::HashSet::new();
         for ((node, server), outcome) in placed.iter().zip(&outcomes) {
@@ -120,7 +122,7 @@ impl Worker for QueueWorker {
                 }
             }
         }
-        tracing::debug!(committed, planned = outcomes.len(), "admission round");
+        tracing::debug!(committed, planned = outcomes.len(), snapshot_ms = t_snap.as_millis() as u64, plan_ms = t_plan.as_millis() as u64, commit_ms = t_commit.as_millis() as u64, "admission round");
         Ok(if committed > 0 { WorkerState::Busy } else { WorkerState::Idle })
     }
 

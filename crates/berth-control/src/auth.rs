@@ -69,15 +69,48 @@ pub fn new_secret(kind: TokenKind) -> String {
     format!("berth_{}_{hex}", kind.as_str())
 }
 
-pub async fn authenticate(store: &dyn Store, headers: &HeaderMap) -> Result<Caller, ControlError> {
+/// Tokens recently found in the store, by hash, so a busy API does not
+/// read the tokens table on every request. Only tokens that exist are
+/// kept, for `TTL`, at most `MAX` of them. Tokens cannot be revoked yet;
+/// when they can, revoking must clear this cache.
+#[derive(Default)]
+pub struct TokenCache {
+    inner: std::sync::Mutex<std::collections::HashMap<String, (Caller, std::time::Instant)>>,
+}
+
+impl TokenCache {
+    const TTL: std::time::Duration = std::time::Duration::from_secs(10);
+    const MAX: usize = 10_000;
+
+    fn get(&self, hash: &str) -> Option<Caller> {
+        let inner = self.inner.lock().expect("token cache lock");
+        inner.get(hash).filter(|(_, at)| at.elapsed() < Self::TTL).map(|(c, _)| c.clone())
+    }
+
+    fn put(&self, hash: String, caller: Caller) {
+        let mut inner = self.inner.lock().expect("token cache lock");
+        if inner.len() >= Self::MAX {
+            inner.clear();
+        }
+        inner.insert(hash, (caller, std::time::Instant::now()));
+    }
+}
+
+pub async fn authenticate(store: &dyn Store, cache: &TokenCache, headers: &HeaderMap) -> Result<Caller, ControlError> {
     let value = headers.get(axum::http::header::AUTHORIZATION).ok_or(ControlError::Unauthorized)?;
     let value = value.to_str().map_err(|_| ControlError::Unauthorized)?;
     let secret = value.strip_prefix("Bearer ").ok_or(ControlError::Unauthorized)?.trim();
     if secret.is_empty() || secret.len() > 256 {
         return Err(ControlError::Unauthorized);
     }
-    let record = store.find_token(&hash_secret(secret)).await?.ok_or(ControlError::Unauthorized)?;
-    Ok(Caller { kind: record.kind, tenant: record.tenant })
+    let hash = hash_secret(secret);
+    if let Some(caller) = cache.get(&hash) {
+        return Ok(caller);
+    }
+    let record = store.find_token(&hash).await?.ok_or(ControlError::Unauthorized)?;
+    let caller = Caller { kind: record.kind, tenant: record.tenant };
+    cache.put(hash, caller.clone());
+    Ok(caller)
 }
 
 #[cfg(test)]

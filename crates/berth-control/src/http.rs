@@ -88,7 +88,7 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ControlError> {
 }
 
 async fn caller(app: &App, headers: &HeaderMap) -> Result<Caller, ControlError> {
-    authenticate(app.store.as_ref(), headers).await
+    authenticate(app.store.as_ref(), &app.tokens, headers).await
 }
 
 async fn healthz() -> Json<Value> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use berth_core::health::{judge, HealthConfig};
+use berth_core::health::{judge, needs_judging, HealthConfig};
 use berth_core::{Millis, NewEvent};
 use berth_store::Store;
 use tokio::sync::Notify;
@@ -45,10 +45,18 @@ impl Worker for NodeMonitor {
         if !self.leading.load(Ordering::SeqCst) {
             return Ok(WorkerState::Idle);
         }
-        let snap = self.store.snapshot().await?;
+        let nodes = self.store.list_nodes().await?;
         let now = self.clock.now_ms();
         let cfg = HealthConfig { lease_ttl_ms: self.cfg.lease_ttl_ms as i64, lease_grace_ms: self.cfg.lease_grace_ms as i64 };
-        let verdicts = judge(&snap.nodes, &snap.servers, now, self.judging_from, cfg);
+        // Only the servers of nodes that may get a verdict are read; the
+        // verdicts are conditional on the facts they were judged from, so
+        // reading nodes and servers apart is safe.
+        let judged: Vec<berth_core::Node> = nodes.iter().filter(|n| needs_judging(n, now, self.judging_from, cfg)).cloned().collect();
+        let mut placed = Vec::new();
+        for n in &judged {
+            placed.extend(self.store.placed_on(&n.id).await?);
+        }
+        let verdicts = judge(&judged, &placed, now, self.judging_from, cfg);
         if !verdicts.is_empty() {
             let applied = self.store.apply_verdicts(&verdicts, now).await?;
             if applied > 0 {
@@ -58,7 +66,7 @@ impl Worker for NodeMonitor {
             }
         }
         let mut alerts = Vec::new();
-        for n in &snap.nodes {
+        for n in &nodes {
             let over = n.disk_total_mib > 0 && n.disk_used_mib * 100 >= n.disk_total_mib * self.cfg.disk_alert_percent;
             if over && self.disk_alerted.insert(n.id.clone()) {
                 alerts.push(NewEvent {

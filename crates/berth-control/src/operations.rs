@@ -70,7 +70,6 @@ impl App {
     pub async fn start_and_wait_placed(&self, caller: &Caller, id_or_name: &str, fresh_world: bool, timeout: Duration) -> Result<(Operation, Server), ControlError> {
         let (op, before) = self.operation_with(caller, id_or_name, OpKind::Start, fresh_world).await?;
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut current = before.clone();
         loop {
             // Interest is registered before the store is read, so a
             // placement committed in between is not missed.
@@ -78,27 +77,27 @@ impl App {
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let current = match self.store.get_server(&before.id.0).await? {
+                Some(s) => s,
+                None => Server { status: ServerStatus::Deleted, ..before.clone() },
+            };
             let placed = current.generation > before.generation && current.status.holds_reservation();
-            let op_now = self.store.get_operation(&op.id).await?;
-            let ended = op_now.as_ref().is_none_or(|o| o.status.is_terminal());
-            if placed || ended || current.status == ServerStatus::Deleted {
+            // While the server waits in the queue its start still runs;
+            // only otherwise can the start have ended.
+            let done = placed || current.status == ServerStatus::Deleted || current.status != ServerStatus::Queued && {
+                let now = self.store.get_operation(&op.id).await?;
+                now.as_ref().is_none_or(|o| o.status.is_terminal())
+            };
+            if done || tokio::time::Instant::now() >= deadline {
                 self.placed.release(&before.id, &wake);
-                return Ok((op_now.unwrap_or(op), current));
+                return Ok((op, current));
             }
-            let timed_out = tokio::select! {
-                _ = &mut notified => false,
+            tokio::select! {
+                _ = &mut notified => {}
                 // Placements committed elsewhere (another replica) are
                 // seen by re-reading.
-                _ = tokio::time::sleep(Duration::from_millis(1000)) => false,
-                _ = tokio::time::sleep_until(deadline) => true,
-            };
-            current = match self.store.get_server(&before.id.0).await? {
-                Some(s) => s,
-                None => Server { status: ServerStatus::Deleted, ..current },
-            };
-            if timed_out {
-                self.placed.release(&before.id, &wake);
-                return Ok((op_now.unwrap_or(op), current));
+                _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
             }
         }
     }

@@ -45,6 +45,8 @@ pub struct App {
     pub drift: DriftWatch,
     /// Wakes the operations executor: an operation may settle or begin.
     pub ops_wake: Arc<Notify>,
+    /// Tokens recently verified.
+    pub tokens: auth::TokenCache,
 }
 
 const DEFAULT_TENANT: &str = "default";
@@ -402,7 +404,11 @@ impl App {
     pub async fn metrics(&self) -> Result<String, ControlError> {
         use std::fmt::Write;
         const MIB: u64 = 1024 * 1024;
-        let snap = self.store.snapshot().await?;
+        // Counts, not rows: a scrape costs the same at 100 servers and at
+        // 100,000.
+        let nodes = self.store.list_nodes().await?;
+        let (by_status, open_sessions) = self.store.status_counts().await?;
+        let servers_in = |st: ServerStatus| by_status.iter().find(|(s, _)| *s == st).map(|(_, n)| *n).unwrap_or(0);
         let usage = self.store.node_usage().await?;
         let counts = self.store.count_events().await?;
         let count = |kind: &str| counts.iter().find(|(k, _)| k == kind).map(|(_, n)| *n).unwrap_or(0);
@@ -419,13 +425,13 @@ impl App {
             "berth_node_memory_allocatable_bytes",
             "Memory reservations may use on the node.",
             "gauge",
-            snap.nodes.iter().map(|n| (node_label(n), (n.allocatable_mib().0 * MIB) as f64)).collect(),
+            nodes.iter().map(|n| (node_label(n), (n.allocatable_mib().0 * MIB) as f64)).collect(),
         );
         gauge(
             "berth_node_memory_reserved_bytes",
             "Sum of the node's reservation rows.",
             "gauge",
-            snap.nodes
+            nodes
                 .iter()
                 .map(|n| (node_label(n), (usage.iter().find(|u| u.node_id == n.id).map(|u| u.reserved.0).unwrap_or(0) * MIB) as f64))
                 .collect(),
@@ -434,19 +440,19 @@ impl App {
             "berth_node_memory_used_bytes",
             "Memory in use on the host, as last reported by the agent.",
             "gauge",
-            snap.nodes.iter().map(|n| (node_label(n), (n.used_mib().0 * MIB) as f64)).collect(),
+            nodes.iter().map(|n| (node_label(n), (n.used_mib().0 * MIB) as f64)).collect(),
         );
         gauge(
             "berth_node_memory_drift",
             "1 while the node's real memory use has drifted from its reservations.",
             "gauge",
-            snap.nodes.iter().map(|n| (node_label(n), if self.drift.view(n).is_some() { 1.0 } else { 0.0 })).collect(),
+            nodes.iter().map(|n| (node_label(n), if self.drift.view(n).is_some() { 1.0 } else { 0.0 })).collect(),
         );
         gauge(
             "berth_node_disk_pressure",
             "1 while the node's data volume is past the pressure threshold.",
             "gauge",
-            snap.nodes.iter().map(|n| (node_label(n), if n.disk_pressure { 1.0 } else { 0.0 })).collect(),
+            nodes.iter().map(|n| (node_label(n), if n.disk_pressure { 1.0 } else { 0.0 })).collect(),
         );
         gauge(
             "berth_nodes",
@@ -454,7 +460,7 @@ impl App {
             "gauge",
             berth_core::NodeStatus::ALL
                 .iter()
-                .map(|st| (format!("{{status=\"{st}\"}}"), snap.nodes.iter().filter(|n| n.status == *st).count() as f64))
+                .map(|st| (format!("{{status=\"{st}\"}}"), nodes.iter().filter(|n| n.status == *st).count() as f64))
                 .collect(),
         );
         gauge(
@@ -464,12 +470,12 @@ impl App {
             ServerStatus::ALL
                 .iter()
                 .filter(|st| **st != ServerStatus::Deleted)
-                .map(|st| (format!("{{status=\"{st}\"}}"), snap.servers.iter().filter(|s| s.status == *st).count() as f64))
+                .map(|st| (format!("{{status=\"{st}\"}}"), servers_in(*st) as f64))
                 .collect(),
         );
-        let queued = snap.servers.iter().filter(|s| s.status == ServerStatus::Queued).count();
+        let queued = servers_in(ServerStatus::Queued);
         gauge("berth_queue_depth", "Servers waiting for a placement.", "gauge", vec![(String::new(), queued as f64)]);
-        gauge("berth_billing_open_sessions", "Open billing sessions.", "gauge", vec![(String::new(), snap.open_sessions.len() as f64)]);
+        gauge("berth_billing_open_sessions", "Open billing sessions.", "gauge", vec![(String::new(), open_sessions as f64)]);
         for (name, help, kind) in [
             ("berth_placements_total", "Placements committed.", "server_placed"),
             ("berth_node_lost_total", "Nodes declared lost.", "node_lost"),
@@ -478,6 +484,15 @@ impl App {
             ("berth_memory_drift_total", "Memory drift events.", "memory_drift"),
         ] {
             gauge(name, help, "counter", vec![(String::new(), count(kind) as f64)]);
+        }
+        if let Some(w) = self.store.write_stats() {
+            gauge("berth_store_writes_total", "Writes the store committed since it opened.", "counter", vec![(String::new(), w.writes as f64)]);
+            gauge(
+                "berth_store_commits_total",
+                "Transactions (fsyncs) those writes took: fewer than writes under group commit.",
+                "counter",
+                vec![(String::new(), w.commits as f64)],
+            );
         }
         Ok(out)
     }
@@ -568,27 +583,41 @@ impl App {
             self.ops_wake.notify_one();
         }
 
-        let mut desired = self.store.desired_on(&node_id).await?;
+        // Interest in new work is registered before the first read, so a
+        // placement committed in between is not missed.
+        let wake = self.nodes.get(&node_id);
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let mut keys = self.store.desired_keys(&node_id).await?;
         let mut kill = self.store.killing_on(&node_id).await?;
-        if req.wait_ms > 0 && nothing_to_do(&desired, &kill, &req) {
-            let wake = self.nodes.get(&node_id);
-            let notified = wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            // Re-read after registering interest so a change committed in
-            // between is not missed.
-            desired = self.store.desired_on(&node_id).await?;
+        if req.wait_ms > 0 && nothing_to_do(&keys, &kill, &req) {
+            let wait = Duration::from_millis(req.wait_ms.min(self.cfg.long_poll_max_ms));
+            let _ = tokio::time::timeout(wait, notified).await;
+            keys = self.store.desired_keys(&node_id).await?;
             kill = self.store.killing_on(&node_id).await?;
-            if nothing_to_do(&desired, &kill, &req) {
-                let wait = Duration::from_millis(req.wait_ms.min(self.cfg.long_poll_max_ms));
-                let _ = tokio::time::timeout(wait, notified).await;
-                desired = self.store.desired_on(&node_id).await?;
-                kill = self.store.killing_on(&node_id).await?;
-            }
         }
+        let version = berth_api::desired_version(&keys);
+        let kill: Vec<KillOrder> = kill.into_iter().map(|(server_id, generation)| KillOrder { server_id, generation }).collect();
+        if req.desired_version.as_deref() == Some(version.as_str()) {
+            return Ok(SyncResponse {
+                desired: Vec::new(),
+                desired_version: version,
+                unchanged: true,
+                kill,
+                lease_ttl_ms: self.cfg.lease_ttl_ms,
+                sync_interval_ms: self.cfg.sync_interval_ms,
+            });
+        }
+        // The set changed: read and render it whole, and name what was
+        // read (it may have moved on since the keys were read).
+        let desired = self.store.desired_on(&node_id).await?;
+        let keys: Vec<(ServerId, u64)> = desired.iter().map(|s| (s.id.clone(), s.generation)).collect();
         Ok(SyncResponse {
             desired: desired.iter().filter_map(|s| self.render(s)).collect(),
-            kill: kill.into_iter().map(|(server_id, generation)| KillOrder { server_id, generation }).collect(),
+            desired_version: berth_api::desired_version(&keys),
+            unchanged: false,
+            kill,
             lease_ttl_ms: self.cfg.lease_ttl_ms,
             sync_interval_ms: self.cfg.sync_interval_ms,
         })
@@ -597,7 +626,7 @@ impl App {
     /// Judges the node's memory after a sync: real use from the report,
     /// reservations from the rows.
     async fn watch_drift(&self, node: &berth_core::Node, req: &SyncRequest, now: berth_core::Millis) -> Result<(), ControlError> {
-        let reserved = self.store.node_usage().await?.into_iter().find(|u| u.node_id == node.id).map(|u| u.reserved.0).unwrap_or(0);
+        let reserved = self.store.node_reserved(&node.id).await?.0;
         let instances_used_mib = req
             .instances
             .iter()
@@ -632,7 +661,7 @@ impl App {
 /// every other instance it reports is already on its way out, and none it
 /// must kill is still reported as starting or running (a killed instance
 /// reports `stopping` until it is seen gone).
-fn nothing_to_do(desired: &[Server], kill: &[(ServerId, u64)], req: &SyncRequest) -> bool {
+fn nothing_to_do(desired: &[(ServerId, u64)], kill: &[(ServerId, u64)], req: &SyncRequest) -> bool {
     let must_kill = req
         .instances
         .iter()
@@ -640,7 +669,7 @@ fn nothing_to_do(desired: &[Server], kill: &[(ServerId, u64)], req: &SyncRequest
     if must_kill {
         return false;
     }
-    let want: BTreeSet<(&str, u64)> = desired.iter().map(|s| (s.id.0.as_str(), s.generation)).collect();
+    let want: BTreeSet<(&str, u64)> = desired.iter().map(|(id, generation)| (id.0.as_str(), *generation)).collect();
     let have: BTreeSet<(&str, u64)> = req.instances.iter().map(|i| (i.server_id.0.as_str(), i.generation)).collect();
     want.is_subset(&have)
         && req

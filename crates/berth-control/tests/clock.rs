@@ -148,6 +148,7 @@ impl Harness {
             disk: None,
             volumes: None,
             wait_ms: 0,
+            desired_version: None,
         };
         self.cp.app.sync(&self.admin, req).await.unwrap();
     }

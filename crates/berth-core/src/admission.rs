@@ -57,17 +57,7 @@ impl NodeCapacity {
     /// Derives the node's capacity from its reservation rows; rows of other
     /// nodes are ignored so callers may pass every row.
     pub fn from_rows<'a>(node: &Node, rows: impl IntoIterator<Item = &'a Reservation>) -> NodeCapacity {
-        let mut cap = NodeCapacity {
-            node_id: node.id.clone(),
-            status: node.status,
-            disk_pressure: node.disk_pressure,
-            allocatable: node.allocatable_mib(),
-            reserved: MemMib(0),
-            pending_starts: 0,
-            max_concurrent_starts: node.max_concurrent_starts,
-            ports: node.ports,
-            used_ports: BTreeSet::new(),
-        };
+        let mut cap = NodeCapacity::from_totals(node, MemMib(0), 0, []);
         for r in rows.into_iter().filter(|r| r.node_id == node.id) {
             cap.reserved += r.memory_mib;
             if r.state == ReservationState::Pending {
@@ -76,6 +66,22 @@ impl NodeCapacity {
             cap.used_ports.insert(r.port);
         }
         cap
+    }
+
+    /// The node's capacity from its rows summed up by the database: the
+    /// memory of every row, the rows still pending, the ports they hold.
+    pub fn from_totals(node: &Node, reserved: MemMib, pending_starts: u32, used_ports: impl IntoIterator<Item = u16>) -> NodeCapacity {
+        NodeCapacity {
+            node_id: node.id.clone(),
+            status: node.status,
+            disk_pressure: node.disk_pressure,
+            allocatable: node.allocatable_mib(),
+            reserved,
+            pending_starts,
+            max_concurrent_starts: node.max_concurrent_starts,
+            ports: node.ports,
+            used_ports: used_ports.into_iter().collect(),
+        }
     }
 
     /// Ready and not under disk pressure.
@@ -184,6 +190,14 @@ mod tests {
         assert_eq!(cap.reserved, MemMib(2048));
         assert_eq!(recheck(&cap, &plan("c", "n1", 1024, 30002)), Err(Misfit::InsufficientMemory));
         assert_eq!(recheck(&cap, &plan("c", "n1", 452, 30002)), Ok(()));
+    }
+
+    #[test]
+    fn totals_and_rows_give_the_same_capacity() {
+        let n = node("n1", 2500);
+        let mut rows = vec![res("a", "n1", 1024, 30000), res("b", "n1", 700, 30003), res("c", "n2", 9, 30001)];
+        rows[1].state = ReservationState::Active;
+        assert_eq!(NodeCapacity::from_rows(&n, &rows), NodeCapacity::from_totals(&n, MemMib(1724), 1, [30000, 30003]));
     }
 
     #[test]

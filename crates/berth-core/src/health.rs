@@ -44,6 +44,23 @@ pub fn effective_last_seen(node: &Node, judging_from: Millis) -> Millis {
     node.last_sync_at.unwrap_or(node.registered_at).max(judging_from)
 }
 
+/// Whether `judge` could give a verdict about `node` (or its servers)
+/// now: its lease expired, it is unreachable or lost, or its drain
+/// deadline passed. The monitor reads the servers of these nodes only: a
+/// healthy node's servers never yield a verdict.
+pub fn needs_judging(node: &Node, now: Millis, judging_from: Millis, cfg: HealthConfig) -> bool {
+    if now < judging_from {
+        return false;
+    }
+    let expired = now > effective_last_seen(node, judging_from) + cfg.lease_ttl_ms + cfg.lease_grace_ms;
+    match node.status {
+        NodeStatus::Ready => expired,
+        NodeStatus::Draining => expired || node.drain_deadline.is_some_and(|d| now >= d),
+        NodeStatus::Unreachable | NodeStatus::Lost => true,
+        NodeStatus::Removed => false,
+    }
+}
+
 pub fn judge(nodes: &[Node], placed: &[Server], now: Millis, judging_from: Millis, cfg: HealthConfig) -> Vec<Verdict> {
     let mut out = Vec::new();
     if now < judging_from {
@@ -135,6 +152,38 @@ mod tests {
         s.generation = 3;
         s.stop_after_ms = window;
         s
+    }
+
+    #[test]
+    fn judging_only_the_nodes_that_need_it_gives_the_same_verdicts() {
+        let mut nodes = Vec::new();
+        let mut servers = Vec::new();
+        let statuses = [NodeStatus::Ready, NodeStatus::Draining, NodeStatus::Unreachable, NodeStatus::Lost, NodeStatus::Removed];
+        for (i, status) in statuses.iter().enumerate() {
+            for (j, last) in [100_000, 110_000, 130_000].iter().enumerate() {
+                for deadline in [None, Some(120_000), Some(200_000)] {
+                    let mut n = node(*status, *last);
+                    n.id = NodeId(format!("n{i}{j}{}", deadline.unwrap_or(0)));
+                    n.drain_deadline = deadline;
+                    for (k, st) in [ServerStatus::Running, ServerStatus::Unknown, ServerStatus::Starting].iter().enumerate() {
+                        let mut s = server(*st, [0, 20_000, 300_000][k]);
+                        s.id = ServerId(format!("{}-{k}", n.id));
+                        s.node_id = Some(n.id.clone());
+                        servers.push(s);
+                    }
+                    nodes.push(n);
+                }
+            }
+        }
+        for now in [110_000, 116_000, 126_000, 150_000, 500_000] {
+            for judging_from in [0, 112_000] {
+                let all = judge(&nodes, &servers, now, judging_from, CFG);
+                let some: Vec<Node> = nodes.iter().filter(|n| needs_judging(n, now, judging_from, CFG)).cloned().collect();
+                let theirs: Vec<Server> = servers.iter().filter(|s| some.iter().any(|n| Some(&n.id) == s.node_id.as_ref())).cloned().collect();
+                assert_eq!(judge(&some, &theirs, now, judging_from, CFG), all, "now {now}, judging from {judging_from}");
+                assert!(some.len() < nodes.len(), "some nodes are healthy at {now}");
+            }
+        }
     }
 
     #[test]

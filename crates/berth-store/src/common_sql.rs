@@ -22,6 +22,58 @@ macro_rules! store_common {
 
         const SESSION_COLS: &str = "id, server_id, tenant, node_id, generation, memory_mib, plan, price_per_gib_hour, started_at, ended_at, end_reason";
 
+        /// Columns of the queue read: a node's rows summed up (memory,
+        /// pending count, ports as text `p1,p2,…`, built by `$ports_agg`).
+        fn queue_snapshot_sql(ports_agg: &str) -> (String, String, &'static str) {
+            (
+                format!("SELECT {NODE_COLS} FROM nodes"),
+                format!(
+                    "SELECT node_id, CAST(SUM(memory_mib) AS BIGINT) AS reserved, \
+                     CAST(SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END) AS BIGINT) AS pending, {ports_agg} AS ports \
+                     FROM reservations GROUP BY node_id"
+                ),
+                "SELECT id, generation, memory_mib, queued_at, next_attempt_at, home_node FROM servers WHERE status = 'queued' ORDER BY queued_at, id",
+            )
+        }
+
+        fn queue_snapshot_from(nodes: &[$DbRow], totals: &[$DbRow], queued: &[$DbRow]) -> Result<QueueSnapshot, StoreError> {
+            let mut by_node: HashMap<String, (u64, u32, Vec<u16>)> = HashMap::new();
+            for r in totals {
+                let ports: Option<String> = r.try_get("ports")?;
+                let ports = ports
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| p.trim().parse::<u16>().map_err(|e| corrupt("reservation port", e)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let reserved = r.try_get::<i64, _>("reserved")? as u64;
+                let pending = r.try_get::<i64, _>("pending")? as u32;
+                by_node.insert(r.try_get("node_id")?, (reserved, pending, ports));
+            }
+            let capacities = nodes
+                .iter()
+                .map(|row| {
+                    let n = node_from_row(row)?;
+                    let (reserved, pending, ports) = by_node.remove(&n.id.0).unwrap_or_default();
+                    Ok(berth_core::admission::NodeCapacity::from_totals(&n, MemMib(reserved), pending, ports))
+                })
+                .collect::<Result<_, StoreError>>()?;
+            let queued = queued
+                .iter()
+                .map(|r| {
+                    Ok(berth_core::placement::QueuedServer {
+                        server_id: ServerId(r.try_get("id")?),
+                        generation: r.try_get::<i64, _>("generation")? as u64,
+                        memory_mib: MemMib(r.try_get::<i64, _>("memory_mib")? as u64),
+                        queued_at: r.try_get::<Option<i64>, _>("queued_at")?.unwrap_or(0),
+                        next_attempt_at: r.try_get("next_attempt_at")?,
+                        home_node: r.try_get::<Option<String>, _>("home_node")?.map(NodeId),
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?;
+            Ok(QueueSnapshot { capacities, queued })
+        }
+
         fn corrupt(what: &str, v: impl std::fmt::Display) -> StoreError {
             StoreError::Corrupt(format!("{what}: {v}"))
         }

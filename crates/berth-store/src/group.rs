@@ -94,7 +94,18 @@ impl GroupCommit {
     pub(crate) fn spawn(pool: SqlitePool, max_batch: usize) -> GroupCommit {
         let (jobs, rx) = mpsc::unbounded_channel();
         let counts = Arc::new(Counts::default());
-        tokio::spawn(writer(pool, rx, max_batch.max(1), counts.clone()));
+        let task_counts = counts.clone();
+        // The writer runs on a thread of its own: every statement of a
+        // batch is a round trip to SQLite's worker thread, and on a busy
+        // runtime each would wait behind request handlers for its turn.
+        // The thread ends when every handle (sender) is gone.
+        std::thread::Builder::new()
+            .name("berth-store-writer".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("the writer's runtime starts");
+                rt.block_on(writer(pool, rx, max_batch.max(1), task_counts));
+            })
+            .expect("the writer thread starts");
         GroupCommit { jobs, counts }
     }
 
@@ -126,7 +137,9 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>,
                 Err(_) => break,
             }
         }
+        let t0 = std::time::Instant::now();
         let committed = if batch.len() == 1 { run_alone(&pool, &mut batch[0]).await } else { run_batch(&pool, &mut batch).await };
+        tracing::debug!(jobs = batch.len(), ms = t0.elapsed().as_millis() as u64, "write batch");
         match &committed {
             Err(why) => tracing::warn!(jobs = batch.len(), error = %why, "a write batch did not commit"),
             Ok(()) => {

@@ -17,7 +17,7 @@ mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
-use berth_core::admission::Misfit;
+use berth_core::admission::{Misfit, NodeCapacity};
 use berth_core::placement::{Placement, QueuedServer};
 use berth_core::health::Verdict;
 pub use berth_core::operation::Refusal;
@@ -57,11 +57,12 @@ pub struct NodeRegistration {
     pub max_concurrent_starts: u32,
 }
 
-/// Everything the queue worker plans from.
+/// Everything the queue worker plans from, read in one transaction.
 #[derive(Debug, Clone, Default)]
 pub struct QueueSnapshot {
-    pub nodes: Vec<Node>,
-    pub reservations: Vec<Reservation>,
+    /// Every node with its reservation rows summed up by the database
+    /// (L2: derived from the rows, in the same read as the queue).
+    pub capacities: Vec<NodeCapacity>,
     pub queued: Vec<QueuedServer>,
 }
 
@@ -316,6 +317,16 @@ pub trait Store: Send + Sync + 'static {
     async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide) -> Result<(Node, Reconciled), StoreError>;
     /// Servers placed on the node that it should run now.
     async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError>;
+    /// (server, generation) of what `desired_on` would return, without
+    /// reading the rows.
+    async fn desired_keys(&self, node_id: &NodeId) -> Result<Vec<(ServerId, Generation)>, StoreError>;
+    /// Every server holding a reservation on the node.
+    async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError>;
+    /// Reserved MiB on one node, from its rows.
+    async fn node_reserved(&self, node_id: &NodeId) -> Result<MemMib, StoreError>;
+    /// How many live servers have each status, and how many billing
+    /// sessions are open: the gauges of `/metrics`, without reading rows.
+    async fn status_counts(&self) -> Result<(Vec<(ServerStatus, u64)>, u64), StoreError>;
 
     /// Takes or renews the leader lease for `replica` until `now + ttl_ms`.
     /// Returns the lease if `replica` holds it afterwards. All replicas pass

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use berth_core::admission::{recheck, NodeCapacity};
 use berth_core::billing::EndReason;
 use berth_core::health::Verdict;
-use berth_core::placement::{Placement, QueuedServer};
+use berth_core::placement::Placement;
 use berth_core::reconcile::{Change, Reconciled};
 use berth_core::{
     Event, LastExit, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, PortRange, Reservation, ReservationState, Server,
@@ -219,7 +219,7 @@ impl Store for PostgresStore {
     }
 
     async fn get_node(&self, id_or_name: &str) -> Result<Option<Node>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1 OR name = $2"))
+        let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1 UNION ALL SELECT {NODE_COLS} FROM nodes WHERE name = $2 LIMIT 1"))
             .bind(id_or_name)
             .bind(id_or_name)
             .fetch_optional(&self.read)
@@ -290,7 +290,10 @@ impl Store for PostgresStore {
 
     async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT {SERVER_COLS} FROM servers WHERE (id = $1 OR name = $2) AND status <> 'deleted'"
+            // Two indexed lookups, the id first: `id = ? OR name = ?` scans
+            // the table on SQLite.
+            "SELECT {SERVER_COLS} FROM servers WHERE id = $1 AND status <> 'deleted' \
+             UNION ALL SELECT {SERVER_COLS} FROM servers WHERE name = $2 AND status <> 'deleted' LIMIT 1"
         ))
         .bind(id_or_name)
         .bind(id_or_name)
@@ -384,36 +387,17 @@ impl Store for PostgresStore {
     }
 
     async fn queue_snapshot(&self) -> Result<QueueSnapshot, StoreError> {
-        // One read transaction so nodes, rows and queue are one consistent
-        // snapshot.
-        // REPEATABLE READ: nodes, rows and queue are one consistent snapshot.
+        // One read transaction: nodes, their rows and the queue are one
+        // consistent snapshot. The rows are summed in the database; the
+        // committer re-checks every plan against the rows themselves.
         let mut tx = self.read.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-        let nodes = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes")).fetch_all(&mut *tx).await?;
-        let res = sqlx::query(&format!("SELECT {RES_COLS} FROM reservations")).fetch_all(&mut *tx).await?;
-        let queued = sqlx::query(
-            "SELECT id, generation, memory_mib, queued_at, next_attempt_at, home_node FROM servers WHERE status = 'queued' ORDER BY queued_at, id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        let (nodes_sql, totals_sql, queued_sql) = queue_snapshot_sql("STRING_AGG(port::text, ',')");
+        let nodes = sqlx::query(&nodes_sql).fetch_all(&mut *tx).await?;
+        let totals = sqlx::query(&totals_sql).fetch_all(&mut *tx).await?;
+        let queued = sqlx::query(queued_sql).fetch_all(&mut *tx).await?;
         tx.commit().await?;
-        Ok(QueueSnapshot {
-            nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
-            reservations: res.iter().map(reservation_from_row).collect::<Result<_, _>>()?,
-            queued: queued
-                .iter()
-                .map(|r| {
-                    Ok(QueuedServer {
-                        server_id: ServerId(r.try_get("id")?),
-                        generation: r.try_get::<i64, _>("generation")? as u64,
-                        memory_mib: MemMib(r.try_get::<i64, _>("memory_mib")? as u64),
-                        queued_at: r.try_get::<Option<i64>, _>("queued_at")?.unwrap_or(0),
-                        next_attempt_at: r.try_get("next_attempt_at")?,
-                        home_node: r.try_get::<Option<String>, _>("home_node")?.map(NodeId),
-                    })
-                })
-                .collect::<Result<_, StoreError>>()?,
-        })
+        queue_snapshot_from(&nodes, &totals, &queued)
     }
 
     async fn commit_placements(&self, plans: &[Placement], now: Millis) -> Result<Vec<PlacementOutcome>, StoreError> {
@@ -597,6 +581,44 @@ impl Store for PostgresStore {
         .fetch_all(&self.read)
         .await?;
         rows.iter().map(server_from_row).collect()
+    }
+
+    async fn desired_keys(&self, node_id: &NodeId) -> Result<Vec<(ServerId, berth_core::Generation)>, StoreError> {
+        let rows = sqlx::query("SELECT id, generation FROM servers WHERE node_id = $1 AND status IN ('starting', 'running', 'unknown') ORDER BY id")
+            .bind(&node_id.0)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(|r| Ok((ServerId(r.try_get("id")?), r.try_get::<i64, _>("generation")? as u64))).collect()
+    }
+
+    async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SERVER_COLS} FROM servers WHERE node_id = $1 AND status IN ('starting', 'running', 'stopping', 'unknown') ORDER BY id"
+        ))
+        .bind(&node_id.0)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(server_from_row).collect()
+    }
+
+    async fn node_reserved(&self, node_id: &NodeId) -> Result<MemMib, StoreError> {
+        let mib: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) FROM reservations WHERE node_id = $1")
+            .bind(&node_id.0)
+            .fetch_one(&self.read)
+            .await?;
+        Ok(MemMib(mib as u64))
+    }
+
+    async fn status_counts(&self) -> Result<(Vec<(ServerStatus, u64)>, u64), StoreError> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM servers WHERE status <> 'deleted' GROUP BY status").fetch_all(&self.read).await?;
+        let mut counts = Vec::new();
+        for r in &rows {
+            let status: String = r.try_get("status")?;
+            let n: i64 = r.try_get("n")?;
+            counts.push((ServerStatus::parse(&status).ok_or_else(|| corrupt("server status", &status))?, n as u64));
+        }
+        let open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM billing_sessions WHERE ended_at IS NULL").fetch_one(&self.read).await?;
+        Ok((counts, open as u64))
     }
 
     async fn try_lead(&self, replica: &str, ttl_ms: i64, now: Millis) -> Result<Option<LeaderLease>, StoreError> {

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use berth_core::admission::{recheck, NodeCapacity};
 use berth_core::billing::EndReason;
 use berth_core::health::Verdict;
-use berth_core::placement::{Placement, QueuedServer};
+use berth_core::placement::Placement;
 use berth_core::reconcile::{Change, Reconciled};
 use berth_core::{
     Event, LastExit, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, PortRange, Reservation, ReservationState, Server,
@@ -79,6 +79,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
+            // The working set (servers, reservations, nodes) stays in
+            // SQLite's own cache instead of being read back from the OS
+            // page cache a page at a time.
+            .pragma("cache_size", "-32768")
             .foreign_keys(true);
         let write = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
         migrate(&write).await?;
@@ -89,6 +93,30 @@ impl SqliteStore {
 
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         Ok(self.write.begin().await?)
+    }
+
+    /// Reads what a sync decides from (the node's previous renewal, its
+    /// placed servers) from the last commit and decides, outside the
+    /// writer. `None` if the node is unknown (the write says so).
+    async fn pre_decide(&self, input: &SyncInput, decide: &Decide) -> Result<Option<PreDecided>, StoreError> {
+        let mut rtx = self.read.begin().await?;
+        let last: Option<(Option<i64>, i64)> = sqlx::query_as("SELECT last_sync_at, registered_at FROM nodes WHERE id = ?")
+            .bind(&input.node_id.0)
+            .fetch_optional(&mut *rtx)
+            .await?;
+        let Some((last_sync_at, registered_at)) = last else { return Ok(None) };
+        let placed = sqlx::query(&format!(
+            "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')"
+        ))
+        .bind(&input.node_id.0)
+        .fetch_all(&mut *rtx)
+        .await?
+        .iter()
+        .map(server_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+        rtx.commit().await?;
+        let decided = decide(&placed, last_sync_at.unwrap_or(registered_at));
+        Ok(Some((last_sync_at, placed, decided)))
     }
 }
 
@@ -230,7 +258,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_node(&self, id_or_name: &str) -> Result<Option<Node>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ? OR name = ?"))
+        let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ? UNION ALL SELECT {NODE_COLS} FROM nodes WHERE name = ? LIMIT 1"))
             .bind(id_or_name)
             .bind(id_or_name)
             .fetch_optional(&self.read)
@@ -271,7 +299,10 @@ impl Store for SqliteStore {
 
     async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT {SERVER_COLS} FROM servers WHERE (id = ? OR name = ?) AND status <> 'deleted'"
+            // Two indexed lookups, the id first: `id = ? OR name = ?` scans
+            // the table on SQLite.
+            "SELECT {SERVER_COLS} FROM servers WHERE id = ? AND status <> 'deleted' \
+             UNION ALL SELECT {SERVER_COLS} FROM servers WHERE name = ? AND status <> 'deleted' LIMIT 1"
         ))
         .bind(id_or_name)
         .bind(id_or_name)
@@ -365,34 +396,16 @@ impl Store for SqliteStore {
     }
 
     async fn queue_snapshot(&self) -> Result<QueueSnapshot, StoreError> {
-        // One read transaction so nodes, rows and queue are one consistent
-        // snapshot.
+        // One read transaction: nodes, their rows and the queue are one
+        // consistent snapshot. The rows are summed in the database; the
+        // committer re-checks every plan against the rows themselves.
         let mut tx = self.read.begin().await?;
-        let nodes = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes")).fetch_all(&mut *tx).await?;
-        let res = sqlx::query(&format!("SELECT {RES_COLS} FROM reservations")).fetch_all(&mut *tx).await?;
-        let queued = sqlx::query(
-            "SELECT id, generation, memory_mib, queued_at, next_attempt_at, home_node FROM servers WHERE status = 'queued' ORDER BY queued_at, id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        let (nodes_sql, totals_sql, queued_sql) = queue_snapshot_sql("GROUP_CONCAT(port)");
+        let nodes = sqlx::query(&nodes_sql).fetch_all(&mut *tx).await?;
+        let totals = sqlx::query(&totals_sql).fetch_all(&mut *tx).await?;
+        let queued = sqlx::query(queued_sql).fetch_all(&mut *tx).await?;
         tx.commit().await?;
-        Ok(QueueSnapshot {
-            nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
-            reservations: res.iter().map(reservation_from_row).collect::<Result<_, _>>()?,
-            queued: queued
-                .iter()
-                .map(|r| {
-                    Ok(QueuedServer {
-                        server_id: ServerId(r.try_get("id")?),
-                        generation: r.try_get::<i64, _>("generation")? as u64,
-                        memory_mib: MemMib(r.try_get::<i64, _>("memory_mib")? as u64),
-                        queued_at: r.try_get::<Option<i64>, _>("queued_at")?.unwrap_or(0),
-                        next_attempt_at: r.try_get("next_attempt_at")?,
-                        home_node: r.try_get::<Option<String>, _>("home_node")?.map(NodeId),
-                    })
-                })
-                .collect::<Result<_, StoreError>>()?,
-        })
+        queue_snapshot_from(&nodes, &totals, &queued)
     }
 
     async fn commit_placements(&self, plans: &[Placement], now: Millis) -> Result<Vec<PlacementOutcome>, StoreError> {
@@ -405,7 +418,8 @@ impl Store for SqliteStore {
 
     async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide) -> Result<(Node, Reconciled), StoreError> {
         let input = input.clone();
-        self.group.write(move |tx| Box::pin(async move { sync_node_tx(tx, &input, now, &decide).await })).await
+        let pre = self.pre_decide(&input, &decide).await?;
+        self.group.write(move |tx| Box::pin(async move { sync_node_tx(tx, &input, now, &decide, pre).await })).await
     }
 
     async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
@@ -416,6 +430,44 @@ impl Store for SqliteStore {
         .fetch_all(&self.read)
         .await?;
         rows.iter().map(server_from_row).collect()
+    }
+
+    async fn desired_keys(&self, node_id: &NodeId) -> Result<Vec<(ServerId, berth_core::Generation)>, StoreError> {
+        let rows = sqlx::query("SELECT id, generation FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'unknown') ORDER BY id")
+            .bind(&node_id.0)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(|r| Ok((ServerId(r.try_get("id")?), r.try_get::<i64, _>("generation")? as u64))).collect()
+    }
+
+    async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown') ORDER BY id"
+        ))
+        .bind(&node_id.0)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(server_from_row).collect()
+    }
+
+    async fn node_reserved(&self, node_id: &NodeId) -> Result<MemMib, StoreError> {
+        let mib: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) FROM reservations WHERE node_id = ?")
+            .bind(&node_id.0)
+            .fetch_one(&self.read)
+            .await?;
+        Ok(MemMib(mib as u64))
+    }
+
+    async fn status_counts(&self) -> Result<(Vec<(ServerStatus, u64)>, u64), StoreError> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM servers WHERE status <> 'deleted' GROUP BY status").fetch_all(&self.read).await?;
+        let mut counts = Vec::new();
+        for r in &rows {
+            let status: String = r.try_get("status")?;
+            let n: i64 = r.try_get("n")?;
+            counts.push((ServerStatus::parse(&status).ok_or_else(|| corrupt("server status", &status))?, n as u64));
+        }
+        let open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM billing_sessions WHERE ended_at IS NULL").fetch_one(&self.read).await?;
+        Ok((counts, open as u64))
     }
 
     async fn try_lead(&self, replica: &str, ttl_ms: i64, now: Millis) -> Result<Option<LeaderLease>, StoreError> {
@@ -884,7 +936,11 @@ async fn commit_placements_tx(tx: &mut Tx, plans: &[Placement], now: Millis, fen
     Ok(out)
 }
 
-async fn sync_node_tx(tx: &mut Tx, input: &SyncInput, now: Millis, decide: &Decide) -> Result<(Node, Reconciled), StoreError> {
+/// What a sync decided before its write: the node's previous renewal it
+/// decided with, the servers it saw, the decision.
+type PreDecided = (Option<Millis>, Vec<Server>, Reconciled);
+
+async fn sync_node_tx(tx: &mut Tx, input: &SyncInput, now: Millis, decide: &Decide, pre: Option<PreDecided>) -> Result<(Node, Reconciled), StoreError> {
     let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?"))
         .bind(&input.node_id.0)
         .fetch_optional(&mut **tx)
@@ -928,16 +984,29 @@ async fn sync_node_tx(tx: &mut Tx, input: &SyncInput, now: Millis, decide: &Deci
     node.disk_used_mib = input.disk_used_mib;
     node.disk_pressure = input.disk_pressure;
 
-    let placed = sqlx::query(&format!(
-        "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')"
-    ))
-    .bind(&node.id.0)
-    .fetch_all(&mut **tx)
-    .await?
-    .iter()
-    .map(server_from_row)
-    .collect::<Result<Vec<_>, _>>()?;
-    let decided = decide(&placed, last_alive);
+    // The decision was made before the write from a read of the last
+    // commit, so the writer does not decode every server of the node on
+    // every renewal. It stands if the node's previous renewal is the one
+    // it was made with (no other sync of the node came between); its
+    // changes are conditional on each server's generation and status, so
+    // a server that changed meanwhile is left alone until the next sync.
+    // Otherwise it is made again here.
+    let (placed, decided) = match pre {
+        Some((seen_last_sync, placed, decided)) if seen_last_sync == node.last_sync_at => (placed, decided),
+        _ => {
+            let placed = sqlx::query(&format!(
+                "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')"
+            ))
+            .bind(&node.id.0)
+            .fetch_all(&mut **tx)
+            .await?
+            .iter()
+            .map(server_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+            let decided = decide(&placed, last_alive);
+            (placed, decided)
+        }
+    };
     let by_id: HashMap<&ServerId, &Server> = placed.iter().map(|s| (&s.id, s)).collect();
     let mut applied_events = Vec::new();
     for (change, ev) in decided.changes.iter().zip_events(&decided.events) {

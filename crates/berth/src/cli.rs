@@ -98,6 +98,8 @@ pub enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Measure berth: admission, recovery, detection, memory, churn
+    Bench(crate::bench::BenchArgs),
     /// The test workload (hidden)
     #[command(hide = true)]
     Fakegame(FakegameCli),
@@ -202,6 +204,15 @@ pub struct ControlFlags {
     /// Failed webhook attempts in a row after which the webhook is disabled
     #[arg(long, default_value_t = 20)]
     webhook_disable_after: u32,
+    /// Most writes committed together in one SQLite transaction (one fsync); 1 turns group commit off
+    #[arg(long, default_value_t = 256)]
+    group_commit_max: usize,
+    /// Milliseconds the admission committer gathers plans before its transaction
+    #[arg(long, default_value_t = 2)]
+    commit_window_ms: u64,
+    /// Most placements in one admission commit
+    #[arg(long, default_value_t = 512)]
+    commit_max_batch: usize,
     /// SMTP server for email notifications, HOST:PORT (no email without it)
     #[arg(long)]
     smtp: Option<String>,
@@ -235,6 +246,11 @@ impl ControlFlags {
         if self.retry_base_ms <= 0 || self.retry_max_attempts == 0 || self.restart_backoff_ms <= 0 || self.delivery_retry_base_ms <= 0 {
             bail!("retry and backoff settings must be positive");
         }
+        if self.group_commit_max == 0 || self.commit_max_batch == 0 {
+            bail!("--group-commit-max and --commit-max-batch must be at least 1");
+        }
+        cfg.commit_window = Duration::from_millis(self.commit_window_ms);
+        cfg.commit_max_batch = self.commit_max_batch;
         cfg.retry.base_ms = self.retry_base_ms;
         cfg.drift_margin_mib = self.drift_margin_mib;
         cfg.retry.max_ms = self.retry_base_ms.saturating_mul(4);
@@ -275,7 +291,15 @@ impl ControlFlags {
                 Some(EmailConfig { host: host.to_string(), port, tls, credentials, from: self.email_from.clone(), to })
             }
         };
-        Ok(ControlOpts { data_dir: self.data_dir.clone(), database: None, listen: self.listen, templates_dir: self.templates_dir.clone(), cfg, email })
+        Ok(ControlOpts {
+            data_dir: self.data_dir.clone(),
+            database: None,
+            listen: self.listen,
+            templates_dir: self.templates_dir.clone(),
+            cfg,
+            email,
+            group_commit_max: self.group_commit_max,
+        })
     }
 }
 
@@ -302,6 +326,53 @@ pub struct NodeFlags {
     /// The Docker engine's unix socket (docker driver)
     #[arg(long, env = "BERTH_DOCKER_SOCKET", default_value = "/var/run/docker.sock")]
     docker_socket: String,
+    #[command(flatten)]
+    sim: SimFlags,
+}
+
+/// The `sim` driver: instances and host memory exist only in the agent's
+/// memory (for trying berth out and for benchmarks).
+#[derive(Args, Clone)]
+pub struct SimFlags {
+    /// sim driver: milliseconds from start to ready, MIN-MAX (uniform)
+    #[arg(long, default_value = "200-800")]
+    sim_start_ms: String,
+    /// sim driver: share of its reservation a running instance uses (0 to 1)
+    #[arg(long, default_value_t = 0.8)]
+    sim_memory_use: f64,
+    /// sim driver: probability that a start fails (transient)
+    #[arg(long, default_value_t = 0.0)]
+    sim_failure_rate: f64,
+    /// sim driver: mean crashes per instance-hour
+    #[arg(long, default_value_t = 0.0)]
+    sim_crashes_per_hour: f64,
+    /// sim driver: milliseconds a graceful stop takes
+    #[arg(long, default_value_t = 200)]
+    sim_stop_ms: u64,
+    /// sim driver: seed of its random choices
+    #[arg(long, default_value_t = 1)]
+    sim_seed: u64,
+}
+
+impl SimFlags {
+    /// The sim driver's settings; the simulated host has `memory_mib` for
+    /// instances plus the agent's system reserve.
+    pub fn config(&self, memory_mib: Option<u64>) -> Result<berth_agent::SimConfig> {
+        let (lo, hi) = self.sim_start_ms.split_once('-').unwrap_or((&self.sim_start_ms, &self.sim_start_ms));
+        let lo: u64 = lo.trim().parse().with_context(|| format!("--sim-start-ms wants MIN-MAX milliseconds, got {:?}", self.sim_start_ms))?;
+        let hi: u64 = hi.trim().parse().with_context(|| format!("--sim-start-ms wants MIN-MAX milliseconds, got {:?}", self.sim_start_ms))?;
+        let cfg = berth_agent::SimConfig {
+            host_total_mib: memory_mib.map(|m| m + 512).unwrap_or(16 * 1024),
+            start_latency_ms: (lo, hi),
+            memory_use: self.sim_memory_use,
+            start_failure_rate: self.sim_failure_rate,
+            crashes_per_hour: self.sim_crashes_per_hour,
+            stop_latency_ms: self.sim_stop_ms,
+            seed: self.sim_seed,
+        };
+        cfg.validate().map_err(|e| anyhow::anyhow!("sim driver: {e}"))?;
+        Ok(cfg)
+    }
 }
 
 #[derive(Args)]
@@ -367,6 +438,7 @@ fn agent_opts(name: &str, data_dir: PathBuf, node: &NodeFlags, sync_interval: u6
         cgroups: !node.no_cgroups,
         driver: node.driver,
         docker_socket: node.docker_socket.clone(),
+        sim: node.sim.config(node.memory_mib)?,
     })
 }
 
@@ -569,7 +641,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Migrate(a) => {
             init_logging();
-            daemon::open_store(&a.data_dir, a.database.as_deref()).await?;
+            daemon::open_store(&a.data_dir, a.database.as_deref(), berth_store::SqliteOptions::default()).await?;
             println!("schema is up to date");
             Ok(())
         }
@@ -674,6 +746,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Bench(a) => crate::bench::run(a).await,
         Cmd::Fakegame(_) | Cmd::Watchdog { .. } => unreachable!("handled before the runtime starts"),
     }
 }

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use berth_agent::{Agent, AgentConfig, DockerDriver, Driver, ProcessDriver};
+use berth_agent::{Agent, AgentConfig, DockerDriver, Driver, ProcessDriver, SimConfig, SimDriver};
 use berth_control::templates::Templates;
 use berth_control::leader::Replica;
 use berth_control::notify::EmailConfig;
 use berth_control::{ensure_token_file, ControlConfig, ControlPlane, Extras};
 use berth_core::{PortRange, TokenKind};
-use berth_store::{PostgresStore, SqliteStore, Store};
+use berth_store::{PostgresStore, SqliteOptions, SqliteStore, Store};
 use tokio::sync::watch;
 
 pub struct ControlOpts {
@@ -27,6 +27,8 @@ pub struct ControlOpts {
     pub cfg: ControlConfig,
     /// SMTP settings; no email without them.
     pub email: Option<EmailConfig>,
+    /// SQLite group commit (1: off).
+    pub group_commit_max: usize,
 }
 
 pub struct AgentOpts {
@@ -41,6 +43,8 @@ pub struct AgentOpts {
     pub driver: DriverKind,
     /// The Docker engine's unix socket (docker driver).
     pub docker_socket: String,
+    /// How simulated instances behave (sim driver).
+    pub sim: SimConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -49,6 +53,8 @@ pub enum DriverKind {
     Process,
     /// Containers of the local Docker engine
     Docker,
+    /// Simulated instances in the agent's memory (benchmarks, trying berth out)
+    Sim,
 }
 
 fn now_ms() -> i64 {
@@ -81,7 +87,7 @@ struct Started {
 }
 
 /// Opens the store the options name (and migrates it).
-pub async fn open_store(data_dir: &Path, database: Option<&str>) -> Result<Arc<dyn Store>> {
+pub async fn open_store(data_dir: &Path, database: Option<&str>, sqlite: SqliteOptions) -> Result<Arc<dyn Store>> {
     Ok(match database {
         Some(url) => {
             if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
@@ -92,7 +98,7 @@ pub async fn open_store(data_dir: &Path, database: Option<&str>) -> Result<Arc<d
         None => {
             std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
             Arc::new(
-                SqliteStore::open(&data_dir.join("berth.db"))
+                SqliteStore::open_with(&data_dir.join("berth.db"), sqlite)
                     .await
                     .with_context(|| format!("cannot open the store in {}", data_dir.display()))?,
             )
@@ -116,7 +122,7 @@ fn replica_id(data_dir: &Path) -> Result<String> {
 
 async fn start_control(opts: &ControlOpts, shutdown: watch::Receiver<bool>) -> Result<Started> {
     std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("cannot create {}", opts.data_dir.display()))?;
-    let store = open_store(&opts.data_dir, opts.database.as_deref()).await?;
+    let store = open_store(&opts.data_dir, opts.database.as_deref(), SqliteOptions { group_commit_max: opts.group_commit_max }).await?;
     let templates = Templates::load(opts.templates_dir.as_deref())?;
     let listener = tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("cannot listen on {}", opts.listen))?;
     let mut addr = listener.local_addr()?;
@@ -159,7 +165,9 @@ fn warn_on_ephemeral_overlap(ports: PortRange) {
 }
 
 async fn start_agent(url: &str, token: &str, opts: &AgentOpts, shutdown: watch::Receiver<bool>) -> Result<tokio::task::JoinHandle<()>> {
-    warn_on_ephemeral_overlap(opts.ports);
+    if opts.driver != DriverKind::Sim {
+        warn_on_ephemeral_overlap(opts.ports);
+    }
     let instances = opts.data_dir.join("instances");
     let driver: Arc<dyn Driver> = match opts.driver {
         DriverKind::Process => {
@@ -171,6 +179,7 @@ async fn start_agent(url: &str, token: &str, opts: &AgentOpts, shutdown: watch::
         DriverKind::Docker => Arc::new(
             DockerDriver::connect(&opts.docker_socket, &opts.name, instances).await.context("cannot use the docker driver")?,
         ),
+        DriverKind::Sim => Arc::new(SimDriver::new(opts.sim.clone())),
     };
     let mut cfg = AgentConfig::new(url, token, &opts.name);
     cfg.memory_mib = opts.memory_mib;
@@ -178,8 +187,12 @@ async fn start_agent(url: &str, token: &str, opts: &AgentOpts, shutdown: watch::
     cfg.max_concurrent_starts = opts.max_concurrent_starts;
     cfg.headroom_mib = opts.headroom_mib;
     cfg.sync_interval = opts.sync_interval;
-    cfg.data_dir = Some(opts.data_dir.clone());
-    cfg.berth_exe = Some(std::env::current_exe().context("cannot find the berth executable")?);
+    if opts.driver != DriverKind::Sim {
+        // A simulated instance lives in this process: nothing outside it
+        // (the fence watchdog) could stop it, and it keeps no files.
+        cfg.data_dir = Some(opts.data_dir.clone());
+        cfg.berth_exe = Some(std::env::current_exe().context("cannot find the berth executable")?);
+    }
     let agent = Agent::new(cfg, driver);
     Ok(tokio::spawn(agent.run(shutdown)))
 }

@@ -1,9 +1,10 @@
 //! The `berth` command: runs the control plane, the agent, or both (`dev`),
 //! and talks to a control plane as a client (`server`, `node`, `token`,
-//! `events`). It wires the libraries together and owns process concerns:
+//! `events`), and measures it (`bench`). It wires the libraries together and owns process concerns:
 //! flags, logging, signals, files in the data dir. Decisions live in the
 //! libraries, not here.
 
+mod bench;
 mod cli;
 mod daemon;
 mod fakegame;

@@ -1,0 +1,161 @@
+//! The admission scenario: simulated nodes register, servers are created,
+//! then every server is started at once from many concurrent clients, each
+//! start waiting until its memory is reserved. Measured twice in one run:
+//! with group commit (the default) and through the naive path (every write
+//! and every placement its own transaction), on fresh control planes with
+//! the same fleet, servers and clients.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use berth_agent::SimConfig;
+use berth_core::PortRange;
+use clap::Args;
+use serde_json::json;
+
+use super::harness::{
+    cores, create_servers, metrics, percentiles, round1, start_all_placed, violations, wait_running, ControlProc, FleetSpec, Percentiles,
+    Sampler, SimFleet,
+};
+use super::Report;
+
+#[derive(Args, Clone)]
+pub struct AdmissionArgs {
+    /// Simulated nodes
+    #[arg(long, default_value_t = 200)]
+    nodes: usize,
+    /// Memory of each node (MiB)
+    #[arg(long, default_value_t = 16384)]
+    node_mib: u64,
+    /// Start requests (one per server)
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    /// Concurrent HTTP clients
+    #[arg(long, default_value_t = 200)]
+    clients: usize,
+    /// Memory of each server (MiB)
+    #[arg(long, default_value_t = 128)]
+    server_mib: u64,
+    /// Skip the naive path
+    #[arg(long)]
+    no_baseline: bool,
+}
+
+/// The flags that turn group commit off: one transaction per write and
+/// per placement.
+pub const NAIVE_FLAGS: &[&str] = &["--group-commit-max", "1", "--commit-max-batch", "1", "--commit-window-ms", "0"];
+
+struct Measured {
+    placements_per_sec: f64,
+    latency: Percentiles,
+    violations: usize,
+    samples: usize,
+    writes_per_commit: f64,
+    wall: Duration,
+    /// Control-plane CPU time over the burst, per placement.
+    cpu_ms_per_placement: f64,
+    /// Share of a core the control plane used with every server running.
+    idle_cpu: f64,
+}
+
+async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> Result<Measured> {
+    let cp = ControlProc::start(dir, flags).await?;
+    let client = cp.client();
+    let agent_token = cp.agent_token().await?;
+    let per_node = a.requests.div_ceil(a.nodes.max(1));
+    let spec = FleetSpec {
+        prefix: "sim".into(),
+        nodes: a.nodes,
+        node_mib: a.node_mib,
+        ports: PortRange { min: 20000, max: 20000 + (per_node as u16).max(1000) },
+        sim: SimConfig::default(),
+        sync_interval: Duration::from_secs(2),
+    };
+    let fleet = SimFleet::start(&cp.url, &agent_token, &spec);
+    fleet.wait_registered(&client, Duration::from_secs(60)).await?;
+    let ids = create_servers(&client, "adm", a.requests, a.server_mib, None, a.clients).await?;
+    let before = metrics(&client).await?;
+    let cpu_before = cp.cpu_time();
+    let sampler = Sampler::start(cp.client(), Duration::from_secs(1));
+    let (latencies, wall) = start_all_placed(&cp.url, &cp.token, &ids, a.clients, &format!("starting ({label})")).await?;
+    let cpu_burst = cp.cpu_time().zip(cpu_before).map(|(a, b)| a - b);
+    let (samples, sampled) = sampler.finish().await;
+    let after = metrics(&client).await?;
+    let placed = after.get("berth_placements_total").copied().unwrap_or(0.0) - before.get("berth_placements_total").copied().unwrap_or(0.0);
+    if placed as usize != a.requests {
+        bail!("{label}: {placed} placements committed for {} start requests", a.requests);
+    }
+    let writes = after.get("berth_store_writes_total").copied().unwrap_or(0.0) - before.get("berth_store_writes_total").copied().unwrap_or(0.0);
+    let commits = after.get("berth_store_commits_total").copied().unwrap_or(0.0) - before.get("berth_store_commits_total").copied().unwrap_or(0.0);
+    let mut seen = sampled + violations(&client).await?;
+    // The fleet confirms them running: billing opens, reservations turn
+    // active; the checker looks once more with everything settled.
+    wait_running(&client, a.requests as u64, Duration::from_secs(300)).await?;
+    seen += violations(&client).await?;
+    // What the fleet costs the control plane when nothing changes: lease
+    // renewals of every node.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_cpu = cp.cpu_share(Duration::from_secs(5)).await.unwrap_or(0.0);
+    fleet.stop();
+    Ok(Measured {
+        placements_per_sec: a.requests as f64 / wall.as_secs_f64(),
+        latency: percentiles(&latencies),
+        violations: seen,
+        samples: samples + 2,
+        writes_per_commit: if commits > 0.0 { writes / commits } else { 0.0 },
+        wall,
+        cpu_ms_per_placement: cpu_burst.map(|c| c.as_secs_f64() * 1000.0 / a.requests as f64).unwrap_or(0.0),
+        idle_cpu,
+    })
+}
+
+pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
+    if a.requests as u64 * a.server_mib > a.nodes as u64 * a.node_mib {
+        bail!("{} servers of {} MiB do not fit on {} nodes of {} MiB", a.requests, a.server_mib, a.nodes, a.node_mib);
+    }
+    let grouped = measure(&a, &dir.join("group-commit"), &[], "group commit").await?;
+    let naive = if a.no_baseline { None } else { Some(measure(&a, &dir.join("naive"), NAIVE_FLAGS, "naive").await?) };
+    let ratio = naive.as_ref().map(|n| grouped.placements_per_sec / n.placements_per_sec);
+    let mut rows = vec![
+        ("nodes × MiB".to_string(), format!("{} × {}", a.nodes, a.node_mib)),
+        ("start requests / clients".into(), format!("{} / {}", a.requests, a.clients)),
+        ("placements/s (group commit)".into(), format!("{:.0}", grouped.placements_per_sec)),
+        ("admission p50 / p99 / max ms".into(), format!("{:.1} / {:.1} / {:.1}", grouped.latency.p50, grouped.latency.p99, grouped.latency.max)),
+        ("writes per commit".into(), format!("{:.1}", grouped.writes_per_commit)),
+        ("burst wall time s".into(), format!("{:.2}", grouped.wall.as_secs_f64())),
+        ("control-plane CPU ms per placement".into(), format!("{:.2}", grouped.cpu_ms_per_placement)),
+        ("control-plane CPU, all running and idle".into(), format!("{:.0} % of a core", grouped.idle_cpu * 100.0)),
+    ];
+    if let (Some(n), Some(r)) = (&naive, ratio) {
+        rows.push(("placements/s (naive)".into(), format!("{:.0}", n.placements_per_sec)));
+        rows.push(("naive p50 / p99 / max ms".into(), format!("{:.1} / {:.1} / {:.1}", n.latency.p50, n.latency.p99, n.latency.max)));
+        rows.push(("speedup over naive".into(), format!("{r:.2}×")));
+    }
+    let violations = grouped.violations + naive.as_ref().map(|n| n.violations).unwrap_or(0);
+    let samples = grouped.samples + naive.as_ref().map(|n| n.samples).unwrap_or(0);
+    rows.push(("invariant violations (samples)".into(), format!("{violations} ({samples})")));
+    rows.push(("cores".into(), cores().to_string()));
+    let json = json!({
+        "scenario": "admission",
+        "nodes": a.nodes,
+        "node_mib": a.node_mib,
+        "requests": a.requests,
+        "clients": a.clients,
+        "server_mib": a.server_mib,
+        "placements_per_sec": round1(grouped.placements_per_sec),
+        "baseline_placements_per_sec": naive.as_ref().map(|n| round1(n.placements_per_sec)),
+        "speedup": ratio.map(|r| (r * 100.0).round() / 100.0),
+        "p50_ms": round1(grouped.latency.p50),
+        "p99_ms": round1(grouped.latency.p99),
+        "max_ms": round1(grouped.latency.max),
+        "baseline_p99_ms": naive.as_ref().map(|n| round1(n.latency.p99)),
+        "writes_per_commit": round1(grouped.writes_per_commit),
+        "cpu_ms_per_placement": (grouped.cpu_ms_per_placement * 100.0).round() / 100.0,
+        "idle_cpu_share": (grouped.idle_cpu * 100.0).round() / 100.0,
+        "violations": violations,
+        "invariant_samples": samples,
+        "cores": cores(),
+    });
+    Ok(Report { title: "admission".into(), rows, json })
+}
