@@ -571,7 +571,7 @@ impl App {
         let random = rand::random::<u64>();
         let report = req.instances.clone();
         let decide: berth_store::Decide =
-            Arc::new(move |placed: &[Server], last_alive: i64| reconcile(placed, &report, now, last_alive, &retry, random));
+            Arc::new(move |placed: &[berth_core::reconcile::Placed], last_alive: i64| reconcile(placed, &report, now, last_alive, &retry, random));
         let (node, decided) = self.store.sync_node(&input, now, decide).await?;
         if decided.changes.iter().any(|c| !matches!(c, Change::Usage { .. } | Change::Confirmed { .. })) {
             // Capacity was freed or a server went back to the queue.

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Generation, LastExit, MemMib, NewEvent, Server, ServerId, ServerStatus};
+use crate::model::{Generation, LastExit, MemMib, NewEvent, NodeId, Server, ServerId, ServerStatus};
 use crate::retry::{RetryDecision, RetryPolicy};
 use crate::Millis;
 
@@ -79,12 +79,50 @@ pub struct Reconciled {
     pub events: Vec<NewEvent>,
 }
 
+/// What reconciling needs of a server placed on the reporting node; the
+/// store reads only these columns on every sync.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placed {
+    pub id: ServerId,
+    pub name: String,
+    pub node_id: Option<NodeId>,
+    pub status: ServerStatus,
+    pub generation: Generation,
+    pub attempts: u32,
+    pub used_mib: Option<MemMib>,
+}
+
+impl From<&Server> for Placed {
+    fn from(s: &Server) -> Placed {
+        Placed {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            node_id: s.node_id.clone(),
+            status: s.status,
+            generation: s.generation,
+            attempts: s.attempts,
+            used_mib: s.used_mib,
+        }
+    }
+}
+
+/// Whether a reported memory use is worth recording: the first report, or
+/// a move of at least 16 MiB and 5 %. Real memory use wobbles on every
+/// sample; writing each wobble of every instance on every sync would make
+/// renewals writes of every row.
+pub fn usage_changed(recorded: Option<MemMib>, reported: MemMib) -> bool {
+    match recorded {
+        None => true,
+        Some(old) => old.0.abs_diff(reported.0) >= 16.max(old.0 / 20),
+    }
+}
+
 /// `placed` are the servers whose `node_id` is the reporting node and whose
 /// status holds a reservation; `last_alive` is when the node last renewed
 /// before this report (an instance reported ended now was last confirmed
 /// alive then); `random` feeds retry jitter.
 pub fn reconcile(
-    placed: &[Server],
+    placed: &[Placed],
     report: &[InstanceReport],
     now: Millis,
     last_alive: Millis,
@@ -92,12 +130,14 @@ pub fn reconcile(
     random: u64,
 ) -> Reconciled {
     let mut out = Reconciled::default();
+    let by_key: std::collections::HashMap<(&ServerId, Generation), &InstanceReport> =
+        report.iter().map(|r| ((&r.server_id, r.generation), r)).collect();
     for s in placed {
-        let r = report.iter().find(|r| r.server_id == s.id && r.generation == s.generation);
+        let r = by_key.get(&(&s.id, s.generation)).copied();
         let mut status = s.status;
         if let Some(r) = r {
             if let Some(used) = r.used_mib {
-                if s.used_mib != Some(used) {
+                if usage_changed(s.used_mib, used) {
                     out.changes.push(Change::Usage { server_id: s.id.clone(), generation: s.generation, used_mib: used });
                 }
             }
@@ -234,7 +274,24 @@ mod tests {
     }
 
     fn go(placed: &[Server], report: &[InstanceReport]) -> Reconciled {
-        reconcile(placed, report, 1000, 900, &RetryPolicy::default(), 0)
+        let placed: Vec<Placed> = placed.iter().map(Placed::from).collect();
+        reconcile(&placed, report, 1000, 900, &RetryPolicy::default(), 0)
+    }
+
+    #[test]
+    fn small_wobbles_of_memory_use_are_not_written() {
+        assert!(usage_changed(None, MemMib(100)));
+        assert!(!usage_changed(Some(MemMib(1000)), MemMib(1030)), "3 % of 1000");
+        assert!(usage_changed(Some(MemMib(1000)), MemMib(1050)), "5 % of 1000");
+        assert!(!usage_changed(Some(MemMib(100)), MemMib(110)), "under 16 MiB");
+        assert!(usage_changed(Some(MemMib(100)), MemMib(84)));
+        let mut s = server("a", ServerStatus::Running, 1);
+        s.used_mib = Some(MemMib(500));
+        let mut r = rep("a", 1, InstanceState::Running);
+        r.used_mib = Some(MemMib(505));
+        assert!(go(std::slice::from_ref(&s), std::slice::from_ref(&r)).changes.is_empty());
+        r.used_mib = Some(MemMib(600));
+        assert_eq!(go(&[s], &[r]).changes, vec![Change::Usage { server_id: ServerId("a".into()), generation: 1, used_mib: MemMib(600) }]);
     }
 
     #[test]

@@ -18,6 +18,22 @@ macro_rules! store_common {
              max_concurrent_starts, port_min, port_max, epoch, sync_seq, last_sync_at, registered_at, host_total_mib, host_available_mib, \
              disk_total_mib, disk_used_mib, disk_pressure, drain_deadline";
 
+        /// What reconciling a sync needs of each placed server.
+        const PLACED_COLS: &str = "id, name, node_id, status, generation, attempts, used_mib";
+
+        fn placed_from_row(r: &$DbRow) -> Result<berth_core::reconcile::Placed, StoreError> {
+            let status: String = r.try_get("status")?;
+            Ok(berth_core::reconcile::Placed {
+                id: ServerId(r.try_get("id")?),
+                name: r.try_get("name")?,
+                node_id: r.try_get::<Option<String>, _>("node_id")?.map(NodeId),
+                status: ServerStatus::parse(&status).ok_or_else(|| corrupt("server status", &status))?,
+                generation: r.try_get::<i64, _>("generation")? as u64,
+                attempts: r.try_get::<i64, _>("attempts")? as u32,
+                used_mib: r.try_get::<Option<i64>, _>("used_mib")?.map(|m| MemMib(m as u64)),
+            })
+        }
+
         const RES_COLS: &str = "server_id, generation, node_id, memory_mib, port, state, created_at";
 
         const SESSION_COLS: &str = "id, server_id, tenant, node_id, generation, memory_mib, plan, price_per_gib_hour, started_at, ended_at, end_reason";
@@ -450,7 +466,7 @@ macro_rules! store_common {
         async fn apply_change(
             tx: &mut Transaction<'_, $Db>,
             change: &Change,
-            placed: &HashMap<&ServerId, &Server>,
+            placed: &HashMap<&ServerId, &berth_core::reconcile::Placed>,
             now: Millis,
         ) -> Result<bool, StoreError> {
             let from = |id: &ServerId| placed.get(id).map(|s| s.status);

@@ -23,7 +23,7 @@ use berth_core::health::Verdict;
 pub use berth_core::operation::Refusal;
 use berth_core::notify::Webhook;
 use berth_core::operation::{OpKind, OpOrigin, Operation, ServerFacts};
-use berth_core::reconcile::Reconciled;
+use berth_core::reconcile::{Placed, Reconciled};
 use berth_core::retry::RetryPolicy;
 use berth_core::{
     Event, Generation, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, PortRange, Reservation, Server, ServerId, ServerStatus,
@@ -279,7 +279,7 @@ pub struct WriteStats {
 /// The pure decision `sync_node` runs inside its transaction.
 /// It gets the servers placed on the node and when the node last renewed
 /// before this sync. Owned, so a group-committed write can carry it.
-pub type Decide = std::sync::Arc<dyn Fn(&[Server], Millis) -> Reconciled + Send + Sync>;
+pub type Decide = std::sync::Arc<dyn Fn(&[Placed], Millis) -> Reconciled + Send + Sync>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -549,16 +549,16 @@ impl Store for PostgresStore {
         node.disk_pressure = input.disk_pressure;
 
         let placed = sqlx::query(&format!(
-            "SELECT {SERVER_COLS} FROM servers WHERE node_id = $1 AND status IN ('starting', 'running', 'stopping', 'unknown')"
+            "SELECT {PLACED_COLS} FROM servers WHERE node_id = $1 AND status IN ('starting', 'running', 'stopping', 'unknown')"
         ))
         .bind(&node.id.0)
         .fetch_all(&mut *tx)
         .await?
         .iter()
-        .map(server_from_row)
+        .map(placed_from_row)
         .collect::<Result<Vec<_>, _>>()?;
         let decided = decide(&placed, last_alive);
-        let by_id: HashMap<&ServerId, &Server> = placed.iter().map(|s| (&s.id, s)).collect();
+        let by_id: HashMap<&ServerId, &berth_core::reconcile::Placed> = placed.iter().map(|s| (&s.id, s)).collect();
         let mut applied_events = Vec::new();
         for (change, ev) in decided.changes.iter().zip_events(&decided.events) {
             let applied = apply_change(&mut tx, change, &by_id, now).await?;

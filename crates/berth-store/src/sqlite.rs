@@ -106,13 +106,13 @@ impl SqliteStore {
             .await?;
         let Some((last_sync_at, registered_at)) = last else { return Ok(None) };
         let placed = sqlx::query(&format!(
-            "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')"
+            "SELECT {PLACED_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')"
         ))
         .bind(&input.node_id.0)
         .fetch_all(&mut *rtx)
         .await?
         .iter()
-        .map(server_from_row)
+        .map(placed_from_row)
         .collect::<Result<Vec<_>, _>>()?;
         rtx.commit().await?;
         let decided = decide(&placed, last_sync_at.unwrap_or(registered_at));
@@ -938,7 +938,7 @@ async fn commit_placements_tx(tx: &mut Tx, plans: &[Placement], now: Millis, fen
 
 /// What a sync decided before its write: the node's previous renewal it
 /// decided with, the servers it saw, the decision.
-type PreDecided = (Option<Millis>, Vec<Server>, Reconciled);
+type PreDecided = (Option<Millis>, Vec<berth_core::reconcile::Placed>, Reconciled);
 
 async fn sync_node_tx(tx: &mut Tx, input: &SyncInput, now: Millis, decide: &Decide, pre: Option<PreDecided>) -> Result<(Node, Reconciled), StoreError> {
     let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?"))
@@ -995,19 +995,19 @@ async fn sync_node_tx(tx: &mut Tx, input: &SyncInput, now: Millis, decide: &Deci
         Some((seen_last_sync, placed, decided)) if seen_last_sync == node.last_sync_at => (placed, decided),
         _ => {
             let placed = sqlx::query(&format!(
-                "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')"
+                "SELECT {PLACED_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')"
             ))
             .bind(&node.id.0)
             .fetch_all(&mut **tx)
             .await?
             .iter()
-            .map(server_from_row)
+            .map(placed_from_row)
             .collect::<Result<Vec<_>, _>>()?;
             let decided = decide(&placed, last_alive);
             (placed, decided)
         }
     };
-    let by_id: HashMap<&ServerId, &Server> = placed.iter().map(|s| (&s.id, s)).collect();
+    let by_id: HashMap<&ServerId, &berth_core::reconcile::Placed> = placed.iter().map(|s| (&s.id, s)).collect();
     let mut applied_events = Vec::new();
     for (change, ev) in decided.changes.iter().zip_events(&decided.events) {
         let applied = apply_change(tx, change, &by_id, now).await?;

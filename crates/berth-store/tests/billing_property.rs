@@ -11,7 +11,7 @@ use berth_core::health::{judge, HealthConfig};
 use berth_core::placement::Placement;
 use berth_core::reconcile::{reconcile, InstanceReport, InstanceState};
 use berth_core::retry::RetryPolicy;
-use berth_core::{LastExit, NodeId, Server, ServerStatus};
+use berth_core::{LastExit, NodeId, ServerStatus};
 use berth_store::{SqliteStore, Store};
 use proptest::prelude::*;
 
@@ -53,7 +53,7 @@ impl Sim {
         self.seq += 1;
         let input = suite::sync_input(&self.node, 1, self.seq);
         let t = self.t;
-        let decide = move |placed: &[Server], last_alive: i64| reconcile(placed, &report, t, last_alive, &RetryPolicy::default(), 0);
+        let decide = move |placed: &[berth_core::reconcile::Placed], last_alive: i64| reconcile(placed, &report, t, last_alive, &RetryPolicy::default(), 0);
         self.store.sync_node(&input, t, std::sync::Arc::new(decide.clone())).await.unwrap();
         self.last_send = t;
     }

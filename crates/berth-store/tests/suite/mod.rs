@@ -148,7 +148,7 @@ pub async fn a_burst_of_writes_is_answered_write_by_write(store: Arc<dyn Store>)
     assert!(matches!(out[0], PlacementOutcome::Committed { generation: 1 }));
     let id = a.id.clone();
     store
-        .sync_node(&sync_input(&node.id, node.epoch, 1), 4, Arc::new(move |_: &[Server], _: i64| Reconciled {
+        .sync_node(&sync_input(&node.id, node.epoch, 1), 4, Arc::new(move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
             changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }],
             ..Default::default()
         }))
@@ -247,7 +247,7 @@ pub async fn ports_are_unique_and_stale_servers_refused(store: &dyn Store) {
 /// Syncs from an older agent run (epoch) or out of order (seq) are refused.
 pub async fn syncs_are_fenced_by_epoch_and_sequence(store: &dyn Store) {
     let node = store.register_node(&reg("n1", 8000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
-    let nothing = |_: &[Server], _: i64| Reconciled::default();
+    let nothing = |_: &[berth_core::reconcile::Placed], _: i64| Reconciled::default();
     let input = |epoch, seq| sync_input(&node.id, epoch, seq);
     store.sync_node(&input(1, 1), 5, std::sync::Arc::new(nothing.clone())).await.unwrap();
     assert!(matches!(store.sync_node(&input(1, 1), 6, std::sync::Arc::new(nothing.clone())).await, Err(StoreError::StaleSync(_))));
@@ -266,7 +266,7 @@ pub async fn report_changes_are_conditional_on_generation(store: &dyn Store) {
     store.commit_placements(&[plan(&a, &node.id, 30000)], 20).await.unwrap();
     let input = |seq| sync_input(&node.id, 1, seq);
     let id = a.id.clone();
-    let old = move |_: &[Server], _: i64| Reconciled {
+    let old = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
         changes: vec![Change::Ended {
             server_id: id.clone(),
             generation: 0,
@@ -279,7 +279,7 @@ pub async fn report_changes_are_conditional_on_generation(store: &dyn Store) {
     store.sync_node(&input(1), 30, std::sync::Arc::new(old.clone())).await.unwrap();
     assert_eq!(store.get_server("a").await.unwrap().unwrap().status, ServerStatus::Starting);
     let id = a.id.clone();
-    let current = move |_: &[Server], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() };
+    let current = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() };
     store.sync_node(&input(2), 31, std::sync::Arc::new(current.clone())).await.unwrap();
     assert_eq!(store.get_server("a").await.unwrap().unwrap().status, ServerStatus::Running);
     let desired = store.desired_on(&node.id).await.unwrap();
@@ -288,7 +288,7 @@ pub async fn report_changes_are_conditional_on_generation(store: &dyn Store) {
     store.request_stop(&a.id, 40).await.unwrap();
     assert!(store.desired_on(&node.id).await.unwrap().is_empty());
     let id = a.id.clone();
-    let gone = move |_: &[Server], _: i64| Reconciled {
+    let gone = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
         changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: Some(0) }, billed_until: 41 }],
         ..Default::default()
     };
@@ -445,7 +445,7 @@ pub async fn operations_follow_the_guard_table(store: &dyn Store) {
     let (_, srv) = store.request_operation(&op_req(&s, OpKind::Start, "op_5"), 13).await.unwrap();
     store.commit_placements(&[plan(&srv, &node.id, 30000)], 14).await.unwrap();
     let id = s.id.clone();
-    store.sync_node(&sync_in(&node.id, 1), 15, std::sync::Arc::new(move |_: &[Server], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() })).await.unwrap();
+    store.sync_node(&sync_in(&node.id, 1), 15, std::sync::Arc::new(move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() })).await.unwrap();
     store.advance_operations(&s.id, 16).await.unwrap();
     assert_eq!(store.get_operation("op_5").await.unwrap().unwrap().status, OpStatus::Succeeded);
     let (stop, srv) = store.request_operation(&op_req(&s, OpKind::Stop, "op_6"), 17).await.unwrap();
@@ -455,7 +455,7 @@ pub async fn operations_follow_the_guard_table(store: &dyn Store) {
     assert!(store.advance_operations(&s.id, 19).await.unwrap().is_empty(), "nothing moves before the instance is gone");
     assert_eq!(store.node_usage().await.unwrap()[0].reserved, MemMib(100), "the reservation stays until confirmed gone");
     let id = s.id.clone();
-    let gone = move |_: &[Server], _: i64| Reconciled {
+    let gone = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
         changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: Some(0) }, billed_until: 0 }],
         ..Default::default()
     };
@@ -505,7 +505,7 @@ pub async fn kill_is_ordered_until_the_instance_is_gone(store: &dyn Store) {
     store.advance_operations(&s.id, 14).await.unwrap();
     assert_eq!(store.get_operation("op_5").await.unwrap().unwrap().status, OpStatus::Pending);
     let id = s.id.clone();
-    let gone = move |_: &[Server], _: i64| Reconciled {
+    let gone = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
         changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: None }, billed_until: 0 }],
         ..Default::default()
     };
@@ -550,7 +550,7 @@ pub async fn failing_and_restart_bookkeeping(store: &dyn Store) {
         store.commit_placements(&[plan(&srv, &node.id, 30000)], 101 + round).await.unwrap();
         let (id, gen) = (c.id.clone(), srv.generation + 1);
         seq += 1;
-        let crash = move |_: &[Server], _: i64| Reconciled {
+        let crash = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
             changes: vec![Change::Ended { server_id: id.clone(), generation: gen, to: ServerStatus::Crashed, exit: LastExit { reason: "exited".into(), code: Some(3) }, billed_until: 0 }],
             ..Default::default()
         };
