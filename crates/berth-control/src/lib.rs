@@ -176,6 +176,7 @@ impl ControlPlane {
                 queue_wake: queue_wake.clone(),
                 nodes: nodes.clone(),
                 leading: leading.clone(),
+                last_sweep: None,
             },
             rx.clone(),
         );

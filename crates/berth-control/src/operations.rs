@@ -109,7 +109,8 @@ impl App {
         if let Some(node) = &before.node_id {
             self.nodes.wake(node);
         }
-        self.ops_wake.notify_one();
+        // The executor need not be woken: what waits behind this operation
+        // begins in the transaction that settles the one ahead of it.
     }
 
     pub async fn get_operation(&self, caller: &Caller, id: &str) -> Result<Operation, ControlError> {
@@ -145,6 +146,8 @@ pub struct OpsWorker {
     pub queue_wake: Arc<Notify>,
     pub nodes: NodeWaker,
     pub leading: Arc<AtomicBool>,
+    /// When the last pass over every unfinished operation ran.
+    pub last_sweep: Option<std::time::Instant>,
 }
 
 /// Stable jitter for a server's n-th automatic restart, so the scheduled
@@ -164,7 +167,14 @@ impl Worker for OpsWorker {
             return Ok(WorkerState::Idle);
         }
         let now = self.clock.now_ms();
-        let work = self.store.ops_work(now - self.cfg.restart.window_ms).await?;
+        // Operations settle in the transactions that change their servers
+        // (syncs, verdicts); the pass over every unfinished one only
+        // catches what none of those touched, so it runs now and then.
+        let sweep = self.last_sweep.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+        if sweep {
+            self.last_sweep = Some(std::time::Instant::now());
+        }
+        let work = self.store.ops_work(now - self.cfg.restart.window_ms, sweep).await?;
         let mut acted = false;
 
         // Only servers where settling would change something get a write;

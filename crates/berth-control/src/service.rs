@@ -578,8 +578,9 @@ impl App {
             self.queue_wake.notify_one();
         }
         self.watch_drift(&node, &req, now).await?;
-        if decided.changes.iter().any(|c| !matches!(c, Change::Usage { .. })) {
-            // An operation may have reached its end.
+        if decided.changes.iter().any(|c| matches!(c, Change::Ended { .. } | Change::Fail { .. })) {
+            // Operations settled inside the sync; a crash may call for the
+            // restart policy.
             self.ops_wake.notify_one();
         }
 

@@ -18,19 +18,38 @@ macro_rules! store_common {
              max_concurrent_starts, port_min, port_max, epoch, sync_seq, last_sync_at, registered_at, host_total_mib, host_available_mib, \
              disk_total_mib, disk_used_mib, disk_pressure, drain_deadline";
 
+        impl crate::cols::Cols for $DbRow {
+            fn text(&self, col: &str) -> Result<String, StoreError> {
+                Ok(self.try_get(col)?)
+            }
+            fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
+                Ok(self.try_get(col)?)
+            }
+            fn int(&self, col: &str) -> Result<i64, StoreError> {
+                Ok(self.try_get(col)?)
+            }
+            fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError> {
+                Ok(self.try_get(col)?)
+            }
+        }
+
+        /// Columns of the queue read (the planner orders the queue itself).
+        #[allow(dead_code)]
+        const QUEUED_COLS: &str = "id, generation, memory_mib, queued_at, next_attempt_at, home_node";
+
         /// What reconciling a sync needs of each placed server.
         const PLACED_COLS: &str = "id, name, node_id, status, generation, attempts, used_mib";
 
-        fn placed_from_row(r: &$DbRow) -> Result<berth_core::reconcile::Placed, StoreError> {
-            let status: String = r.try_get("status")?;
+        fn placed_from_row(r: &impl crate::cols::Cols) -> Result<berth_core::reconcile::Placed, StoreError> {
+            let status: String = r.text("status")?;
             Ok(berth_core::reconcile::Placed {
-                id: ServerId(r.try_get("id")?),
-                name: r.try_get("name")?,
-                node_id: r.try_get::<Option<String>, _>("node_id")?.map(NodeId),
+                id: ServerId(r.text("id")?),
+                name: r.text("name")?,
+                node_id: r.opt_text("node_id")?.map(NodeId),
                 status: ServerStatus::parse(&status).ok_or_else(|| corrupt("server status", &status))?,
-                generation: r.try_get::<i64, _>("generation")? as u64,
-                attempts: r.try_get::<i64, _>("attempts")? as u32,
-                used_mib: r.try_get::<Option<i64>, _>("used_mib")?.map(|m| MemMib(m as u64)),
+                generation: r.int("generation")? as u64,
+                attempts: r.int("attempts")? as u32,
+                used_mib: r.opt_int("used_mib")?.map(|m| MemMib(m as u64)),
             })
         }
 
@@ -48,23 +67,23 @@ macro_rules! store_common {
                      CAST(SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END) AS BIGINT) AS pending, {ports_agg} AS ports \
                      FROM reservations GROUP BY node_id"
                 ),
-                "SELECT id, generation, memory_mib, queued_at, next_attempt_at, home_node FROM servers WHERE status = 'queued' ORDER BY queued_at, id",
+                "SELECT id, generation, memory_mib, queued_at, next_attempt_at, home_node FROM servers WHERE status = 'queued'",
             )
         }
 
-        fn queue_snapshot_from(nodes: &[$DbRow], totals: &[$DbRow], queued: &[$DbRow]) -> Result<QueueSnapshot, StoreError> {
+        fn queue_snapshot_from<R: crate::cols::Cols>(nodes: &[R], totals: &[R], queued: &[R]) -> Result<QueueSnapshot, StoreError> {
             let mut by_node: HashMap<String, (u64, u32, Vec<u16>)> = HashMap::new();
             for r in totals {
-                let ports: Option<String> = r.try_get("ports")?;
+                let ports: Option<String> = r.opt_text("ports")?;
                 let ports = ports
                     .unwrap_or_default()
                     .split(',')
                     .filter(|p| !p.is_empty())
                     .map(|p| p.trim().parse::<u16>().map_err(|e| corrupt("reservation port", e)))
                     .collect::<Result<Vec<_>, _>>()?;
-                let reserved = r.try_get::<i64, _>("reserved")? as u64;
-                let pending = r.try_get::<i64, _>("pending")? as u32;
-                by_node.insert(r.try_get("node_id")?, (reserved, pending, ports));
+                let reserved = r.int("reserved")? as u64;
+                let pending = r.int("pending")? as u32;
+                by_node.insert(r.text("node_id")?, (reserved, pending, ports));
             }
             let capacities = nodes
                 .iter()
@@ -78,12 +97,12 @@ macro_rules! store_common {
                 .iter()
                 .map(|r| {
                     Ok(berth_core::placement::QueuedServer {
-                        server_id: ServerId(r.try_get("id")?),
-                        generation: r.try_get::<i64, _>("generation")? as u64,
-                        memory_mib: MemMib(r.try_get::<i64, _>("memory_mib")? as u64),
-                        queued_at: r.try_get::<Option<i64>, _>("queued_at")?.unwrap_or(0),
-                        next_attempt_at: r.try_get("next_attempt_at")?,
-                        home_node: r.try_get::<Option<String>, _>("home_node")?.map(NodeId),
+                        server_id: ServerId(r.text("id")?),
+                        generation: r.int("generation")? as u64,
+                        memory_mib: MemMib(r.int("memory_mib")? as u64),
+                        queued_at: r.opt_int("queued_at")?.unwrap_or(0),
+                        next_attempt_at: r.opt_int("next_attempt_at")?,
+                        home_node: r.opt_text("home_node")?.map(NodeId),
                     })
                 })
                 .collect::<Result<_, StoreError>>()?;
@@ -94,80 +113,80 @@ macro_rules! store_common {
             StoreError::Corrupt(format!("{what}: {v}"))
         }
 
-        fn server_from_row(r: &$DbRow) -> Result<Server, StoreError> {
-            let status: String = r.try_get("status")?;
-            let config: String = r.try_get("config")?;
-            let last_exit: Option<String> = r.try_get("last_exit")?;
+        fn server_from_row(r: &impl crate::cols::Cols) -> Result<Server, StoreError> {
+            let status: String = r.text("status")?;
+            let config: String = r.text("config")?;
+            let last_exit: Option<String> = r.opt_text("last_exit")?;
             Ok(Server {
-                id: ServerId(r.try_get("id")?),
-                tenant: r.try_get("tenant")?,
-                name: r.try_get("name")?,
-                template: r.try_get("template")?,
-                memory_mib: MemMib(r.try_get::<i64, _>("memory_mib")? as u64),
+                id: ServerId(r.text("id")?),
+                tenant: r.text("tenant")?,
+                name: r.text("name")?,
+                template: r.text("template")?,
+                memory_mib: MemMib(r.int("memory_mib")? as u64),
                 config: serde_json::from_str(&config).map_err(|e| corrupt("server config", e))?,
                 status: ServerStatus::parse(&status).ok_or_else(|| corrupt("server status", &status))?,
-                node_id: r.try_get::<Option<String>, _>("node_id")?.map(NodeId),
-                generation: r.try_get::<i64, _>("generation")? as u64,
-                port: r.try_get::<Option<i64>, _>("port")?.map(|p| p as u16),
+                node_id: r.opt_text("node_id")?.map(NodeId),
+                generation: r.int("generation")? as u64,
+                port: r.opt_int("port")?.map(|p| p as u16),
                 last_exit: match last_exit {
                     Some(s) => Some(serde_json::from_str::<LastExit>(&s).map_err(|e| corrupt("last_exit", e))?),
                     None => None,
                 },
-                queued_at: r.try_get("queued_at")?,
-                attempts: r.try_get::<i64, _>("attempts")? as u32,
-                next_attempt_at: r.try_get("next_attempt_at")?,
-                last_error: r.try_get("last_error")?,
-                used_mib: r.try_get::<Option<i64>, _>("used_mib")?.map(|m| MemMib(m as u64)),
+                queued_at: r.opt_int("queued_at")?,
+                attempts: r.int("attempts")? as u32,
+                next_attempt_at: r.opt_int("next_attempt_at")?,
+                last_error: r.opt_text("last_error")?,
+                used_mib: r.opt_int("used_mib")?.map(|m| MemMib(m as u64)),
                 restart_policy: {
-                    let p: String = r.try_get("restart_policy")?;
+                    let p: String = r.text("restart_policy")?;
                     berth_core::restart::RestartPolicy::parse(&p).ok_or_else(|| corrupt("restart policy", &p))?
                 },
-                created_at: r.try_get("created_at")?,
-                updated_at: r.try_get("updated_at")?,
-                stop_after_ms: r.try_get("stop_after_ms")?,
-                stateless: r.try_get::<i64, _>("stateless")? != 0,
-                plan: r.try_get("plan")?,
-                price_per_gib_hour: r.try_get("price_per_gib_hour")?,
-                home_node: r.try_get::<Option<String>, _>("home_node")?.map(NodeId),
+                created_at: r.int("created_at")?,
+                updated_at: r.int("updated_at")?,
+                stop_after_ms: r.int("stop_after_ms")?,
+                stateless: r.int("stateless")? != 0,
+                plan: r.text("plan")?,
+                price_per_gib_hour: r.int("price_per_gib_hour")?,
+                home_node: r.opt_text("home_node")?.map(NodeId),
             })
         }
 
-        fn node_from_row(r: &$DbRow) -> Result<Node, StoreError> {
-            let status: String = r.try_get("status")?;
+        fn node_from_row(r: &impl crate::cols::Cols) -> Result<Node, StoreError> {
+            let status: String = r.text("status")?;
             Ok(Node {
-                id: NodeId(r.try_get("id")?),
-                name: r.try_get("name")?,
-                address: r.try_get("address")?,
-                driver: r.try_get("driver")?,
-                total_mib: MemMib(r.try_get::<i64, _>("total_mib")? as u64),
-                system_reserved_mib: MemMib(r.try_get::<i64, _>("system_reserved_mib")? as u64),
-                cpu_cores: r.try_get::<i64, _>("cpu_cores")? as u32,
+                id: NodeId(r.text("id")?),
+                name: r.text("name")?,
+                address: r.text("address")?,
+                driver: r.text("driver")?,
+                total_mib: MemMib(r.int("total_mib")? as u64),
+                system_reserved_mib: MemMib(r.int("system_reserved_mib")? as u64),
+                cpu_cores: r.int("cpu_cores")? as u32,
                 status: NodeStatus::parse(&status).ok_or_else(|| corrupt("node status", &status))?,
-                max_concurrent_starts: r.try_get::<i64, _>("max_concurrent_starts")? as u32,
-                ports: PortRange { min: r.try_get::<i64, _>("port_min")? as u16, max: r.try_get::<i64, _>("port_max")? as u16 },
-                epoch: r.try_get::<i64, _>("epoch")? as u64,
-                sync_seq: r.try_get::<i64, _>("sync_seq")? as u64,
-                last_sync_at: r.try_get("last_sync_at")?,
-                registered_at: r.try_get("registered_at")?,
-                host_total_mib: MemMib(r.try_get::<i64, _>("host_total_mib")? as u64),
-                host_available_mib: MemMib(r.try_get::<i64, _>("host_available_mib")? as u64),
-                disk_total_mib: r.try_get::<i64, _>("disk_total_mib")? as u64,
-                disk_used_mib: r.try_get::<i64, _>("disk_used_mib")? as u64,
-                disk_pressure: r.try_get::<i64, _>("disk_pressure")? != 0,
-                drain_deadline: r.try_get("drain_deadline")?,
+                max_concurrent_starts: r.int("max_concurrent_starts")? as u32,
+                ports: PortRange { min: r.int("port_min")? as u16, max: r.int("port_max")? as u16 },
+                epoch: r.int("epoch")? as u64,
+                sync_seq: r.int("sync_seq")? as u64,
+                last_sync_at: r.opt_int("last_sync_at")?,
+                registered_at: r.int("registered_at")?,
+                host_total_mib: MemMib(r.int("host_total_mib")? as u64),
+                host_available_mib: MemMib(r.int("host_available_mib")? as u64),
+                disk_total_mib: r.int("disk_total_mib")? as u64,
+                disk_used_mib: r.int("disk_used_mib")? as u64,
+                disk_pressure: r.int("disk_pressure")? != 0,
+                drain_deadline: r.opt_int("drain_deadline")?,
             })
         }
 
-        fn reservation_from_row(r: &$DbRow) -> Result<Reservation, StoreError> {
-            let state: String = r.try_get("state")?;
+        fn reservation_from_row(r: &impl crate::cols::Cols) -> Result<Reservation, StoreError> {
+            let state: String = r.text("state")?;
             Ok(Reservation {
-                server_id: ServerId(r.try_get("server_id")?),
-                generation: r.try_get::<i64, _>("generation")? as u64,
-                node_id: NodeId(r.try_get("node_id")?),
-                memory_mib: MemMib(r.try_get::<i64, _>("memory_mib")? as u64),
-                port: r.try_get::<i64, _>("port")? as u16,
+                server_id: ServerId(r.text("server_id")?),
+                generation: r.int("generation")? as u64,
+                node_id: NodeId(r.text("node_id")?),
+                memory_mib: MemMib(r.int("memory_mib")? as u64),
+                port: r.int("port")? as u16,
                 state: ReservationState::parse(&state).ok_or_else(|| corrupt("reservation state", &state))?,
-                created_at: r.try_get("created_at")?,
+                created_at: r.int("created_at")?,
             })
         }
 
@@ -460,6 +479,35 @@ macro_rules! store_common {
                     _ => (c, evs.next()),
                 })
                 .collect()
+            }
+        }
+
+        /// Applies health verdicts (see `Store::apply_verdicts`) and settles
+        /// the operations of the servers they changed, in `tx`.
+        async fn apply_verdicts_tx(tx: &mut Transaction<'static, $Db>, verdicts: &[Verdict], now: Millis) -> Result<usize, StoreError> {
+            let mut events = Vec::new();
+            for v in verdicts {
+                if let Some(e) = apply_verdict_tx(tx, v, now).await? {
+                    events.push(e);
+                }
+            }
+            insert_events_tx(tx, &events, now).await?;
+            for server_id in events.iter().filter_map(|e| e.server_id.as_ref()) {
+                ops_impl::advance_tx(tx, server_id, now).await?;
+            }
+            Ok(events.len())
+        }
+
+        /// The server a change is about, if it may settle an operation
+        /// (memory use never does).
+        fn settling_server(change: &Change) -> Option<&ServerId> {
+            match change {
+                Change::Usage { .. } => None,
+                Change::Confirmed { server_id, .. }
+                | Change::Ended { server_id, .. }
+                | Change::Reconnected { server_id, .. }
+                | Change::Requeue { server_id, .. }
+                | Change::Fail { server_id, .. } => Some(server_id),
             }
         }
 

@@ -7,6 +7,7 @@
 //! the default; a PostgreSQL backend implements the same trait and runs the
 //! same test suite.
 
+mod cols;
 #[macro_use]
 mod common_sql;
 mod error;
@@ -377,7 +378,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_operation(&self, id: &str) -> Result<Option<Operation>, StoreError>;
     async fn list_operations(&self, filter: &OpFilter) -> Result<Vec<Operation>, StoreError>;
     /// `window_start`: automatic restarts before it are not counted.
-    async fn ops_work(&self, window_start: Millis) -> Result<OpsWork, StoreError>;
+    /// Without `with_active` the unfinished operations are not read
+    /// (`active` is empty).
+    async fn ops_work(&self, window_start: Millis, with_active: bool) -> Result<OpsWork, StoreError>;
     /// Fails a server that holds no reservation (queued past its timeout,
     /// crashed too often), if it still has `generation` and `from`.
     async fn fail_server(&self, id: &ServerId, generation: Generation, from: ServerStatus, error: &str, event: &NewEvent, now: Millis) -> Result<bool, StoreError>;

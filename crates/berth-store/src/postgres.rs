@@ -560,15 +560,23 @@ impl Store for PostgresStore {
         let decided = decide(&placed, last_alive);
         let by_id: HashMap<&ServerId, &berth_core::reconcile::Placed> = placed.iter().map(|s| (&s.id, s)).collect();
         let mut applied_events = Vec::new();
+        let mut settling = Vec::new();
         for (change, ev) in decided.changes.iter().zip_events(&decided.events) {
             let applied = apply_change(&mut tx, change, &by_id, now).await?;
             if applied {
                 if let Some(ev) = ev {
                     applied_events.push(ev.clone());
                 }
+                settling.extend(settling_server(change));
             }
         }
         insert_events_tx(&mut tx, &applied_events, now).await?;
+        // An operation waiting on what this sync confirmed (a start on its
+        // instance running, a stop on it gone) settles in the same
+        // transaction, and what waits behind it begins.
+        for server_id in settling {
+            ops_impl::advance_tx(&mut tx, server_id, now).await?;
+        }
         tx.commit().await?;
         Ok((node, decided))
     }
@@ -584,7 +592,7 @@ impl Store for PostgresStore {
     }
 
     async fn desired_keys(&self, node_id: &NodeId) -> Result<Vec<(ServerId, berth_core::Generation)>, StoreError> {
-        let rows = sqlx::query("SELECT id, generation FROM servers WHERE node_id = $1 AND status IN ('starting', 'running', 'unknown') ORDER BY id")
+        let rows = sqlx::query("SELECT id, generation FROM servers WHERE node_id = $1 AND status IN ('starting', 'running', 'unknown')")
             .bind(&node_id.0)
             .fetch_all(&self.read)
             .await?;
@@ -657,15 +665,9 @@ impl Store for PostgresStore {
 
     async fn apply_verdicts(&self, verdicts: &[Verdict], now: Millis) -> Result<usize, StoreError> {
         let mut tx = self.begin().await?;
-        let mut events = Vec::new();
-        for v in verdicts {
-            if let Some(e) = apply_verdict_tx(&mut tx, v, now).await? {
-                events.push(e);
-            }
-        }
-        insert_events_tx(&mut tx, &events, now).await?;
+        let applied = apply_verdicts_tx(&mut tx, verdicts, now).await?;
         tx.commit().await?;
-        Ok(events.len())
+        Ok(applied)
     }
 
     async fn set_drain(&self, id: &NodeId, draining: bool, deadline: Option<Millis>) -> Result<Node, StoreError> {
@@ -845,8 +847,8 @@ impl Store for PostgresStore {
         async fn list_operations(&self, filter: &crate::OpFilter) -> Result<Vec<berth_core::operation::Operation>, StoreError> {
             self.ops_list(filter).await
         }
-        async fn ops_work(&self, window_start: Millis) -> Result<crate::OpsWork, StoreError> {
-            self.ops_worklist(window_start).await
+        async fn ops_work(&self, window_start: Millis, with_active: bool) -> Result<crate::OpsWork, StoreError> {
+            self.ops_worklist(window_start, with_active).await
         }
         async fn fail_server(
             &self,

@@ -26,6 +26,7 @@ use berth_core::{
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
+use crate::cols::Cols;
 use crate::group::{GroupCommit, Tx};
 use crate::{
     BillingSession, Decide, EventFilter, LeaderLease, LedgerEntry, NodeRegistration, NodeUsage, PlacementOutcome, QueueSnapshot, ReplicaInfo, Snapshot,
@@ -105,15 +106,11 @@ impl SqliteStore {
             .fetch_optional(&mut *rtx)
             .await?;
         let Some((last_sync_at, registered_at)) = last else { return Ok(None) };
-        let placed = sqlx::query(&format!(
-            "SELECT {PLACED_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')"
-        ))
-        .bind(&input.node_id.0)
-        .fetch_all(&mut *rtx)
-        .await?
-        .iter()
-        .map(placed_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
+        let placed = fetch_many(&mut *rtx, &placed_sql(), PLACED_COLS, &[&input.node_id.0])
+            .await?
+            .iter()
+            .map(placed_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
         rtx.commit().await?;
         let decided = decide(&placed, last_sync_at.unwrap_or(registered_at));
         Ok(Some((last_sync_at, placed, decided)))
@@ -253,8 +250,10 @@ impl Store for SqliteStore {
     }
 
     async fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
-        let rows = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name")).fetch_all(&self.read).await?;
-        rows.iter().map(node_from_row).collect()
+        let rows = fetch_many(&self.read, &format!("SELECT {NODE_COLS} FROM nodes"), NODE_COLS, &[]).await?;
+        let mut nodes = rows.iter().map(node_from_row).collect::<Result<Vec<_>, _>>()?;
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(nodes)
     }
 
     async fn get_node(&self, id_or_name: &str) -> Result<Option<Node>, StoreError> {
@@ -278,17 +277,10 @@ impl Store for SqliteStore {
     }
 
     async fn node_usage(&self) -> Result<Vec<NodeUsage>, StoreError> {
-        let rows = sqlx::query("SELECT node_id, SUM(memory_mib) AS reserved, COUNT(*) AS n FROM reservations GROUP BY node_id")
-            .fetch_all(&self.read)
+        let rows = fetch_many(&self.read, "SELECT node_id, SUM(memory_mib) AS reserved, COUNT(*) AS n FROM reservations GROUP BY node_id", "node_id, reserved, n", &[])
             .await?;
         rows.iter()
-            .map(|r| {
-                Ok(NodeUsage {
-                    node_id: NodeId(r.try_get("node_id")?),
-                    reserved: MemMib(r.try_get::<i64, _>("reserved")? as u64),
-                    servers: r.try_get::<i64, _>("n")? as u32,
-                })
-            })
+            .map(|r| Ok(NodeUsage { node_id: NodeId(r.text("node_id")?), reserved: MemMib(r.int("reserved")? as u64), servers: r.int("n")? as u32 }))
             .collect()
     }
 
@@ -401,9 +393,9 @@ impl Store for SqliteStore {
         // committer re-checks every plan against the rows themselves.
         let mut tx = self.read.begin().await?;
         let (nodes_sql, totals_sql, queued_sql) = queue_snapshot_sql("GROUP_CONCAT(port)");
-        let nodes = sqlx::query(&nodes_sql).fetch_all(&mut *tx).await?;
-        let totals = sqlx::query(&totals_sql).fetch_all(&mut *tx).await?;
-        let queued = sqlx::query(queued_sql).fetch_all(&mut *tx).await?;
+        let nodes = fetch_many(&mut *tx, &nodes_sql, NODE_COLS, &[]).await?;
+        let totals = fetch_many(&mut *tx, &totals_sql, "node_id, reserved, pending, ports", &[]).await?;
+        let queued = fetch_many(&mut *tx, queued_sql, QUEUED_COLS, &[]).await?;
         tx.commit().await?;
         queue_snapshot_from(&nodes, &totals, &queued)
     }
@@ -423,31 +415,25 @@ impl Store for SqliteStore {
     }
 
     async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'unknown') ORDER BY id"
-        ))
-        .bind(&node_id.0)
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(server_from_row).collect()
+        let sql = format!("SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'unknown')");
+        let rows = fetch_many(&self.read, &sql, SERVER_COLS, &[&node_id.0]).await?;
+        let mut servers = rows.iter().map(server_from_row).collect::<Result<Vec<_>, _>>()?;
+        servers.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(servers)
     }
 
     async fn desired_keys(&self, node_id: &NodeId) -> Result<Vec<(ServerId, berth_core::Generation)>, StoreError> {
-        let rows = sqlx::query("SELECT id, generation FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'unknown') ORDER BY id")
-            .bind(&node_id.0)
-            .fetch_all(&self.read)
-            .await?;
-        rows.iter().map(|r| Ok((ServerId(r.try_get("id")?), r.try_get::<i64, _>("generation")? as u64))).collect()
+        let sql = "SELECT id, generation FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'unknown')";
+        let rows = fetch_many(&self.read, sql, "id, generation", &[&node_id.0]).await?;
+        rows.iter().map(|r| Ok((ServerId(r.text("id")?), r.int("generation")? as u64))).collect()
     }
 
     async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown') ORDER BY id"
-        ))
-        .bind(&node_id.0)
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(server_from_row).collect()
+        let sql = format!("SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')");
+        let rows = fetch_many(&self.read, &sql, SERVER_COLS, &[&node_id.0]).await?;
+        let mut servers = rows.iter().map(server_from_row).collect::<Result<Vec<_>, _>>()?;
+        servers.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(servers)
     }
 
     async fn node_reserved(&self, node_id: &NodeId) -> Result<MemMib, StoreError> {
@@ -506,15 +492,9 @@ impl Store for SqliteStore {
 
     async fn apply_verdicts(&self, verdicts: &[Verdict], now: Millis) -> Result<usize, StoreError> {
         let mut tx = self.begin().await?;
-        let mut events = Vec::new();
-        for v in verdicts {
-            if let Some(e) = apply_verdict_tx(&mut tx, v, now).await? {
-                events.push(e);
-            }
-        }
-        insert_events_tx(&mut tx, &events, now).await?;
+        let applied = apply_verdicts_tx(&mut tx, verdicts, now).await?;
         tx.commit().await?;
-        Ok(events.len())
+        Ok(applied)
     }
 
     async fn set_drain(&self, id: &NodeId, draining: bool, deadline: Option<Millis>) -> Result<Node, StoreError> {
@@ -693,8 +673,8 @@ impl Store for SqliteStore {
         async fn list_operations(&self, filter: &crate::OpFilter) -> Result<Vec<berth_core::operation::Operation>, StoreError> {
             self.ops_list(filter).await
         }
-        async fn ops_work(&self, window_start: Millis) -> Result<crate::OpsWork, StoreError> {
-            self.ops_worklist(window_start).await
+        async fn ops_work(&self, window_start: Millis, with_active: bool) -> Result<crate::OpsWork, StoreError> {
+            self.ops_worklist(window_start, with_active).await
         }
         async fn fail_server(
             &self,
@@ -785,19 +765,16 @@ impl Store for SqliteStore {
 
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let mut tx = self.read.begin().await?;
-        let nodes = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes")).fetch_all(&mut *tx).await?;
-        let servers = sqlx::query(&format!("SELECT {SERVER_COLS} FROM servers WHERE status <> 'deleted'")).fetch_all(&mut *tx).await?;
-        let res = sqlx::query(&format!("SELECT {RES_COLS} FROM reservations")).fetch_all(&mut *tx).await?;
-        let open = sqlx::query("SELECT server_id, generation FROM billing_sessions WHERE ended_at IS NULL").fetch_all(&mut *tx).await?;
+        let nodes = fetch_many(&mut *tx, &format!("SELECT {NODE_COLS} FROM nodes"), NODE_COLS, &[]).await?;
+        let servers = fetch_many(&mut *tx, &format!("SELECT {SERVER_COLS} FROM servers WHERE status <> 'deleted'"), SERVER_COLS, &[]).await?;
+        let res = fetch_many(&mut *tx, &format!("SELECT {RES_COLS} FROM reservations"), RES_COLS, &[]).await?;
+        let open = fetch_many(&mut *tx, "SELECT server_id, generation FROM billing_sessions WHERE ended_at IS NULL", "server_id, generation", &[]).await?;
         tx.commit().await?;
         Ok(Snapshot {
             nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
             servers: servers.iter().map(server_from_row).collect::<Result<_, _>>()?,
             reservations: res.iter().map(reservation_from_row).collect::<Result<_, _>>()?,
-            open_sessions: open
-                .iter()
-                .map(|r| Ok((ServerId(r.try_get("server_id")?), r.try_get::<i64, _>("generation")? as u64)))
-                .collect::<Result<_, StoreError>>()?,
+            open_sessions: open.iter().map(|r| Ok((ServerId(r.text("server_id")?), r.int("generation")? as u64))).collect::<Result<_, StoreError>>()?,
         })
     }
 }
@@ -956,6 +933,7 @@ async fn sync_node_tx(tx: &mut Tx, input: &SyncInput, now: Millis, decide: &Deci
     // A node heard from again is back, whatever the monitor concluded.
     let status = if matches!(node.status, NodeStatus::Unreachable | NodeStatus::Lost) { NodeStatus::Ready } else { node.status };
     let last_alive = node.last_sync_at.unwrap_or(node.registered_at);
+    let previous_renewal = node.last_sync_at;
     sqlx::query("UPDATE nodes SET sync_seq = ?, last_sync_at = ?, host_total_mib = ?, host_available_mib = ?, status = ?, disk_total_mib = ?, disk_used_mib = ?, disk_pressure = ? WHERE id = ?")
         .bind(input.seq as i64)
         .bind(now)
@@ -992,16 +970,12 @@ async fn sync_node_tx(tx: &mut Tx, input: &SyncInput, now: Millis, decide: &Deci
     // a server that changed meanwhile is left alone until the next sync.
     // Otherwise it is made again here.
     let (placed, decided) = match pre {
-        Some((seen_last_sync, placed, decided)) if seen_last_sync == node.last_sync_at => (placed, decided),
+        Some((seen_last_sync, placed, decided)) if seen_last_sync == previous_renewal => (placed, decided),
         _ => {
-            let placed = sqlx::query(&format!(
-                "SELECT {PLACED_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')"
-            ))
-            .bind(&node.id.0)
-            .fetch_all(&mut **tx)
-            .await?
-            .iter()
-            .map(placed_from_row)
+            let placed = fetch_many(&mut **tx, &placed_sql(), PLACED_COLS, &[&node.id.0])
+                .await?
+                .iter()
+                .map(placed_from_row)
             .collect::<Result<Vec<_>, _>>()?;
             let decided = decide(&placed, last_alive);
             (placed, decided)
@@ -1009,16 +983,44 @@ async fn sync_node_tx(tx: &mut Tx, input: &SyncInput, now: Millis, decide: &Deci
     };
     let by_id: HashMap<&ServerId, &berth_core::reconcile::Placed> = placed.iter().map(|s| (&s.id, s)).collect();
     let mut applied_events = Vec::new();
+    let mut settling = Vec::new();
     for (change, ev) in decided.changes.iter().zip_events(&decided.events) {
         let applied = apply_change(tx, change, &by_id, now).await?;
         if applied {
             if let Some(ev) = ev {
                 applied_events.push(ev.clone());
             }
+            settling.extend(settling_server(change));
         }
     }
     insert_events_tx(tx, &applied_events, now).await?;
+    // An operation waiting on what this sync confirmed (a start on its
+    // instance running, a stop on it gone) settles in the same
+    // transaction, and what waits behind it begins.
+    for server_id in settling {
+        ops_impl::advance_tx(tx, server_id, now).await?;
+    }
     Ok((node, decided))
+}
+
+fn placed_sql() -> String {
+    format!("SELECT {PLACED_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'stopping', 'unknown')")
+}
+
+/// Runs `select` (binding `binds` in order) and returns its rows as
+/// objects of the columns `names`, handed over as one JSON row: sqlx passes
+/// SQLite rows from its connection thread one at a time (see `cols`).
+async fn fetch_many<'e, E>(exec: E, select: &str, names: &str, binds: &[&str]) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let sql = format!("SELECT COALESCE(json_group_array({}), '[]') FROM ({select})", crate::cols::json_object(names));
+    let mut q = sqlx::query_scalar::<_, String>(&sql);
+    for b in binds {
+        q = q.bind(*b);
+    }
+    let text = q.fetch_one(exec).await?;
+    crate::cols::json_rows(&text)
 }
 
 /// Takes the lease if it is free or expired, renews it if held; the epoch
