@@ -552,9 +552,13 @@ impl Agent {
                 self.clean_disk();
             }
             ticks += 1;
-            let observed = self.driver.observe_all().await;
+            // The instances are listed before the driver is asked: an
+            // instance is listed only once its start returned, so the
+            // driver's answer covers every one listed. (Asked first, an
+            // instance started in between was missing and reported lost.)
             let snapshot: Vec<(Key, Instance)> =
                 self.instances.lock().expect("instances lock").iter().map(|(k, i)| (k.clone(), i.clone())).collect();
+            let observed = self.driver.observe_all().await;
             for (key, inst) in snapshot {
                 if !inst.is_live() {
                     continue;

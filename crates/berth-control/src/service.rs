@@ -98,9 +98,7 @@ impl App {
                 format!("template {template_name} needs at least {} MiB", template.min_memory_mib),
             ));
         }
-        let nodes = self.store.list_nodes().await?;
-        let largest = nodes.iter().filter(|n| n.status != NodeStatus::Removed).map(|n| n.allocatable_mib()).max();
-        if let Some(largest) = largest {
+        if let Some(largest) = self.store.largest_allocatable().await? {
             if memory > largest {
                 return Err(ControlError::invalid(
                     "exceeds_node_capacity",

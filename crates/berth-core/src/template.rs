@@ -325,19 +325,42 @@ impl Template {
     }
 }
 
+/// Replaces `{port}`, `{workload_mib}`, `{memory_mib}`, `{name}` and
+/// `{config.KEY}` in one pass; other placeholders (`{data_dir}`,
+/// `{berth_exe}`) stay for the agent. What is inserted is never scanned
+/// again, so a config value cannot smuggle in a placeholder.
 fn substitute(s: &str, server: &Server, port: u16, workload_mib: u64) -> String {
-    let mut out = s
-        .replace("{port}", &port.to_string())
-        .replace("{workload_mib}", &workload_mib.to_string())
-        .replace("{memory_mib}", &server.memory_mib.0.to_string())
-        .replace("{name}", &server.name);
-    for (k, v) in &server.config {
-        let text = match v {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        out = out.replace(&format!("{{config.{k}}}"), &text);
+    if !s.contains('{') {
+        return s.to_string();
     }
+    let mut out = String::with_capacity(s.len() + 16);
+    let mut rest = s;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let key = &after[..close];
+        match key {
+            "port" => out.push_str(&port.to_string()),
+            "workload_mib" => out.push_str(&workload_mib.to_string()),
+            "memory_mib" => out.push_str(&server.memory_mib.0.to_string()),
+            "name" => out.push_str(&server.name),
+            _ => match key.strip_prefix("config.").and_then(|k| server.config.get(k)) {
+                Some(Value::String(v)) => out.push_str(v),
+                Some(v) => out.push_str(&v.to_string()),
+                None => {
+                    out.push('{');
+                    out.push_str(key);
+                    out.push('}');
+                }
+            },
+        }
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
     out
 }
 
@@ -395,6 +418,18 @@ fn kind_of(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn substitution_is_one_pass_and_leaves_agent_placeholders() {
+        let mut server = crate::reconcile_test_server();
+        server.name = "mc1".into();
+        server.memory_mib = MemMib(1024);
+        server.config.insert("motd".into(), Value::String("hi {port}".into()));
+        server.config.insert("max".into(), Value::from(20));
+        let out = substitute("--port {port} -m {memory_mib}/{workload_mib} {name} {config.motd} {config.max} {config.nope} {data_dir} {", &server, 30001, 900);
+        assert_eq!(out, "--port 30001 -m 1024/900 mc1 hi {port} 20 {config.nope} {data_dir} {");
+        assert_eq!(substitute("plain", &server, 1, 1), "plain");
+    }
     use serde_json::json;
 
     fn t() -> Template {

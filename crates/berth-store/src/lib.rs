@@ -292,6 +292,9 @@ pub trait Store: Send + Sync + 'static {
     /// epoch (fencing syncs of the agent's previous run).
     async fn register_node(&self, reg: &NodeRegistration, new_id: &NodeId, now: Millis) -> Result<Node, StoreError>;
     async fn list_nodes(&self) -> Result<Vec<Node>, StoreError>;
+    /// The most allocatable memory of any node that is not removed (what
+    /// the largest server may ask for); `None` without nodes.
+    async fn largest_allocatable(&self) -> Result<Option<MemMib>, StoreError>;
     async fn get_node(&self, id_or_name: &str) -> Result<Option<Node>, StoreError>;
     async fn set_node_status(&self, id: &NodeId, status: NodeStatus) -> Result<Node, StoreError>;
     async fn node_usage(&self) -> Result<Vec<NodeUsage>, StoreError>;

@@ -256,6 +256,13 @@ impl Store for SqliteStore {
         Ok(nodes)
     }
 
+    async fn largest_allocatable(&self) -> Result<Option<MemMib>, StoreError> {
+        let mib: Option<i64> = sqlx::query_scalar("SELECT CAST(MAX(total_mib - system_reserved_mib) AS BIGINT) FROM nodes WHERE status <> 'removed'")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(mib.map(|m| MemMib(m.max(0) as u64)))
+    }
+
     async fn get_node(&self, id_or_name: &str) -> Result<Option<Node>, StoreError> {
         let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ? UNION ALL SELECT {NODE_COLS} FROM nodes WHERE name = ? LIMIT 1"))
             .bind(id_or_name)

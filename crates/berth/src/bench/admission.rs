@@ -77,7 +77,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     let ids = create_servers(&client, "adm", a.requests, a.server_mib, None, a.clients).await?;
     let before = metrics(&client).await?;
     let cpu_before = cp.cpu_time();
-    let sampler = Sampler::start(cp.client(), Duration::from_secs(1));
+    let sampler = Sampler::start(cp.client(), Duration::from_secs(2));
     let (latencies, wall) = start_all_placed(&cp.url, &cp.token, &ids, a.clients, &format!("starting ({label})")).await?;
     let cpu_burst = cp.cpu_time().zip(cpu_before).map(|(a, b)| a - b);
     let (samples, sampled) = sampler.finish().await;
