@@ -132,6 +132,9 @@ struct Lease {
 const SYSTEM_RESERVE_MIB: u64 = 512;
 
 impl Agent {
+    /// The first wait after a failed sync; it doubles up to the sync interval.
+    const FIRST_RETRY: Duration = Duration::from_millis(200);
+
     pub fn new(cfg: AgentConfig, driver: Arc<dyn Driver>) -> Arc<Agent> {
         let clients: Vec<Client> = cfg
             .control_plane
@@ -254,6 +257,7 @@ impl Agent {
         // The last desired set received and its version: an answer that
         // says `unchanged` means this set.
         let mut last_desired: Option<(String, Vec<InstanceSpec>)> = None;
+        let mut retry_delay = Self::FIRST_RETRY;
         loop {
             seq += 1;
             let req = SyncRequest {
@@ -277,6 +281,7 @@ impl Agent {
             };
             match resp {
                 Ok(resp) => {
+                    retry_delay = Self::FIRST_RETRY;
                     *self.lease.lock().expect("lease lock") =
                         Lease { renewed_at: Some(sent), renewed_mono_ms: sent_mono, ttl_ms: resp.lease_ttl_ms as i64 };
                     let killed = self.kill_ordered(&resp.kill).await;
@@ -308,7 +313,13 @@ impl Agent {
                 Err(e) => {
                     tracing::warn!(error = %e, "sync failed");
                     if !self.failover(&e) {
-                        tokio::time::sleep(self.cfg.sync_interval).await;
+                        // A control plane that restarts is back within a
+                        // fraction of a second: try again soon, then back
+                        // off to the sync interval. Jitter keeps a fleet
+                        // from returning in one burst.
+                        let jitter = Duration::from_millis(std::process::id() as u64 % 97 + seq % 89);
+                        tokio::time::sleep(retry_delay + jitter).await;
+                        retry_delay = (retry_delay * 2).min(self.cfg.sync_interval);
                     } else {
                         // Give every replica a turn before backing off.
                         tokio::time::sleep(self.cfg.sync_interval / self.clients.len() as u32).await;

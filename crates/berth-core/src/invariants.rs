@@ -145,8 +145,9 @@ pub fn check(nodes: &[Node], servers: &[Server], reservations: &[Reservation], l
 }
 
 /// L4: at most one open billing session per server, and none for a server
-/// that is not running that generation. `open` lists (server, generation)
-/// of every open session.
+/// that is not running that generation. A server that is stopping still
+/// runs: its session closes when the stop is confirmed. `open` lists
+/// (server, generation) of every open session.
 pub fn check_billing(servers: &[Server], open: &[(ServerId, Generation)]) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut per_server: BTreeMap<&ServerId, usize> = BTreeMap::new();
@@ -155,7 +156,7 @@ pub fn check_billing(servers: &[Server], open: &[(ServerId, Generation)]) -> Vec
     let by_id: BTreeMap<&ServerId, &Server> = servers.iter().map(|s| (&s.id, s)).collect();
     for (sid, gen) in open {
         *per_server.entry(sid).or_default() += 1;
-        let running = by_id.get(sid).is_some_and(|s| s.generation == *gen && s.status == ServerStatus::Running);
+        let running = by_id.get(sid).is_some_and(|s| s.generation == *gen && matches!(s.status, ServerStatus::Running | ServerStatus::Stopping));
         if !running {
             out.push(Violation::L4 { server_id: sid.clone(), detail: format!("open billing session (generation {gen}) for a server that is not running it") });
         }
@@ -268,7 +269,13 @@ mod tests {
         assert_eq!(check_billing(&[s1.clone()], &[(s1.id.clone(), 2), (s1.id.clone(), 2)]).len(), 1, "two open sessions");
         let mut stopped = s1.clone();
         stopped.status = ServerStatus::Stopped;
-        assert_eq!(check_billing(&[stopped], &[(s1.id.clone(), 2)]).len(), 1);
+        assert_eq!(check_billing(&[stopped.clone()], &[(s1.id.clone(), 2)]).len(), 1);
+        stopped.status = ServerStatus::Stopping;
+        assert!(check_billing(&[stopped.clone()], &[(s1.id.clone(), 2)]).is_empty(), "billed until the stop is confirmed");
+        for status in [ServerStatus::Unknown, ServerStatus::Queued, ServerStatus::Starting, ServerStatus::Crashed] {
+            stopped.status = status;
+            assert_eq!(check_billing(&[stopped.clone()], &[(s1.id.clone(), 2)]).len(), 1, "{status}");
+        }
     }
 
     #[test]

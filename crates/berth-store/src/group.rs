@@ -37,7 +37,6 @@ trait Job: Send {
     /// `Err` names why the batch did not commit.
     fn deliver(self: Box<Self>, committed: Result<(), String>);
     fn succeeded(&self) -> bool;
-    fn label(&self) -> &'static str;
 }
 
 struct Pending<F, T> {
@@ -64,9 +63,7 @@ where
     fn succeeded(&self) -> bool {
         matches!(self.out, Some(Ok(_)))
     }
-    fn label(&self) -> &'static str {
-        std::any::type_name::<F>()
-    }
+
 
     fn deliver(self: Box<Self>, committed: Result<(), String>) {
         let answer = match (self.out, committed) {
@@ -182,9 +179,7 @@ fn run_batch<'a>(pool: &'a SqlitePool, batch: &'a mut [Box<dyn Job>]) -> BoxFutu
     let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
     for job in batch.iter_mut() {
         exec(&mut tx, "SAVEPOINT berth_job").await.map_err(|e| format!("cannot open a savepoint: {e}"))?;
-        let tj = std::time::Instant::now();
         let ok = job.run(&mut tx).await;
-        tracing::debug!(job = job.label(), us = tj.elapsed().as_micros() as u64, "job");
         // A failed job is undone alone. If even that fails (SQLite may have
         // rolled the whole transaction back on an I/O error or a full disk),
         // the batch is abandoned and every job hears it did not commit.

@@ -741,12 +741,13 @@ impl Store for PostgresStore {
 
     async fn sweep_zombies(&self, now: Millis) -> Result<Vec<BillingSession>, StoreError> {
         let mut tx = self.begin().await?;
-        // A session is a zombie if its server does not run that generation.
+        // A session is a zombie if its server does not run that generation
+        // (a stopping server still runs until the stop is confirmed).
         // It closes when the server last changed status (when it stopped
         // running, as far as the records know), never after now.
         let rows = sqlx::query(&format!(
             "SELECT {SESSION_COLS}, (SELECT s.updated_at FROM servers s WHERE s.id = b.server_id) AS changed_at FROM billing_sessions b \
-             WHERE b.ended_at IS NULL AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.id = b.server_id AND s.generation = b.generation AND s.status = 'running')"
+             WHERE b.ended_at IS NULL AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.id = b.server_id AND s.generation = b.generation AND s.status IN ('running', 'stopping'))"
         ))
         .fetch_all(&mut *tx)
         .await?;

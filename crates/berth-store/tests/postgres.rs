@@ -38,6 +38,7 @@ fn store_suite_on_postgres() {
         case!(events_filter_and_page);
         case!(operations_follow_the_guard_table);
         case!(kill_is_ordered_until_the_instance_is_gone);
+        case!(a_stopping_server_is_billed_until_the_stop_is_confirmed);
         case!(failing_and_restart_bookkeeping);
         case!(webhooks_fan_out_retry_and_disable);
         let store: Arc<dyn Store> = Arc::new(PostgresStore::open(&pg.database("concurrent")).await.unwrap());

@@ -33,6 +33,7 @@ suite_tests!(
     events_filter_and_page,
     operations_follow_the_guard_table,
     kill_is_ordered_until_the_instance_is_gone,
+    a_stopping_server_is_billed_until_the_stop_is_confirmed,
     failing_and_restart_bookkeeping,
     webhooks_fan_out_retry_and_disable,
 );

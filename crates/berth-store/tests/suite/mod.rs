@@ -517,6 +517,43 @@ pub async fn kill_is_ordered_until_the_instance_is_gone(store: &dyn Store) {
     assert_no_violations(store).await;
 }
 
+/// L4 through a graceful stop: the session stays open while the server is
+/// stopping (it still runs) and the sweeper leaves it alone; it closes at
+/// the confirmed stop. A session of a stopped server is a zombie.
+pub async fn a_stopping_server_is_billed_until_the_stop_is_confirmed(store: &dyn Store) {
+    use berth_core::operation::OpKind;
+    let node = store.register_node(&reg("n1", 8000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
+    let s = server("bill", 100);
+    store.insert_server(&s, &ev()).await.unwrap();
+    let (_, srv) = store.request_operation(&op_req(&s, OpKind::Start, "op_1"), 10).await.unwrap();
+    store.commit_placements(&[plan(&srv, &node.id, 30000)], 11).await.unwrap();
+    let id = s.id.clone();
+    let confirm = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() };
+    store.sync_node(&sync_in(&node.id, 1), 1_000, std::sync::Arc::new(confirm)).await.unwrap();
+    let (_, srv) = store.request_operation(&op_req(&s, OpKind::Stop, "op_2"), 2_000).await.unwrap();
+    assert_eq!(srv.status, ServerStatus::Stopping);
+    assert!(store.sweep_zombies(60_000).await.unwrap().is_empty(), "a stopping server's session is not a zombie");
+    assert_no_violations(store).await;
+    let id = s.id.clone();
+    let gone = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
+        changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: Some(0) }, billed_until: 61_000 }],
+        events: vec![NewEvent { kind: "server_stopped", server_id: Some(id.clone()), node_id: None, message: "stopped".into() }],
+        ..Default::default()
+    };
+    store.sync_node(&sync_in(&node.id, 2), 61_000, std::sync::Arc::new(gone)).await.unwrap();
+    let sessions = store.sessions_of(&s.id).await.unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!((sessions[0].started_at, sessions[0].ended_at), (1_000, Some(61_000)), "billed through the graceful stop");
+    // A session left open on a stopped server is a zombie.
+    let mut zombie = sessions[0].clone();
+    zombie.ended_at = None;
+    zombie.end_reason = None;
+    zombie.started_at = 70_000;
+    store.insert_session(&zombie).await.unwrap();
+    assert_eq!(store.sweep_zombies(80_000).await.unwrap().len(), 1);
+    assert_no_violations(store).await;
+}
+
 /// Queue timeout and crash loops fail servers that hold nothing; automatic
 /// restarts are counted per window and reset by a user's start.
 pub async fn failing_and_restart_bookkeeping(store: &dyn Store) {
