@@ -244,6 +244,21 @@ impl Agent {
         }
     }
 
+    /// How long a sync may be held. The lease counts from when the last
+    /// answered sync was *sent*, and the next one is sent only when that
+    /// answer comes: just before an answer the lease is two polls old. So
+    /// a poll is at most a third of the lease TTL, or a healthy agent with
+    /// a TTL under two sync intervals would fence its own instances.
+    fn poll_ms(&self) -> u64 {
+        let ttl = self.lease.lock().expect("lease lock").ttl_ms.max(0) as u64;
+        let interval = self.cfg.sync_interval.as_millis() as u64;
+        if ttl == 0 {
+            interval
+        } else {
+            interval.min(ttl / 3)
+        }
+    }
+
     fn report(&self) -> Vec<berth_core::reconcile::InstanceReport> {
         let inst = self.instances.lock().expect("instances lock");
         let mut r: Vec<_> = inst.values().map(Instance::report).collect();
@@ -268,7 +283,7 @@ impl Agent {
                 host: self.driver.host_memory(),
                 disk: self.cfg.data_dir.as_deref().and_then(host::disk),
                 volumes: self.cfg.data_dir.as_deref().map(list_volumes),
-                wait_ms: self.cfg.sync_interval.as_millis() as u64,
+                wait_ms: self.poll_ms(),
                 desired_version: last_desired.as_ref().map(|(v, _)| v.clone()),
             };
             let sent = Instant::now();

@@ -67,12 +67,14 @@ pub async fn run(a: DetectionArgs, dir: &Path) -> Result<Report> {
     std::fs::create_dir_all(&victim_dir)?;
     let log = std::fs::File::create(victim_dir.join("agent.log"))?;
     let victim_mib = (a.servers as u64 * 256 + 512).to_string();
-    let child = Command::new(std::env::current_exe()?)
+    let mut cmd = Command::new(std::env::current_exe()?);
+    super::harness::die_with_parent(&mut cmd);
+    let child = cmd
         .args(["agent", "--driver", "sim", "--control-plane", &cp.url, "--name", "victim", "--data-dir"])
         .arg(&victim_dir)
         .args(["--memory-mib", &victim_mib, "--sync-interval", &sync, "--sim-start-ms", "50-200"])
         .env("BERTH_TOKEN", &agent_token)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("BERTH_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -72,6 +72,21 @@ fn free_listen_port() -> Result<u16> {
     bail!("no free port between 15000 and 19999")
 }
 
+/// Makes the kernel kill the child when this process dies, so a bench that
+/// is itself killed leaves nothing running.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A control plane in a child process.
 pub struct ControlProc {
     pub dir: PathBuf,
@@ -100,7 +115,9 @@ impl ControlProc {
     fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("control-plane.log"))?;
         let exe = std::env::current_exe().context("cannot find the berth executable")?;
-        let child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        die_with_parent(&mut cmd);
+        let child = cmd
             .args(&self.args)
             .env("RUST_LOG", std::env::var("BERTH_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())

@@ -1,0 +1,90 @@
+//! `berth bench` end to end at a small scale: every scenario runs against
+//! a real control plane (child process, SQLite) and simulated nodes, prints
+//! its table and one JSON object as its last line, and finds no invariant
+//! violation. The figures themselves are measured at full scale in
+//! BENCHMARKS.md; here they are checked only against what must hold at any
+//! scale (nothing lost, bounds of the design).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_berth"))
+}
+
+/// Runs `berth bench ARGS --json` to completion (bounded) and returns its
+/// last line, parsed.
+fn bench(args: &[&str]) -> Value {
+    let started = Instant::now();
+    let mut child = Command::new(bin())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Duration::from_secs(300);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if started.elapsed() > deadline {
+            // Its own children die with it (PR_SET_PDEATHSIG).
+            let _ = child.kill();
+            panic!("berth bench {args:?} (pid {pid}) ran longer than {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "berth bench {args:?} failed");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.lines().count() > 3, "a table comes first: {text}");
+    let last = text.lines().last().unwrap();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("the last line is not JSON ({e}): {last}"))
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+#[test]
+fn every_scenario_runs_and_finds_no_violation() {
+    let a = bench(&["admission", "--nodes", "4", "--node-mib", "4096", "--requests", "200", "--clients", "20", "--server-mib", "64"]);
+    assert_eq!(a["scenario"], "admission");
+    assert_eq!(num(&a, "violations"), 0.0, "{a}");
+    assert!(num(&a, "invariant_samples") >= 2.0, "{a}");
+    assert!(num(&a, "placements_per_sec") > 0.0 && num(&a, "baseline_placements_per_sec") > 0.0, "{a}");
+    assert!(num(&a, "p50_ms") <= num(&a, "p99_ms") && num(&a, "p99_ms") <= num(&a, "max_ms"), "{a}");
+    assert!(num(&a, "writes_per_commit") >= 1.0, "{a}");
+
+    let r = bench(&["recovery", "--nodes", "4", "--servers", "100", "--sync-interval", "1"]);
+    assert_eq!(num(&r, "violations"), 0.0, "{r}");
+    assert_eq!((num(&r, "running_after"), num(&r, "crashed_after")), (100.0, 0.0), "nothing lost across kill -9: {r}");
+    assert!(num(&r, "recovery_ms") <= num(&r, "resync_ms"), "{r}");
+
+    // Short leases: the design's bounds hold at any setting.
+    let d = bench(&["detection", "--lease-ttl", "2", "--lease-grace", "1", "--sync-interval", "1", "--servers", "4", "--others", "1"]);
+    assert_eq!(num(&d, "violations"), 0.0, "{d}");
+    assert!(num(&d, "detection_ms") <= num(&d, "detection_bound_ms"), "lost within ttl + grace + one sync: {d}");
+    // Lost no sooner than ttl + grace after the last renewal, which came at
+    // most one sync interval before the death.
+    assert!(num(&d, "detection_ms") >= 2000.0, "not before ttl + grace - one sync: {d}");
+    // A billed end is the last renewal before the death, at most one
+    // long-poll earlier (a third of the lease TTL here, under one sync
+    // interval). A TTL under two sync intervals once made the agent fence
+    // its own instances and end their billing seconds early.
+    assert!(num(&d, "billing_error_ms") <= num(&d, "billing_bound_ms"), "{d}");
+
+    let c = bench(&["churn", "--nodes", "4", "--node-mib", "4096", "--server-mib", "64", "--rate", "20", "--duration-s", "5"]);
+    assert_eq!((num(&c, "violations"), num(&c, "errors")), (0.0, 0.0), "{c}");
+    assert_eq!(num(&c, "operations"), 100.0);
+
+    let m = bench(&["memory", "--nodes", "4", "--node-mib", "8192", "--steps", "100,400", "--sync-interval", "1"]);
+    assert_eq!(num(&m, "violations"), 0.0, "{m}");
+    assert!(num(&m, "bytes_per_server") > 0.0, "{m}");
+}
