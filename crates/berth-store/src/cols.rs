@@ -17,6 +17,10 @@ pub(crate) trait Cols {
     fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError>;
     fn int(&self, col: &str) -> Result<i64, StoreError>;
     fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError>;
+    /// A boolean, stored as an integer (SQLite) or a boolean (PostgreSQL).
+    fn flag(&self, col: &str) -> Result<bool, StoreError> {
+        Ok(self.int(col)? != 0)
+    }
 }
 
 fn missing(col: &str) -> StoreError {

@@ -25,9 +25,23 @@ pub enum StoreError {
     /// database failed under it); nothing of it was written.
     #[error("the write was not committed: {0}")]
     NotCommitted(String),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
 }
 
 impl StoreError {
+    /// A unique index refused the write (a name, a token, an open session).
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(d)) => d.is_unique_violation(),
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+                f.code == rusqlite::ErrorCode::ConstraintViolation
+                    && matches!(f.extended_code, rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+            }
+            _ => false,
+        }
+    }
+
     /// True when the database could not be reached (as opposed to a query
     /// that failed): callers answer 503 and retry later.
     pub fn is_unavailable(&self) -> bool {
@@ -40,6 +54,11 @@ impl StoreError {
             }
             StoreError::Database(sqlx::Error::Protocol(m)) => m.contains("connection"),
             StoreError::NotCommitted(_) => true,
+            // The writer's own connection: a full disk or an I/O error is
+            // worth retrying; a bad statement is not.
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+                matches!(f.code, rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            }
             _ => false,
         }
     }

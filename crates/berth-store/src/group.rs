@@ -1,39 +1,40 @@
-//! Group commit for the SQLite writer.
+//! The SQLite writer: one thread, one connection, group commit.
 //!
-//! SQLite with `synchronous=FULL` pays one fsync per committed transaction,
-//! and that fsync, not the queries, bounds how many writes a second one
-//! writer connection makes. The writer task here takes every write job
-//! waiting when it is free (up to `max_batch`), runs each inside its own
-//! savepoint of one transaction, and commits once: one fsync for the whole
-//! batch. A job that fails is rolled back to its savepoint, so it writes
-//! nothing and the others are unaffected (a refusal still writes nothing,
-//! L7). No answer is given before the commit that makes it durable, so
-//! durability is exactly that of one transaction per write. Batching needs
-//! no waiting window: the jobs that arrive while one batch commits form the
-//! next. With `max_batch` 1 every job is its own transaction, the naive
-//! path the benchmarks compare against.
+//! SQLite with `synchronous=FULL` pays one fsync per committed transaction.
+//! The writer thread takes every write waiting when it is free (up to
+//! `max_batch`), runs each inside its own savepoint of one transaction, and
+//! commits once: one fsync for the whole batch. A write that fails is
+//! rolled back to its savepoint, so it writes nothing and the others are
+//! unaffected (a refusal still writes nothing, L7). No answer is given
+//! before the commit that makes it durable, so durability is exactly that
+//! of one transaction per write. Batching needs no waiting window: the
+//! writes that arrive while one batch commits form the next. With
+//! `max_batch` 1 every write is its own transaction, the naive path the
+//! benchmarks compare against.
 //!
-//! Jobs are queries and pure decisions only; a job must never await
-//! anything outside its transaction, or it would hold up every write.
+//! The thread owns its rusqlite connection and runs every statement itself
+//! (`exec::LiteExec`): no statement crosses a thread. Writes are queries
+//! and pure decisions only; one that awaited anything outside its
+//! transaction would hold up every write.
 
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use sqlx::{Sqlite, SqlitePool, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::exec::{Exec, LiteExec};
 use crate::StoreError;
 
-pub(crate) type Tx = Transaction<'static, Sqlite>;
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// One write waiting for the writer: runs once inside the batch's
 /// transaction, then hears whether the batch committed.
 trait Job: Send {
-    /// Returns whether the job succeeded (its writes are kept).
-    fn run<'a>(&'a mut self, tx: &'a mut Tx) -> BoxFuture<'a, bool>;
+    /// Returns whether the write succeeded (its changes are kept).
+    fn run<'a>(&'a mut self, e: &'a mut dyn Exec) -> BoxFuture<'a, bool>;
     /// `Err` names why the batch did not commit.
     fn deliver(self: Box<Self>, committed: Result<(), String>);
     fn succeeded(&self) -> bool;
@@ -47,13 +48,13 @@ struct Pending<F, T> {
 
 impl<F, T> Job for Pending<F, T>
 where
-    F: for<'t> FnOnce(&'t mut Tx) -> BoxFuture<'t, Result<T, StoreError>> + Send,
+    F: for<'e> FnOnce(&'e mut dyn Exec) -> BoxFuture<'e, Result<T, StoreError>> + Send,
     T: Send,
 {
-    fn run<'a>(&'a mut self, tx: &'a mut Tx) -> BoxFuture<'a, bool> {
+    fn run<'a>(&'a mut self, e: &'a mut dyn Exec) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             let work = self.work.take().expect("a write job runs once");
-            let out = work(tx).await;
+            let out = work(e).await;
             let ok = out.is_ok();
             self.out = Some(out);
             ok
@@ -64,10 +65,9 @@ where
         matches!(self.out, Some(Ok(_)))
     }
 
-
     fn deliver(self: Box<Self>, committed: Result<(), String>) {
         let answer = match (self.out, committed) {
-            // A failed job wrote nothing whatever became of the batch.
+            // A failed write wrote nothing whatever became of the batch.
             (Some(Err(e)), _) => Err(e),
             (Some(Ok(v)), Ok(())) => Ok(v),
             (Some(Ok(_)) | None, Err(why)) => Err(StoreError::NotCommitted(why)),
@@ -77,7 +77,7 @@ where
     }
 }
 
-/// The handle of the writer task. Dropping every handle stops the task.
+/// The handle of the writer thread. Dropping every handle stops it.
 #[derive(Clone)]
 pub(crate) struct GroupCommit {
     jobs: mpsc::UnboundedSender<Box<dyn Job>>,
@@ -91,23 +91,31 @@ struct Counts {
     commits: AtomicU64,
 }
 
+/// Opens the writer's connection with the store's durability settings.
+fn open(path: &Path) -> Result<rusqlite::Connection, StoreError> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -32768;")?;
+    conn.set_prepared_statement_cache_capacity(256);
+    Ok(conn)
+}
+
 impl GroupCommit {
-    pub(crate) fn spawn(pool: SqlitePool, max_batch: usize) -> GroupCommit {
+    /// Opens the writer's connection to `path` (already migrated) and
+    /// starts its thread.
+    pub(crate) fn spawn(path: &Path, max_batch: usize) -> Result<GroupCommit, StoreError> {
+        let conn = open(path)?;
         let (jobs, rx) = mpsc::unbounded_channel();
         let counts = Arc::new(Counts::default());
         let task_counts = counts.clone();
-        // The writer runs on a thread of its own: every statement of a
-        // batch is a round trip to SQLite's worker thread, and on a busy
-        // runtime each would wait behind request handlers for its turn.
-        // The thread ends when every handle (sender) is gone.
         std::thread::Builder::new()
             .name("berth-store-writer".into())
             .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("the writer's runtime starts");
-                rt.block_on(writer(pool, rx, max_batch.max(1), task_counts));
+                let rt = tokio::runtime::Builder::new_current_thread().build().expect("the writer's runtime starts");
+                rt.block_on(writer(conn, rx, max_batch.max(1), task_counts));
             })
-            .expect("the writer thread starts");
-        GroupCommit { jobs, counts }
+            .map_err(|e| StoreError::NotCommitted(format!("cannot start the writer thread: {e}")))?;
+        Ok(GroupCommit { jobs, counts })
     }
 
     /// (writes, commits) so far.
@@ -119,7 +127,7 @@ impl GroupCommit {
     /// committed (or with `work`'s own error, which rolled it back).
     pub(crate) async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
     where
-        F: for<'t> FnOnce(&'t mut Tx) -> BoxFuture<'t, Result<T, StoreError>> + Send + 'static,
+        F: for<'e> FnOnce(&'e mut dyn Exec) -> BoxFuture<'e, Result<T, StoreError>> + Send + 'static,
         T: Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
@@ -129,7 +137,7 @@ impl GroupCommit {
     }
 }
 
-async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>, max_batch: usize, counts: Arc<Counts>) {
+async fn writer(mut conn: rusqlite::Connection, mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>, max_batch: usize, counts: Arc<Counts>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -138,11 +146,13 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>,
                 Err(_) => break,
             }
         }
-        let t0 = std::time::Instant::now();
-        let committed = if batch.len() == 1 { run_alone(&pool, &mut batch[0]).await } else { run_batch(&pool, &mut batch).await };
-        tracing::debug!(jobs = batch.len(), ms = t0.elapsed().as_millis() as u64, "write batch");
+        let committed = run_batch(&mut conn, &mut batch).await;
         match &committed {
-            Err(why) => tracing::warn!(jobs = batch.len(), error = %why, "a write batch did not commit"),
+            Err(why) => {
+                tracing::warn!(jobs = batch.len(), error = %why, "a write batch did not commit");
+                // Whatever the error left open is closed before the next batch.
+                let _ = conn.execute_batch("ROLLBACK");
+            }
             Ok(()) => {
                 let ok = batch.iter().filter(|j| j.succeeded()).count() as u64;
                 counts.writes.fetch_add(ok, Ordering::Relaxed);
@@ -157,41 +167,28 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>,
     }
 }
 
-/// One job in its own transaction: exactly the path without group commit.
-// The batch functions return boxed futures: that pins their lifetimes down
-// where the compiler checks the writer task is `Send`.
-fn run_alone<'a>(pool: &'a SqlitePool, job: &'a mut Box<dyn Job>) -> BoxFuture<'a, Result<(), String>> {
-    Box::pin(async move {
-    let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
-    if job.run(&mut tx).await {
-        tx.commit().await.map_err(|e| e.to_string())
-    } else {
-        // Dropping the transaction rolls it back; the job's own error is
-        // its answer.
-        drop(tx);
-        Ok(())
-    }
-    })
+fn sql(conn: &rusqlite::Connection, text: &str) -> Result<(), String> {
+    conn.execute_batch(text).map_err(|e| format!("{text}: {e}"))
 }
 
-fn run_batch<'a>(pool: &'a SqlitePool, batch: &'a mut [Box<dyn Job>]) -> BoxFuture<'a, Result<(), String>> {
-    Box::pin(async move {
-    let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+async fn run_batch(conn: &mut rusqlite::Connection, batch: &mut [Box<dyn Job>]) -> Result<(), String> {
+    sql(conn, "BEGIN IMMEDIATE")?;
+    if batch.len() == 1 {
+        // One write is its own transaction: exactly the path without group
+        // commit. A failed write is rolled back whole; its error is its answer.
+        let ok = batch[0].run(&mut LiteExec { conn: &mut *conn }).await;
+        return if ok { sql(conn, "COMMIT") } else { sql(conn, "ROLLBACK") };
+    }
     for job in batch.iter_mut() {
-        exec(&mut tx, "SAVEPOINT berth_job").await.map_err(|e| format!("cannot open a savepoint: {e}"))?;
-        let ok = job.run(&mut tx).await;
-        // A failed job is undone alone. If even that fails (SQLite may have
+        sql(conn, "SAVEPOINT berth_write")?;
+        let ok = job.run(&mut LiteExec { conn: &mut *conn }).await;
+        // A failed write is undone alone. If even that fails (SQLite may have
         // rolled the whole transaction back on an I/O error or a full disk),
-        // the batch is abandoned and every job hears it did not commit.
+        // the batch is abandoned and every write hears it did not commit.
         if !ok {
-            exec(&mut tx, "ROLLBACK TO berth_job").await.map_err(|e| format!("cannot roll back a savepoint: {e}"))?;
+            sql(conn, "ROLLBACK TO berth_write")?;
         }
-        exec(&mut tx, "RELEASE berth_job").await.map_err(|e| format!("cannot release a savepoint: {e}"))?;
+        sql(conn, "RELEASE berth_write")?;
     }
-    tx.commit().await.map_err(|e| e.to_string())
-    })
-}
-
-fn exec<'a>(tx: &'a mut Tx, sql: &'static str) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-    Box::pin(async move { sqlx::query(sql).execute(&mut **tx).await.map(|_| ()) })
+    sql(conn, "COMMIT")
 }

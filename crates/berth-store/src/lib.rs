@@ -11,7 +11,11 @@ mod cols;
 #[macro_use]
 mod common_sql;
 mod error;
+#[macro_use]
+mod exec;
 mod group;
+mod rows;
+mod writes;
 #[macro_use]
 mod ops_sql;
 mod postgres;

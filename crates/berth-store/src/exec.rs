@@ -1,0 +1,249 @@
+//! The one seam every write goes through: `Exec`, a transaction that runs
+//! SQL with `?` placeholders and returns owned rows.
+//!
+//! The write logic (`writes`) is written once against it. PostgreSQL runs
+//! it over a sqlx transaction (placeholders numbered, `FOR UPDATE` where
+//! writers are concurrent); SQLite runs it over a rusqlite connection owned
+//! by the one writer thread, where a statement is a function call rather
+//! than a message to another thread: sqlx's SQLite driver hands every
+//! statement and every row to a worker thread and back, which made the
+//! writer, not the disk, the limit of how many writes a second it commits.
+//! Nothing here decides anything; it only carries SQL and values.
+
+use async_trait::async_trait;
+
+use crate::cols::Cols;
+use crate::StoreError;
+
+/// A bound value. Nulls carry their type: PostgreSQL types every
+/// parameter, and an untyped null would not fit a text column.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Arg {
+    Int(i64),
+    Text(String),
+    Bool(bool),
+    NullInt,
+    NullText,
+}
+
+impl From<i64> for Arg {
+    fn from(v: i64) -> Arg {
+        Arg::Int(v)
+    }
+}
+impl From<bool> for Arg {
+    fn from(v: bool) -> Arg {
+        Arg::Bool(v)
+    }
+}
+impl From<&str> for Arg {
+    fn from(v: &str) -> Arg {
+        Arg::Text(v.to_string())
+    }
+}
+impl From<String> for Arg {
+    fn from(v: String) -> Arg {
+        Arg::Text(v)
+    }
+}
+impl From<&String> for Arg {
+    fn from(v: &String) -> Arg {
+        Arg::Text(v.clone())
+    }
+}
+impl From<Option<i64>> for Arg {
+    fn from(v: Option<i64>) -> Arg {
+        v.map(Arg::Int).unwrap_or(Arg::NullInt)
+    }
+}
+impl From<Option<&str>> for Arg {
+    fn from(v: Option<&str>) -> Arg {
+        v.map(|s| Arg::Text(s.to_string())).unwrap_or(Arg::NullText)
+    }
+}
+impl From<Option<String>> for Arg {
+    fn from(v: Option<String>) -> Arg {
+        v.map(Arg::Text).unwrap_or(Arg::NullText)
+    }
+}
+impl From<&Option<String>> for Arg {
+    fn from(v: &Option<String>) -> Arg {
+        v.clone().into()
+    }
+}
+
+/// Binds values: `args![a, b]`.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { vec![$($crate::exec::Arg::from($a)),*] };
+}
+
+/// A column value of an owned row.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Val {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+}
+
+/// A row as `Exec` returns it: column names and values, owned.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Row {
+    pub(crate) cols: Vec<(String, Val)>,
+}
+
+impl Row {
+    fn get(&self, col: &str) -> Option<&Val> {
+        self.cols.iter().find(|(n, _)| n == col).map(|(_, v)| v)
+    }
+
+    /// The first column as an integer (a `COUNT(*)`, a `RETURNING seq`).
+    pub(crate) fn first_int(&self) -> Result<i64, StoreError> {
+        match self.cols.first().map(|(_, v)| v) {
+            Some(Val::Int(i)) => Ok(*i),
+            other => Err(StoreError::Corrupt(format!("expected an integer, got {other:?}"))),
+        }
+    }
+
+    pub(crate) fn first_opt_int(&self) -> Result<Option<i64>, StoreError> {
+        match self.cols.first().map(|(_, v)| v) {
+            None | Some(Val::Null) => Ok(None),
+            Some(Val::Int(i)) => Ok(Some(*i)),
+            other => Err(StoreError::Corrupt(format!("expected an integer, got {other:?}"))),
+        }
+    }
+}
+
+fn wrong(col: &str, v: Option<&Val>) -> StoreError {
+    StoreError::Corrupt(format!("column {col}: unexpected {v:?}"))
+}
+
+impl Cols for Row {
+    fn text(&self, col: &str) -> Result<String, StoreError> {
+        self.opt_text(col)?.ok_or_else(|| wrong(col, None))
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
+        match self.get(col) {
+            Some(Val::Null) => Ok(None),
+            Some(Val::Text(s)) => Ok(Some(s.clone())),
+            other => Err(wrong(col, other)),
+        }
+    }
+    fn int(&self, col: &str) -> Result<i64, StoreError> {
+        self.opt_int(col)?.ok_or_else(|| wrong(col, None))
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError> {
+        match self.get(col) {
+            Some(Val::Null) => Ok(None),
+            Some(Val::Int(i)) => Ok(Some(*i)),
+            other => Err(wrong(col, other)),
+        }
+    }
+}
+
+/// A transaction to write in.
+#[async_trait]
+pub(crate) trait Exec: Send {
+    /// ` FOR UPDATE` where writers run concurrently (PostgreSQL), so a
+    /// read that a write depends on locks its row; empty where one writer
+    /// runs at a time (SQLite).
+    fn lock(&self) -> &'static str;
+    /// Runs a statement; returns the rows it changed.
+    async fn exec(&mut self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError>;
+    async fn rows(&mut self, sql: &str, args: Vec<Arg>) -> Result<Vec<Row>, StoreError>;
+    async fn row(&mut self, sql: &str, args: Vec<Arg>) -> Result<Option<Row>, StoreError> {
+        Ok(self.rows(sql, args).await?.into_iter().next())
+    }
+    async fn one(&mut self, sql: &str, args: Vec<Arg>) -> Result<Row, StoreError> {
+        self.row(sql, args).await?.ok_or_else(|| StoreError::Corrupt("a query that returns a row returned none".into()))
+    }
+}
+
+/// `Exec` over a rusqlite connection, inside a transaction its owner
+/// opened. Every call completes before it returns.
+pub(crate) struct LiteExec<'a> {
+    pub(crate) conn: &'a mut rusqlite::Connection,
+}
+
+fn lite_err(e: rusqlite::Error) -> StoreError {
+    StoreError::from(e)
+}
+
+fn to_sql(a: &Arg) -> rusqlite::types::Value {
+    use rusqlite::types::Value as V;
+    match a {
+        Arg::Int(i) => V::Integer(*i),
+        Arg::Text(s) => V::Text(s.clone()),
+        Arg::Bool(b) => V::Integer(*b as i64),
+        Arg::NullInt | Arg::NullText => V::Null,
+    }
+}
+
+impl LiteExec<'_> {
+    fn run_rows(&mut self, sql: &str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(lite_err)?;
+        let names: Vec<String> = stmt.column_names().iter().map(|n| n.to_string()).collect();
+        let mut rows = stmt.query(rusqlite::params_from_iter(args.iter().map(to_sql))).map_err(lite_err)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(lite_err)? {
+            let mut cols = Vec::with_capacity(names.len());
+            for (i, n) in names.iter().enumerate() {
+                use rusqlite::types::ValueRef as R;
+                let v = match r.get_ref(i).map_err(lite_err)? {
+                    R::Null => Val::Null,
+                    R::Integer(i) => Val::Int(i),
+                    R::Real(f) => Val::Real(f),
+                    R::Text(t) => Val::Text(String::from_utf8_lossy(t).into_owned()),
+                    R::Blob(b) => Val::Text(String::from_utf8_lossy(b).into_owned()),
+                };
+                cols.push((n.clone(), v));
+            }
+            out.push(Row { cols });
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Exec for LiteExec<'_> {
+    fn lock(&self) -> &'static str {
+        ""
+    }
+
+    async fn exec(&mut self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(lite_err)?;
+        // A statement with RETURNING yields rows; `execute` refuses those.
+        if stmt.column_count() > 0 {
+            drop(stmt);
+            return Ok(self.run_rows(sql, &args)?.len() as u64);
+        }
+        Ok(stmt.execute(rusqlite::params_from_iter(args.iter().map(to_sql))).map_err(lite_err)? as u64)
+    }
+
+    async fn rows(&mut self, sql: &str, args: Vec<Arg>) -> Result<Vec<Row>, StoreError> {
+        self.run_rows(sql, &args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lite_exec_binds_and_returns_owned_rows() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut e = LiteExec { conn: &mut conn };
+        e.exec("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT, n INTEGER)", args![]).await.unwrap();
+        assert_eq!(e.exec("INSERT INTO t (name, n) VALUES (?, ?)", args!["a", 1i64]).await.unwrap(), 1);
+        assert_eq!(e.exec("INSERT INTO t (name, n) VALUES (?, ?)", args![None::<String>, true]).await.unwrap(), 1);
+        let rows = e.rows("SELECT id, name, n FROM t ORDER BY id", args![]).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].text("name").unwrap(), rows[0].int("n").unwrap()), ("a".to_string(), 1));
+        assert_eq!((rows[1].opt_text("name").unwrap(), rows[1].int("n").unwrap()), (None, 1));
+        let seq = e.one("INSERT INTO t (name, n) VALUES (?, ?) RETURNING id", args!["c", 3i64]).await.unwrap();
+        assert_eq!(seq.first_int().unwrap(), 3);
+        assert_eq!(e.exec("UPDATE t SET n = n + 1 WHERE n = ? RETURNING id", args![1i64]).await.unwrap(), 2);
+        assert!(e.row("SELECT id FROM t WHERE name = ?", args!["zz"]).await.unwrap().is_none());
+        assert!(rows[0].int("name").is_err(), "a text column is not an integer");
+    }
+}
