@@ -148,6 +148,10 @@ pub(crate) trait Exec: Send {
     /// read that a write depends on locks its row; empty where one writer
     /// runs at a time (SQLite).
     fn lock(&self) -> &'static str;
+    /// The values of `col` of a group as one comma-separated text.
+    fn string_agg(&self, col: &str) -> String {
+        format!("GROUP_CONCAT({col})")
+    }
     /// Runs a statement; returns the rows it changed.
     async fn exec(&mut self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError>;
     async fn rows(&mut self, sql: &str, args: Vec<Arg>) -> Result<Vec<Row>, StoreError>;

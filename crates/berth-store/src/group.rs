@@ -91,20 +91,11 @@ struct Counts {
     commits: AtomicU64,
 }
 
-/// Opens the writer's connection with the store's durability settings.
-fn open(path: &Path) -> Result<rusqlite::Connection, StoreError> {
-    let conn = rusqlite::Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -32768;")?;
-    conn.set_prepared_statement_cache_capacity(256);
-    Ok(conn)
-}
-
 impl GroupCommit {
     /// Opens the writer's connection to `path` (already migrated) and
     /// starts its thread.
     pub(crate) fn spawn(path: &Path, max_batch: usize) -> Result<GroupCommit, StoreError> {
-        let conn = open(path)?;
+        let conn = crate::sqlite::connect(path)?;
         let (jobs, rx) = mpsc::unbounded_channel();
         let counts = Arc::new(Counts::default());
         let task_counts = counts.clone();
@@ -125,11 +116,7 @@ impl GroupCommit {
 
     /// Runs `work` in the next batch and answers once that batch has
     /// committed (or with `work`'s own error, which rolled it back).
-    pub(crate) async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
-    where
-        F: for<'e> FnOnce(&'e mut dyn Exec) -> BoxFuture<'e, Result<T, StoreError>> + Send + 'static,
-        T: Send + 'static,
-    {
+    pub(crate) async fn write<T: Send + 'static, F: crate::store::Work<T>>(&self, work: F) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(Pending { work: Some(work), out: None, reply });
         self.jobs.send(job).map_err(|_| StoreError::NotCommitted("the store writer has stopped".into()))?;

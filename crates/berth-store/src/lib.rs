@@ -8,18 +8,16 @@
 //! same test suite.
 
 mod cols;
-#[macro_use]
-mod common_sql;
 mod error;
 #[macro_use]
 mod exec;
 mod group;
-mod rows;
-mod writes;
-#[macro_use]
-mod ops_sql;
 mod postgres;
+mod reads;
+mod rows;
 mod sqlite;
+mod store;
+mod writes;
 
 use async_trait::async_trait;
 use berth_core::admission::{Misfit, NodeCapacity};
@@ -36,8 +34,9 @@ use berth_core::{
 };
 
 pub use error::StoreError;
-pub use postgres::PostgresStore;
-pub use sqlite::{SqliteOptions, SqliteStore};
+pub use postgres::{PostgresBackend, PostgresStore};
+pub use sqlite::{SqliteBackend, SqliteOptions, SqliteStore};
+pub use store::StoreOn;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenRecord {

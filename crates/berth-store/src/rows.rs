@@ -254,18 +254,17 @@ pub(crate) fn queue_snapshot_from<R: crate::cols::Cols>(nodes: &[R], totals: &[R
             Ok(berth_core::admission::NodeCapacity::from_totals(&n, MemMib(reserved), pending, ports))
         })
         .collect::<Result<_, StoreError>>()?;
-    let queued = queued
-        .iter()
-        .map(|r| {
-            Ok(berth_core::placement::QueuedServer {
-                server_id: ServerId(r.text("id")?),
-                generation: r.int("generation")? as u64,
-                memory_mib: MemMib(r.int("memory_mib")? as u64),
-                queued_at: r.opt_int("queued_at")?.unwrap_or(0),
-                next_attempt_at: r.opt_int("next_attempt_at")?,
-                home_node: r.opt_text("home_node")?.map(NodeId),
-            })
-        })
-        .collect::<Result<_, StoreError>>()?;
+    let queued = queued.iter().map(queued_from_row).collect::<Result<_, StoreError>>()?;
     Ok(crate::QueueSnapshot { capacities, queued })
+}
+
+pub(crate) fn queued_from_row(r: &impl Cols) -> Result<berth_core::placement::QueuedServer, StoreError> {
+    Ok(berth_core::placement::QueuedServer {
+        server_id: ServerId(r.text("id")?),
+        generation: r.int("generation")? as u64,
+        memory_mib: MemMib(r.int("memory_mib")? as u64),
+        queued_at: r.opt_int("queued_at")?.unwrap_or(0),
+        next_attempt_at: r.opt_int("next_attempt_at")?,
+        home_node: r.opt_text("home_node")?.map(NodeId),
+    })
 }

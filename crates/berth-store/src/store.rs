@@ -1,0 +1,342 @@
+//! The one `Store` implementation: every method is a read or a write of
+//! `reads`/`writes`, run by a backend (`Backend`) that supplies a
+//! transaction to run it in. The backends differ only in how they open
+//! transactions and how they speak SQL (`exec::Exec`); what is stored and
+//! decided is the same code for both.
+
+use async_trait::async_trait;
+use berth_core::health::Verdict;
+use berth_core::notify::Webhook;
+use berth_core::operation::Operation;
+use berth_core::placement::Placement;
+use berth_core::reconcile::Reconciled;
+use berth_core::{Event, Generation, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, Server, ServerId, ServerStatus, TokenKind};
+
+use crate::exec::Exec;
+use crate::group::BoxFuture;
+use crate::{reads, writes};
+use crate::{
+    BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, DeliveryOutcome, DeliveryPolicy, EventFilter, LeaderLease, LedgerEntry,
+    NodeRegistration, NodeUsage, OpFilter, OpRequest, OpsWork, PlacementOutcome, QueueSnapshot, ReplicaInfo, Snapshot, Store, StoreError, SyncInput,
+    TokenRecord, WriteStats,
+};
+
+/// What a transaction runs: one `reads` or `writes` function.
+pub(crate) trait Work<T>: for<'e> FnOnce(&'e mut dyn Exec) -> BoxFuture<'e, Result<T, StoreError>> + Send + 'static {}
+impl<T, F> Work<T> for F where F: for<'e> FnOnce(&'e mut dyn Exec) -> BoxFuture<'e, Result<T, StoreError>> + Send + 'static {}
+
+/// How a database runs reads and writes.
+#[async_trait]
+pub(crate) trait Backend: Send + Sync + 'static {
+    /// Runs `work` in a read-only transaction (one consistent moment).
+    async fn read<T: Send + 'static, F: Work<T>>(&self, work: F) -> Result<T, StoreError>;
+    /// Runs `work` in a write transaction; an error rolls it back.
+    async fn write<T: Send + 'static, F: Work<T>>(&self, work: F) -> Result<T, StoreError>;
+    /// Writes and commits so far, where the backend counts them.
+    fn write_stats(&self) -> Option<WriteStats>;
+    /// Whether a sync may be decided from a read before its write (one
+    /// writer: nothing else writes between the two but what the write
+    /// re-checks); otherwise it is decided inside the write.
+    fn decides_before_write(&self) -> bool;
+}
+
+/// A store on a backend: `SqliteStore` or `PostgresStore`.
+pub struct StoreOn<B> {
+    pub(crate) b: B,
+    pub(crate) fence: std::sync::Mutex<Option<(String, u64)>>,
+}
+
+impl<B> StoreOn<B> {
+    pub(crate) fn new(b: B) -> StoreOn<B> {
+        StoreOn { b, fence: std::sync::Mutex::new(None) }
+    }
+}
+
+#[async_trait]
+impl<B: Backend> Store for StoreOn<B> {
+    async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let t = t.clone();
+        self.b.write(move |e| Box::pin(async move { writes::insert_token(e, &t).await })).await
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let hash = hash.to_string();
+        self.b.read(move |e| Box::pin(async move { reads::find_token(e, &hash).await })).await
+    }
+
+    async fn count_tokens(&self, kind: TokenKind) -> Result<u64, StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::count_tokens(e, kind).await })).await
+    }
+
+    async fn register_node(&self, reg: &NodeRegistration, new_id: &NodeId, now: Millis) -> Result<Node, StoreError> {
+        let (reg, new_id) = (reg.clone(), new_id.clone());
+        self.b.write(move |e| Box::pin(async move { writes::register_node(e, &reg, &new_id, now).await })).await
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::list_nodes(e).await })).await
+    }
+
+    async fn largest_allocatable(&self) -> Result<Option<MemMib>, StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::largest_allocatable(e).await })).await
+    }
+
+    async fn get_node(&self, id_or_name: &str) -> Result<Option<Node>, StoreError> {
+        let id_or_name = id_or_name.to_string();
+        self.b.read(move |e| Box::pin(async move { reads::get_node(e, &id_or_name).await })).await
+    }
+
+    async fn set_node_status(&self, id: &NodeId, status: NodeStatus) -> Result<Node, StoreError> {
+        let id = id.clone();
+        self.b.write(move |e| Box::pin(async move { writes::set_node_status(e, &id, status).await })).await
+    }
+
+    async fn node_usage(&self) -> Result<Vec<NodeUsage>, StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::node_usage(e).await })).await
+    }
+
+    async fn insert_server(&self, s: &Server, event: &NewEvent) -> Result<(), StoreError> {
+        let (s, event) = (s.clone(), event.clone());
+        self.b.write(move |e| Box::pin(async move { writes::insert_server(e, &s, &event).await })).await
+    }
+
+    async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError> {
+        let id_or_name = id_or_name.to_string();
+        self.b.read(move |e| Box::pin(async move { reads::get_server(e, &id_or_name).await })).await
+    }
+
+    async fn list_servers(&self, tenant: Option<&str>) -> Result<Vec<Server>, StoreError> {
+        let tenant = tenant.map(str::to_string);
+        self.b.read(move |e| Box::pin(async move { reads::list_servers(e, tenant.as_deref()).await })).await
+    }
+
+    async fn request_start(&self, id: &ServerId, now: Millis, allow_fresh_world: bool) -> Result<Server, StoreError> {
+        let id = id.clone();
+        self.b.write(move |e| Box::pin(async move { writes::request_start(e, &id, now, allow_fresh_world).await })).await
+    }
+
+    async fn request_stop(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError> {
+        let id = id.clone();
+        self.b.write(move |e| Box::pin(async move { writes::request_stop(e, &id, now).await })).await
+    }
+
+    async fn delete_server(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError> {
+        let id = id.clone();
+        self.b.write(move |e| Box::pin(async move { writes::delete_server(e, &id, now).await })).await
+    }
+
+    async fn queue_snapshot(&self) -> Result<QueueSnapshot, StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::queue_snapshot(e).await })).await
+    }
+
+    async fn commit_placements(&self, plans: &[Placement], now: Millis) -> Result<Vec<PlacementOutcome>, StoreError> {
+        // The fence is read when the commit is requested; it is checked
+        // against the lease row inside the transaction.
+        let (plans, fence) = (plans.to_vec(), self.fence.lock().expect("fence lock").clone());
+        self.b.write(move |e| Box::pin(async move { writes::commit_placements(e, &plans, now, fence).await })).await
+    }
+
+    async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
+        let node_id = node_id.clone();
+        self.b.read(move |e| Box::pin(async move { reads::desired_on(e, &node_id).await })).await
+    }
+
+    async fn desired_keys(&self, node_id: &NodeId) -> Result<Vec<(ServerId, Generation)>, StoreError> {
+        let node_id = node_id.clone();
+        self.b.read(move |e| Box::pin(async move { reads::desired_keys(e, &node_id).await })).await
+    }
+
+    async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
+        let node_id = node_id.clone();
+        self.b.read(move |e| Box::pin(async move { reads::placed_on(e, &node_id).await })).await
+    }
+
+    async fn node_reserved(&self, node_id: &NodeId) -> Result<MemMib, StoreError> {
+        let node_id = node_id.clone();
+        self.b.read(move |e| Box::pin(async move { reads::node_reserved(e, &node_id).await })).await
+    }
+
+    async fn status_counts(&self) -> Result<(Vec<(ServerStatus, u64)>, u64), StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::status_counts(e).await })).await
+    }
+
+    async fn try_lead(&self, replica: &str, ttl_ms: i64, now: Millis) -> Result<Option<LeaderLease>, StoreError> {
+        let replica = replica.to_string();
+        self.b.write(move |e| Box::pin(async move { writes::try_lead(e, &replica, ttl_ms, now).await })).await
+    }
+
+    async fn heartbeat(&self, replica: &ReplicaInfo) -> Result<(), StoreError> {
+        let replica = replica.clone();
+        self.b.write(move |e| Box::pin(async move { writes::heartbeat(e, &replica).await })).await
+    }
+
+    async fn cluster(&self) -> Result<(Vec<ReplicaInfo>, Option<LeaderLease>), StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::cluster(e).await })).await
+    }
+
+    async fn count_events(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::count_events(e).await })).await
+    }
+
+    async fn node_volumes(&self, id: &NodeId) -> Result<Vec<ServerId>, StoreError> {
+        let id = id.clone();
+        self.b.read(move |e| Box::pin(async move { reads::node_volumes(e, &id).await })).await
+    }
+
+    async fn apply_verdicts(&self, verdicts: &[Verdict], now: Millis) -> Result<usize, StoreError> {
+        let verdicts = verdicts.to_vec();
+        self.b.write(move |e| Box::pin(async move { writes::apply_verdicts(e, &verdicts, now).await })).await
+    }
+
+    async fn set_drain(&self, id: &NodeId, draining: bool, deadline: Option<Millis>) -> Result<Node, StoreError> {
+        let id = id.clone();
+        self.b.write(move |e| Box::pin(async move { writes::set_drain(e, &id, draining, deadline).await })).await
+    }
+
+    async fn sessions_of(&self, server: &ServerId) -> Result<Vec<BillingSession>, StoreError> {
+        let server = server.clone();
+        self.b.read(move |e| Box::pin(async move { reads::sessions_of(e, &server).await })).await
+    }
+
+    async fn sessions_between(&self, tenant: Option<&str>, from: Millis, to: Millis) -> Result<Vec<BillingSession>, StoreError> {
+        let tenant = tenant.map(str::to_string);
+        self.b.read(move |e| Box::pin(async move { reads::sessions_between(e, tenant.as_deref(), from, to).await })).await
+    }
+
+    async fn open_sessions(&self) -> Result<Vec<BillingSession>, StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::open_sessions(e).await })).await
+    }
+
+    async fn ledger_of(&self, server: &ServerId) -> Result<Vec<LedgerEntry>, StoreError> {
+        let server = server.clone();
+        self.b.read(move |e| Box::pin(async move { reads::ledger_of(e, &server).await })).await
+    }
+
+    async fn sweep_zombies(&self, now: Millis) -> Result<Vec<BillingSession>, StoreError> {
+        self.b.write(move |e| Box::pin(async move { writes::sweep_zombies(e, now).await })).await
+    }
+
+    async fn roll_over(&self, max_len_ms: Millis, fresh_ms: Millis, now: Millis) -> Result<usize, StoreError> {
+        self.b.write(move |e| Box::pin(async move { writes::roll_over(e, max_len_ms, fresh_ms, now).await })).await
+    }
+
+    async fn insert_session(&self, s: &BillingSession) -> Result<i64, StoreError> {
+        let s = s.clone();
+        self.b.write(move |e| Box::pin(async move { writes::insert_session(e, &s).await })).await
+    }
+
+    async fn request_operation(&self, req: &OpRequest, now: Millis) -> Result<(Operation, Server), StoreError> {
+        let req = req.clone();
+        self.b.write(move |e| Box::pin(async move { writes::request_operation(e, &req, now).await })).await
+    }
+
+    async fn advance_operations(&self, server_id: &ServerId, now: Millis) -> Result<Vec<Operation>, StoreError> {
+        let server_id = server_id.clone();
+        self.b.write(move |e| Box::pin(async move { writes::advance_operations(e, &server_id, now).await })).await
+    }
+
+    async fn get_operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
+        let id = id.to_string();
+        self.b.read(move |e| Box::pin(async move { reads::get_operation(e, &id).await })).await
+    }
+
+    async fn list_operations(&self, filter: &OpFilter) -> Result<Vec<Operation>, StoreError> {
+        let filter = filter.clone();
+        self.b.read(move |e| Box::pin(async move { reads::list_operations(e, &filter).await })).await
+    }
+
+    async fn ops_work(&self, window_start: Millis, with_active: bool) -> Result<OpsWork, StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::ops_work(e, window_start, with_active).await })).await
+    }
+
+    async fn fail_server(&self, id: &ServerId, generation: Generation, from: ServerStatus, error: &str, event: &NewEvent, now: Millis) -> Result<bool, StoreError> {
+        let (id, error, event) = (id.clone(), error.to_string(), event.clone());
+        self.b.write(move |e| Box::pin(async move { writes::fail_server(e, &id, generation, from, &error, &event, now).await })).await
+    }
+
+    async fn set_restart_at(&self, id: &ServerId, generation: Generation, at: Millis) -> Result<(), StoreError> {
+        let id = id.clone();
+        self.b.write(move |e| Box::pin(async move { writes::set_restart_at(e, &id, generation, at).await })).await
+    }
+
+    async fn killing_on(&self, node_id: &NodeId) -> Result<Vec<(ServerId, Generation)>, StoreError> {
+        let node_id = node_id.clone();
+        self.b.read(move |e| Box::pin(async move { reads::killing_on(e, &node_id).await })).await
+    }
+
+    async fn insert_webhook(&self, w: &Webhook) -> Result<Webhook, StoreError> {
+        let w = w.clone();
+        self.b.write(move |e| Box::pin(async move { writes::insert_webhook(e, &w).await })).await
+    }
+
+    async fn list_webhooks(&self, tenant: Option<&str>) -> Result<Vec<Webhook>, StoreError> {
+        let tenant = tenant.map(str::to_string);
+        self.b.read(move |e| Box::pin(async move { reads::list_webhooks(e, tenant.as_deref()).await })).await
+    }
+
+    async fn get_webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
+        let id = id.to_string();
+        self.b.read(move |e| Box::pin(async move { reads::get_webhook(e, &id).await })).await
+    }
+
+    async fn delete_webhook(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.b.write(move |e| Box::pin(async move { writes::delete_webhook(e, &id).await })).await
+    }
+
+    async fn set_webhook_enabled(&self, id: &str, enabled: bool) -> Result<Webhook, StoreError> {
+        let id = id.to_string();
+        self.b.write(move |e| Box::pin(async move { writes::set_webhook_enabled(e, &id, enabled).await })).await
+    }
+
+    async fn fan_out(&self, email: bool, limit: u32, now: Millis) -> Result<usize, StoreError> {
+        self.b.write(move |e| Box::pin(async move { writes::fan_out(e, email, limit, now).await })).await
+    }
+
+    async fn due_deliveries(&self, now: Millis, limit: u32) -> Result<Vec<DeliveryJob>, StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::due_deliveries(e, now, limit).await })).await
+    }
+
+    async fn record_delivery(&self, id: &str, outcome: &DeliveryOutcome, policy: &DeliveryPolicy, random: u64, now: Millis) -> Result<(), StoreError> {
+        let (id, outcome, policy) = (id.to_string(), outcome.clone(), *policy);
+        self.b.write(move |e| Box::pin(async move { writes::record_delivery(e, &id, &outcome, &policy, random, now).await })).await
+    }
+
+    async fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<Delivery>, StoreError> {
+        let filter = filter.clone();
+        self.b.read(move |e| Box::pin(async move { reads::list_deliveries(e, &filter).await })).await
+    }
+
+    async fn insert_events(&self, events: &[NewEvent], now: Millis) -> Result<(), StoreError> {
+        let events = events.to_vec();
+        self.b.write(move |e| Box::pin(async move { writes::insert_events(e, &events, now).await })).await
+    }
+
+    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+        let filter = filter.clone();
+        self.b.read(move |e| Box::pin(async move { reads::list_events(e, &filter).await })).await
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::snapshot(e).await })).await
+    }
+
+    async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide) -> Result<(Node, Reconciled), StoreError> {
+        let pre = if self.b.decides_before_write() {
+            let (input, decide) = (input.clone(), decide.clone());
+            self.b.read(move |e| Box::pin(async move { reads::pre_decide(e, &input, &decide).await })).await?
+        } else {
+            None
+        };
+        let input = input.clone();
+        self.b.write(move |e| Box::pin(async move { writes::sync_node(e, &input, now, &decide, pre).await })).await
+    }
+
+    fn set_fence(&self, fence: Option<(String, u64)>) {
+        *self.fence.lock().expect("fence lock") = fence;
+    }
+
+    fn write_stats(&self) -> Option<WriteStats> {
+        self.b.write_stats()
+    }
+}
