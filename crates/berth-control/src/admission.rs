@@ -1,7 +1,8 @@
 //! The queue worker and the admission committer.
 //!
-//! The queue worker takes a snapshot, runs the pure planner and hands the
-//! plans to the committer. The committer is the only task that inserts
+//! The queue worker takes a snapshot (capacities carried across its own
+//! commits for a quarter of a second, the queue read every round), runs the
+//! pure planner and hands the plans to the committer. The committer is the only task that inserts
 //! reservations: it batches plans for a few milliseconds and commits each
 //! batch in one store transaction that re-checks every node's fit against
 //! the reservation rows (Nomad's plan applier). Nothing here checks capacity
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use berth_core::admission::NodeCapacity;
 use berth_core::placement::{plan, Placement};
 use berth_store::{PlacementOutcome, Store};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -85,6 +87,43 @@ pub struct QueueWorker {
     pub cfg: ControlConfig,
     /// True while this replica holds the leader lease.
     pub leading: Arc<std::sync::atomic::AtomicBool>,
+    /// The capacities of the last snapshot, carried forward across this
+    /// worker's own commits.
+    pub carried: Option<Carried>,
+}
+
+/// Capacities read from the rows at `read_at`, plus every placement this
+/// worker committed since. Summing every reservation row is the costliest
+/// read of a round (it grows with the fleet), so a burst plans on the
+/// carried copy and re-reads it at most every `CARRY_FOR`.
+///
+/// Carrying cannot over-commit: the committer re-checks every plan against
+/// the rows (L1). Between reads the copy can only be short of free memory
+/// (a stop released some, a start was confirmed), never long of it, except
+/// when something outside this worker changed a node (another leader's
+/// commits, a node reporting less memory, a node lost): those show as a
+/// rejected plan, which drops the copy, and leadership lost drops it too.
+pub struct Carried {
+    read_at: std::time::Instant,
+    capacities: Vec<NodeCapacity>,
+}
+
+const CARRY_FOR: Duration = Duration::from_millis(250);
+
+/// What a round leaves behind: whether its capacities may be carried to the
+/// next round, and whether that round runs at once.
+///
+/// A carried copy may be short of memory freed since it was read, so a
+/// round that planned nothing on one runs again at once on fresh rows
+/// before the queue waits. A rejected plan means the copy was long of
+/// memory somewhere: it is dropped, and retried at once if it was carried
+/// (on fresh rows a misfit waits for the next wake, as it always has).
+fn after_round(was_carried: bool, planned: usize, committed: usize, rejected: bool) -> (bool, WorkerState) {
+    if planned == 0 {
+        return (false, if was_carried { WorkerState::Busy } else { WorkerState::Idle });
+    }
+    let again = committed > 0 || (rejected && was_carried);
+    (!rejected, if again { WorkerState::Busy } else { WorkerState::Idle })
 }
 
 #[async_trait]
@@ -95,35 +134,53 @@ impl Worker for QueueWorker {
 
     async fn work(&mut self) -> Result<WorkerState, ControlError> {
         if !self.leading.load(std::sync::atomic::Ordering::SeqCst) {
+            self.carried = None;
             return Ok(WorkerState::Idle);
         }
-        let t0 = std::time::Instant::now();
-        let snap = self.store.queue_snapshot().await?;
-        let t_snap = t0.elapsed();
-        if snap.queued.is_empty() {
+        let (mut carried, queued, was_carried) = match self.carried.take() {
+            Some(c) if c.read_at.elapsed() < CARRY_FOR => (c, self.store.queued().await?, true),
+            _ => {
+                let read_at = std::time::Instant::now();
+                let snap = self.store.queue_snapshot().await?;
+                (Carried { read_at, capacities: snap.capacities }, snap.queued, false)
+            }
+        };
+        if queued.is_empty() {
+            self.carried = Some(carried);
             return Ok(WorkerState::Idle);
         }
-        let plans = plan(&snap.capacities, &snap.queued, self.clock.now_ms(), self.cfg.planner);
+        let plans = plan(&carried.capacities, &queued, self.clock.now_ms(), self.cfg.planner);
         if plans.is_empty() {
-            return Ok(WorkerState::Idle);
+            let (_, next) = after_round(was_carried, 0, 0, false);
+            return Ok(next);
         }
-        let placed: Vec<_> = plans.iter().map(|p| (p.node_id.clone(), p.server_id.clone())).collect();
-        let t_plan = t0.elapsed();
-        let outcomes = self.committer.submit(plans).await?;
-        let t_commit = t0.elapsed();
+        let outcomes = self.committer.submit(plans.clone()).await?;
         let mut committed = 0;
+        let mut rejected = false;
         let mut woken = std::collections::HashSet::new();
-        for ((node, server), outcome) in placed.iter().zip(&outcomes) {
-            if matches!(outcome, PlacementOutcome::Committed { .. }) {
-                committed += 1;
-                self.placed.placed(server);
-                if woken.insert(node) {
-                    self.nodes.wake(node);
+        for (p, outcome) in plans.iter().zip(&outcomes) {
+            match outcome {
+                PlacementOutcome::Committed { .. } => {
+                    committed += 1;
+                    if let Some(cap) = carried.capacities.iter_mut().find(|c| c.node_id == p.node_id) {
+                        cap.reserve(p);
+                    }
+                    self.placed.placed(&p.server_id);
+                    if woken.insert(&p.node_id) {
+                        self.nodes.wake(&p.node_id);
+                    }
                 }
+                PlacementOutcome::Rejected(_) => rejected = true,
+                // The server changed (stopped, deleted): nothing about capacity.
+                PlacementOutcome::Stale => {}
             }
         }
-        tracing::debug!(committed, planned = outcomes.len(), snapshot_ms = t_snap.as_millis() as u64, plan_ms = t_plan.as_millis() as u64, commit_ms = t_commit.as_millis() as u64, "admission round");
-        Ok(if committed > 0 { WorkerState::Busy } else { WorkerState::Idle })
+        let (keep, next) = after_round(was_carried, plans.len(), committed, rejected);
+        if keep {
+            self.carried = Some(carried);
+        }
+        tracing::debug!(committed, planned = outcomes.len(), carried = was_carried, "admission round");
+        Ok(next)
     }
 
     async fn wait_for_work(&mut self) {
@@ -133,5 +190,32 @@ impl Worker for QueueWorker {
             _ = self.wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_on_a_carried_copy_that_plans_nothing_runs_again_on_fresh_rows() {
+        assert!(matches!(after_round(true, 0, 0, false), (false, WorkerState::Busy)));
+        // On fresh rows nothing fits: the queue waits for a wake.
+        assert!(matches!(after_round(false, 0, 0, false), (false, WorkerState::Idle)));
+    }
+
+    #[test]
+    fn a_rejection_drops_the_carried_copy() {
+        assert!(matches!(after_round(true, 3, 2, true), (false, WorkerState::Busy)));
+        assert!(matches!(after_round(true, 1, 0, true), (false, WorkerState::Busy)));
+        assert!(matches!(after_round(false, 1, 0, true), (false, WorkerState::Idle)));
+    }
+
+    #[test]
+    fn committed_plans_are_carried_and_the_queue_keeps_going() {
+        assert!(matches!(after_round(true, 4, 4, false), (true, WorkerState::Busy)));
+        assert!(matches!(after_round(false, 4, 4, false), (true, WorkerState::Busy)));
+        // Every plan stale (servers stopped meanwhile): nothing to retry.
+        assert!(matches!(after_round(false, 2, 0, false), (true, WorkerState::Idle)));
     }
 }

@@ -147,6 +147,7 @@ impl ControlPlane {
                 placed: placed.clone(),
                 cfg: cfg.clone(),
                 leading: leading.clone(),
+                carried: None,
             },
             rx.clone(),
         );

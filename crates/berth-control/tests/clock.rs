@@ -290,3 +290,36 @@ impl Harness {
         panic!("operation {id} did not end: {:?}", self.op(id).await);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_freed_by_a_stop_is_planned_at_once_although_the_queue_plans_on_a_carried_snapshot() {
+    // The queue worker carries its capacities across its own commits for a
+    // moment; a stop frees memory it has not re-read. The waiting server
+    // must still be placed on the next round, not a snapshot later.
+    let mut h = Harness::new(1024).await;
+    h.create("a", 800, "never").await;
+    h.start("a").await;
+    h.wait("a", "starting", |s| s.status == ServerStatus::Starting).await;
+    h.report("a", InstanceState::Running, None, None).await;
+    h.create("b", 800, "never").await;
+    h.start("b").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.server("b").await.status, ServerStatus::Queued, "a holds the memory");
+    h.cp.app.operation(&h.admin, "a", OpKind::Stop).await.unwrap();
+    h.report("a", InstanceState::Exited, None, Some(0)).await;
+    let a = h.server("a").await;
+    assert_eq!(a.status, ServerStatus::Stopped, "{a:?}");
+    // No clock advance and no extra wake: the release itself wakes the queue.
+    let started = std::time::Instant::now();
+    loop {
+        let b = h.server("b").await;
+        if b.status == ServerStatus::Starting {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "b was not placed after a released its memory: {b:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let v = h.cp.app.store.snapshot().await.unwrap();
+    let violations = berth_core::invariants::check(&v.nodes, &v.servers, &v.reservations, None);
+    assert!(violations.is_empty(), "{violations:?}");
+}

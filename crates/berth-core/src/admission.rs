@@ -68,6 +68,17 @@ impl NodeCapacity {
         cap
     }
 
+    /// The capacity after `placement` is committed on this node: what its
+    /// new reservation row adds to the sums (a pending start holding memory
+    /// and a port). Lets a planner carry a snapshot forward across its own
+    /// commits; the commit still re-checks against the rows.
+    pub fn reserve(&mut self, placement: &crate::placement::Placement) {
+        debug_assert_eq!(placement.node_id, self.node_id);
+        self.reserved += placement.memory_mib;
+        self.pending_starts += 1;
+        self.used_ports.insert(placement.port);
+    }
+
     /// The node's capacity from its rows summed up by the database: the
     /// memory of every row, the rows still pending, the ports they hold.
     pub fn from_totals(node: &Node, reserved: MemMib, pending_starts: u32, used_ports: impl IntoIterator<Item = u16>) -> NodeCapacity {
@@ -180,6 +191,18 @@ mod tests {
             memory_mib: MemMib(mem),
             port,
         }
+    }
+
+    #[test]
+    fn reserving_a_placement_equals_deriving_from_its_new_row() {
+        let n = node("n1", 4096);
+        let mut rows = vec![res("a", "n1", 1024, 30000)];
+        let mut carried = NodeCapacity::from_rows(&n, &rows);
+        carried.reserve(&plan("b", "n1", 512, 30003));
+        rows.push(Reservation { generation: 1, ..res("b", "n1", 512, 30003) });
+        assert_eq!(carried, NodeCapacity::from_rows(&n, &rows));
+        assert_eq!(carried.free(), MemMib(4096 - 1536));
+        assert_eq!(carried.pending_starts, 2);
     }
 
     #[test]

@@ -86,27 +86,32 @@ pub(crate) enum Val {
     Text(String),
 }
 
+/// The column names of one result, shared by all its rows: a many-row read
+/// allocates them once, not once per row.
+pub(crate) type Names = std::sync::Arc<[Box<str>]>;
+
 /// A row as `Exec` returns it: column names and values, owned.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Row {
-    pub(crate) cols: Vec<(String, Val)>,
+    pub(crate) names: Names,
+    pub(crate) vals: Vec<Val>,
 }
 
 impl Row {
     fn get(&self, col: &str) -> Option<&Val> {
-        self.cols.iter().find(|(n, _)| n == col).map(|(_, v)| v)
+        self.names.iter().position(|n| &**n == col).and_then(|i| self.vals.get(i))
     }
 
     /// The first column as an integer (a `COUNT(*)`, a `RETURNING seq`).
     pub(crate) fn first_int(&self) -> Result<i64, StoreError> {
-        match self.cols.first().map(|(_, v)| v) {
+        match self.vals.first() {
             Some(Val::Int(i)) => Ok(*i),
             other => Err(StoreError::Corrupt(format!("expected an integer, got {other:?}"))),
         }
     }
 
     pub(crate) fn first_opt_int(&self) -> Result<Option<i64>, StoreError> {
-        match self.cols.first().map(|(_, v)| v) {
+        match self.vals.first() {
             None | Some(Val::Null) => Ok(None),
             Some(Val::Int(i)) => Ok(Some(*i)),
             other => Err(StoreError::Corrupt(format!("expected an integer, got {other:?}"))),
@@ -186,12 +191,12 @@ fn to_sql(a: &Arg) -> rusqlite::types::Value {
 impl LiteExec<'_> {
     fn run_rows(&mut self, sql: &str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(lite_err)?;
-        let names: Vec<String> = stmt.column_names().iter().map(|n| n.to_string()).collect();
+        let names: Names = stmt.column_names().iter().map(|n| Box::from(*n)).collect();
         let mut rows = stmt.query(rusqlite::params_from_iter(args.iter().map(to_sql))).map_err(lite_err)?;
         let mut out = Vec::new();
         while let Some(r) = rows.next().map_err(lite_err)? {
-            let mut cols = Vec::with_capacity(names.len());
-            for (i, n) in names.iter().enumerate() {
+            let mut vals = Vec::with_capacity(names.len());
+            for i in 0..names.len() {
                 use rusqlite::types::ValueRef as R;
                 let v = match r.get_ref(i).map_err(lite_err)? {
                     R::Null => Val::Null,
@@ -200,9 +205,9 @@ impl LiteExec<'_> {
                     R::Text(t) => Val::Text(String::from_utf8_lossy(t).into_owned()),
                     R::Blob(b) => Val::Text(String::from_utf8_lossy(b).into_owned()),
                 };
-                cols.push((n.clone(), v));
+                vals.push(v);
             }
-            out.push(Row { cols });
+            out.push(Row { names: names.clone(), vals });
         }
         Ok(out)
     }

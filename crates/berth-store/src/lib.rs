@@ -313,6 +313,9 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_server(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError>;
 
     async fn queue_snapshot(&self) -> Result<QueueSnapshot, StoreError>;
+    /// The queue alone, without the capacities: cheap where the snapshot
+    /// sums every reservation row.
+    async fn queued(&self) -> Result<Vec<berth_core::placement::QueuedServer>, StoreError>;
     /// The admission commit: one transaction that re-checks every plan
     /// against the reservation rows and inserts those that fit.
     async fn commit_placements(&self, plans: &[Placement], now: Millis) -> Result<Vec<PlacementOutcome>, StoreError>;

@@ -99,7 +99,8 @@ fn bind(q: PgQuery<'_>, a: Arg) -> PgQuery<'_> {
 
 fn owned_row(r: &PgRow) -> Result<ExecRow, StoreError> {
     use sqlx::{Column, TypeInfo, ValueRef};
-    let mut cols = Vec::with_capacity(r.len());
+    let names: crate::exec::Names = r.columns().iter().map(|c| Box::from(c.name())).collect();
+    let mut vals = Vec::with_capacity(r.len());
     for (i, c) in r.columns().iter().enumerate() {
         let raw = r.try_get_raw(i)?;
         let v = if raw.is_null() {
@@ -115,9 +116,9 @@ fn owned_row(r: &PgRow) -> Result<ExecRow, StoreError> {
                 _ => Val::Text(r.try_get::<String, _>(i)?),
             }
         };
-        cols.push((c.name().to_string(), v));
+        vals.push(v);
     }
-    Ok(ExecRow { cols })
+    Ok(ExecRow { names, vals })
 }
 
 #[async_trait]

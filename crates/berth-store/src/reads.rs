@@ -5,6 +5,7 @@
 
 use berth_core::notify::Webhook;
 use berth_core::operation::{Operation, ServerFacts};
+use berth_core::placement::QueuedServer;
 use berth_core::{Event, Generation, MemMib, Millis, Node, NodeId, Server, ServerId, ServerStatus, TokenKind};
 
 use crate::cols::Cols;
@@ -86,6 +87,10 @@ pub(crate) async fn queue_snapshot(e: E<'_>) -> Result<QueueSnapshot, StoreError
     let totals = e.rows(&totals_sql, args![]).await?;
     let queued = e.rows(queued_sql, args![]).await?;
     queue_snapshot_from(&nodes, &totals, &queued)
+}
+
+pub(crate) async fn queued(e: E<'_>) -> Result<Vec<QueuedServer>, StoreError> {
+    e.rows(QUEUED_SQL, args![]).await?.iter().map(queued_from_row).collect()
 }
 
 pub(crate) async fn desired_on(e: E<'_>, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {

@@ -27,6 +27,8 @@ pub(crate) const PLACED_COLS: &str = "id, name, node_id, status, generation, att
 
 /// Columns of the queue read (the planner orders the queue itself).
 pub(crate) const QUEUED_COLS: &str = "id, generation, memory_mib, queued_at, next_attempt_at, home_node";
+/// The queue: every server waiting to be placed (the planner orders it).
+pub(crate) const QUEUED_SQL: &str = "SELECT id, generation, memory_mib, queued_at, next_attempt_at, home_node FROM servers WHERE status = 'queued'";
 
 pub(crate) const OP_COLS: &str = "seq, id, server_id, kind, status, phase, origin, attempts, next_attempt_at, error_code, error, \
      created_at, started_at, finished_at";
@@ -228,7 +230,7 @@ pub(crate) fn queue_snapshot_sql(ports_agg: &str) -> (String, String, &'static s
              CAST(SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END) AS BIGINT) AS pending, {ports_agg} AS ports \
              FROM reservations GROUP BY node_id"
         ),
-        "SELECT id, generation, memory_mib, queued_at, next_attempt_at, home_node FROM servers WHERE status = 'queued'",
+        QUEUED_SQL,
     )
 }
 

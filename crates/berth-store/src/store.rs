@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use berth_core::health::Verdict;
 use berth_core::notify::Webhook;
 use berth_core::operation::Operation;
-use berth_core::placement::Placement;
+use berth_core::placement::{Placement, QueuedServer};
 use berth_core::reconcile::Reconciled;
 use berth_core::{Event, Generation, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, Server, ServerId, ServerStatus, TokenKind};
 
@@ -127,6 +127,10 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn queue_snapshot(&self) -> Result<QueueSnapshot, StoreError> {
         self.b.read(move |e| Box::pin(async move { reads::queue_snapshot(e).await })).await
+    }
+
+    async fn queued(&self) -> Result<Vec<QueuedServer>, StoreError> {
+        self.b.read(move |e| Box::pin(async move { reads::queued(e).await })).await
     }
 
     async fn commit_placements(&self, plans: &[Placement], now: Millis) -> Result<Vec<PlacementOutcome>, StoreError> {
