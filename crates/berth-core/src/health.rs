@@ -204,7 +204,7 @@ mod tests {
     fn a_server_is_lost_only_after_ttl_grace_and_its_window() {
         let n = node(NodeStatus::Unreachable, 100_000);
         let s = server(ServerStatus::Unknown, 20_000);
-        assert!(judge(&[n.clone()], &[s.clone()], 135_000, 0, CFG).is_empty());
+        assert!(judge(std::slice::from_ref(&n), std::slice::from_ref(&s), 135_000, 0, CFG).is_empty());
         let v = judge(&[n], &[s], 135_001, 0, CFG);
         assert!(matches!(v[0], Verdict::ServerLost { last_alive: 100_000, .. }), "{v:?}");
         assert!(matches!(v[1], Verdict::NodeLost { .. }), "the last server gone, the node is lost: {v:?}");
@@ -223,8 +223,8 @@ mod tests {
         // The control plane was down from 100 s to 200 s; it judges from 215 s.
         let n = node(NodeStatus::Ready, 100_000);
         let s = server(ServerStatus::Running, 300_000);
-        assert!(judge(&[n.clone()], &[s.clone()], 210_000, 215_000, CFG).is_empty());
-        assert!(judge(&[n.clone()], &[s.clone()], 229_000, 215_000, CFG).is_empty(), "agents get a full lease after the restart");
+        assert!(judge(std::slice::from_ref(&n), std::slice::from_ref(&s), 210_000, 215_000, CFG).is_empty());
+        assert!(judge(std::slice::from_ref(&n), std::slice::from_ref(&s), 229_000, 215_000, CFG).is_empty(), "agents get a full lease after the restart");
         let v = judge(&[n], &[s], 230_001, 215_000, CFG);
         assert!(matches!(v[0], Verdict::NodeUnreachable { .. }));
     }

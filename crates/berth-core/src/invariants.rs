@@ -264,9 +264,9 @@ mod tests {
     #[test]
     fn open_sessions_only_for_running_servers() {
         let (s1, _) = placed("a", "n1", 100, 2);
-        assert!(check_billing(&[s1.clone()], &[(s1.id.clone(), 2)]).is_empty());
-        assert_eq!(check_billing(&[s1.clone()], &[(s1.id.clone(), 1)]).len(), 1, "an old generation is not billed");
-        assert_eq!(check_billing(&[s1.clone()], &[(s1.id.clone(), 2), (s1.id.clone(), 2)]).len(), 1, "two open sessions");
+        assert!(check_billing(std::slice::from_ref(&s1), &[(s1.id.clone(), 2)]).is_empty());
+        assert_eq!(check_billing(std::slice::from_ref(&s1), &[(s1.id.clone(), 1)]).len(), 1, "an old generation is not billed");
+        assert_eq!(check_billing(std::slice::from_ref(&s1), &[(s1.id.clone(), 2), (s1.id.clone(), 2)]).len(), 1, "two open sessions");
         let mut stopped = s1.clone();
         stopped.status = ServerStatus::Stopped;
         assert_eq!(check_billing(&[stopped.clone()], &[(s1.id.clone(), 2)]).len(), 1);

@@ -244,13 +244,13 @@ pub async fn syncs_are_fenced_by_epoch_and_sequence(store: &dyn Store) {
     let node = store.register_node(&reg("n1", 8000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
     let nothing = |_: &[berth_core::reconcile::Placed], _: i64| Reconciled::default();
     let input = |epoch, seq| sync_input(&node.id, epoch, seq);
-    store.sync_node(&input(1, 1), 5, std::sync::Arc::new(nothing.clone())).await.unwrap();
-    assert!(matches!(store.sync_node(&input(1, 1), 6, std::sync::Arc::new(nothing.clone())).await, Err(StoreError::StaleSync(_))));
+    store.sync_node(&input(1, 1), 5, std::sync::Arc::new(nothing)).await.unwrap();
+    assert!(matches!(store.sync_node(&input(1, 1), 6, std::sync::Arc::new(nothing)).await, Err(StoreError::StaleSync(_))));
     let again = store.register_node(&reg("n1", 8000), &NodeId("node_ffffffffffffffff".into()), 7).await.unwrap();
     assert_eq!(again.id, node.id, "re-registration keeps the node");
     assert_eq!(again.epoch, 2);
-    assert!(matches!(store.sync_node(&input(1, 9), 8, std::sync::Arc::new(nothing.clone())).await, Err(StoreError::StaleSync(_))));
-    store.sync_node(&input(2, 1), 9, std::sync::Arc::new(nothing.clone())).await.unwrap();
+    assert!(matches!(store.sync_node(&input(1, 9), 8, std::sync::Arc::new(nothing)).await, Err(StoreError::StaleSync(_))));
+    store.sync_node(&input(2, 1), 9, std::sync::Arc::new(nothing)).await.unwrap();
 }
 
 /// L3: a change derived from a report about another generation is not

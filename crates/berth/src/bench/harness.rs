@@ -219,8 +219,11 @@ pub struct FleetSpec {
     pub sync_interval: Duration,
 }
 
+/// One simulated node: its name, driver, shutdown switch and agent task.
+type SimNode = (String, Arc<SimDriver>, watch::Sender<bool>, tokio::task::JoinHandle<()>);
+
 pub struct SimFleet {
-    agents: Vec<(String, Arc<SimDriver>, watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    agents: Vec<SimNode>,
 }
 
 impl SimFleet {
