@@ -153,6 +153,17 @@ impl Harness {
         self.cp.app.sync(&self.admin, req).await.unwrap();
     }
 
+    /// On the 1024 MiB node: "a" (800 MiB) runs, and "b" (800 MiB) is
+    /// started and cannot fit beside it. Returns b's start operation.
+    async fn a_runs_and_b_waits_for_its_memory(&mut self) -> String {
+        self.create("a", 800, "never").await;
+        self.start("a").await;
+        self.wait("a", "starting", |s| s.status == ServerStatus::Starting).await;
+        self.report("a", InstanceState::Running, None, None).await;
+        self.create("b", 800, "never").await;
+        self.start("b").await
+    }
+
     async fn op(&self, id: &str) -> berth_core::operation::Operation {
         self.cp.app.store.get_operation(id).await.unwrap().unwrap()
     }
@@ -217,12 +228,7 @@ async fn transient_failures_retry_after_one_two_four_minutes_then_fail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_cannot_fit_fails_with_no_capacity_after_the_queue_timeout() {
     let mut h = Harness::new(1024).await;
-    h.create("a", 800, "never").await;
-    h.start("a").await;
-    h.wait("a", "starting", |s| s.status == ServerStatus::Starting).await;
-    h.report("a", InstanceState::Running, None, None).await;
-    h.create("b", 800, "never").await;
-    let op = h.start("b").await;
+    let op = h.a_runs_and_b_waits_for_its_memory().await;
     h.advance(9 * 60_000);
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     assert_eq!(h.server("b").await.status, ServerStatus::Queued, "not before ten minutes");
@@ -297,12 +303,7 @@ async fn memory_freed_by_a_stop_is_planned_at_once_although_the_queue_plans_on_a
     // moment; a stop frees memory it has not re-read. The waiting server
     // must still be placed on the next round, not a snapshot later.
     let mut h = Harness::new(1024).await;
-    h.create("a", 800, "never").await;
-    h.start("a").await;
-    h.wait("a", "starting", |s| s.status == ServerStatus::Starting).await;
-    h.report("a", InstanceState::Running, None, None).await;
-    h.create("b", 800, "never").await;
-    h.start("b").await;
+    h.a_runs_and_b_waits_for_its_memory().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(h.server("b").await.status, ServerStatus::Queued, "a holds the memory");
     h.cp.app.operation(&h.admin, "a", OpKind::Stop).await.unwrap();

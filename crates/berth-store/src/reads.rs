@@ -178,17 +178,6 @@ pub(crate) async fn count_events(e: E<'_>) -> Result<Vec<(String, i64)>, StoreEr
     rows.iter().map(|r| Ok((r.text("kind")?, r.int("n")?))).collect()
 }
 
-fn event_from_row(r: &impl Cols) -> Result<Event, StoreError> {
-    Ok(Event {
-        seq: r.int("seq")?,
-        at: r.int("at")?,
-        kind: r.text("kind")?,
-        server_id: r.opt_text("server_id")?.map(ServerId),
-        node_id: r.opt_text("node_id")?.map(NodeId),
-        message: r.text("message")?,
-    })
-}
-
 pub(crate) async fn list_events(e: E<'_>, f: &EventFilter) -> Result<Vec<Event>, StoreError> {
     let server = f.server_id.as_ref().map(|s| s.0.as_str());
     let node = f.node_id.as_ref().map(|n| n.0.as_str());

@@ -5,7 +5,7 @@
 use berth_core::notify::Webhook;
 use berth_core::operation::{OpKind, OpOrigin, OpPhase, OpStatus, Operation};
 use berth_core::reconcile::Placed;
-use berth_core::{LastExit, MemMib, Node, NodeId, NodeStatus, PortRange, Reservation, ReservationState, Server, ServerId, ServerStatus, TokenKind};
+use berth_core::{Event, LastExit, MemMib, Node, NodeId, NodeStatus, PortRange, Reservation, ReservationState, Server, ServerId, ServerStatus, TokenKind};
 
 use crate::cols::Cols;
 use crate::{BillingSession, Delivery, LeaderLease, StoreError, TokenRecord};
@@ -268,5 +268,16 @@ pub(crate) fn queued_from_row(r: &impl Cols) -> Result<berth_core::placement::Qu
         queued_at: r.opt_int("queued_at")?.unwrap_or(0),
         next_attempt_at: r.opt_int("next_attempt_at")?,
         home_node: r.opt_text("home_node")?.map(NodeId),
+    })
+}
+
+pub(crate) fn event_from_row(r: &impl Cols) -> Result<Event, StoreError> {
+    Ok(Event {
+        seq: r.int("seq")?,
+        at: r.int("at")?,
+        kind: r.text("kind")?,
+        server_id: r.opt_text("server_id")?.map(ServerId),
+        node_id: r.opt_text("node_id")?.map(NodeId),
+        message: r.text("message")?,
     })
 }

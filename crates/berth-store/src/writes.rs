@@ -21,7 +21,7 @@ use berth_core::operation::{admit, begin, settle, Begin, OpKind, OpOrigin, OpPha
 use berth_core::placement::Placement;
 use berth_core::reconcile::{Change, Placed, Reconciled};
 use berth_core::retry::RetryDecision;
-use berth_core::{Event, Generation, LastExit, Millis, NewEvent, Node, NodeId, NodeStatus, Server, ServerId, ServerStatus};
+use berth_core::{Generation, LastExit, Millis, NewEvent, Node, NodeId, NodeStatus, Server, ServerId, ServerStatus};
 
 use crate::cols::Cols;
 use crate::exec::{Arg, Exec};
@@ -1132,14 +1132,7 @@ pub(crate) async fn fan_out(e: E<'_>, email: bool, limit: u32, now: Millis) -> R
     }
     let mut last = cursor;
     for r in &rows {
-        let event = Event {
-            seq: r.int("seq")?,
-            at: r.int("at")?,
-            kind: r.text("kind")?,
-            server_id: r.opt_text("server_id")?.map(ServerId),
-            node_id: r.opt_text("node_id")?.map(NodeId),
-            message: r.text("message")?,
-        };
+        let event = event_from_row(r)?;
         let tenant = r.opt_text("tenant")?;
         last = event.seq;
         for target in targets(&event, tenant.as_deref(), &hooks, email) {

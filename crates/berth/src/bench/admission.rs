@@ -23,19 +23,19 @@ use super::Report;
 #[derive(Args, Clone)]
 pub struct AdmissionArgs {
     /// Simulated nodes
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     nodes: usize,
     /// Memory of each node (MiB)
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = 16384, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     node_mib: u64,
     /// Start requests (one per server)
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     requests: usize,
     /// Concurrent HTTP clients
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     clients: usize,
     /// Memory of each server (MiB)
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     server_mib: u64,
     /// Skip the naive path
     #[arg(long)]

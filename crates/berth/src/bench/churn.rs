@@ -27,11 +27,11 @@ use super::Report;
 
 #[derive(Args, Clone)]
 pub struct ChurnArgs {
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     nodes: usize,
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = 16384, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     node_mib: u64,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     server_mib: u64,
     /// Operations per second, half starts and half stops
     #[arg(long, default_value_t = 200)]

@@ -22,7 +22,7 @@ use super::Report;
 #[derive(Args, Clone)]
 pub struct DetectionArgs {
     /// Lease TTL in seconds (the control plane's default)
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     lease_ttl: u64,
     /// Lease grace in seconds
     #[arg(long, default_value_t = 5)]
@@ -31,7 +31,7 @@ pub struct DetectionArgs {
     #[arg(long, default_value_t = 2)]
     sync_interval: u64,
     /// Servers on the node that dies
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     servers: usize,
     /// Other (surviving) simulated nodes
     #[arg(long, default_value_t = 4)]

@@ -18,11 +18,11 @@ use super::Report;
 
 #[derive(Args, Clone)]
 pub struct MemoryArgs {
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     nodes: usize,
-    #[arg(long, default_value_t = 32768)]
+    #[arg(long, default_value_t = 32768, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     node_mib: u64,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     server_mib: u64,
     /// Server counts to measure at, ascending, comma-separated
     #[arg(long, default_value = "10000,100000")]
@@ -40,8 +40,8 @@ struct Step {
 
 pub async fn run(a: MemoryArgs, dir: &Path) -> Result<Report> {
     let steps: Vec<usize> = a.steps.split(',').map(|s| s.trim().parse::<usize>()).collect::<Result<_, _>>().context("--steps wants counts like 10000,100000")?;
-    if steps.is_empty() || steps.windows(2).any(|w| w[0] >= w[1]) {
-        bail!("--steps must be ascending server counts");
+    if steps.is_empty() || steps[0] == 0 || steps.windows(2).any(|w| w[0] >= w[1]) {
+        bail!("--steps must be ascending server counts, the first at least 1");
     }
     let last = *steps.last().expect("not empty");
     if last as u64 * a.server_mib > a.nodes as u64 * a.node_mib {
