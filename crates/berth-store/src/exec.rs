@@ -12,7 +12,6 @@
 
 use async_trait::async_trait;
 
-use crate::cols::Cols;
 use crate::StoreError;
 
 /// A bound value. Nulls carry their type: PostgreSQL types every
@@ -123,26 +122,33 @@ fn wrong(col: &str, v: Option<&Val>) -> StoreError {
     StoreError::Corrupt(format!("column {col}: unexpected {v:?}"))
 }
 
-impl Cols for Row {
-    fn text(&self, col: &str) -> Result<String, StoreError> {
+/// Columns by name; a decoder (`rows`) refuses what it cannot read as a
+/// corrupt row.
+impl Row {
+    pub(crate) fn text(&self, col: &str) -> Result<String, StoreError> {
         self.opt_text(col)?.ok_or_else(|| wrong(col, None))
     }
-    fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
         match self.get(col) {
             Some(Val::Null) => Ok(None),
             Some(Val::Text(s)) => Ok(Some(s.clone())),
             other => Err(wrong(col, other)),
         }
     }
-    fn int(&self, col: &str) -> Result<i64, StoreError> {
+    pub(crate) fn int(&self, col: &str) -> Result<i64, StoreError> {
         self.opt_int(col)?.ok_or_else(|| wrong(col, None))
     }
-    fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError> {
+    pub(crate) fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError> {
         match self.get(col) {
             Some(Val::Null) => Ok(None),
             Some(Val::Int(i)) => Ok(Some(*i)),
             other => Err(wrong(col, other)),
         }
+    }
+    /// A boolean, stored as an integer (SQLite) or a boolean (PostgreSQL,
+    /// read as 0 or 1).
+    pub(crate) fn flag(&self, col: &str) -> Result<bool, StoreError> {
+        Ok(self.int(col)? != 0)
     }
 }
 

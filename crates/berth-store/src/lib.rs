@@ -7,7 +7,6 @@
 //! the default; a PostgreSQL backend implements the same trait and runs the
 //! same test suite.
 
-mod cols;
 mod error;
 #[macro_use]
 mod exec;

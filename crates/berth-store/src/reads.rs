@@ -8,7 +8,6 @@ use berth_core::operation::{Operation, ServerFacts};
 use berth_core::placement::QueuedServer;
 use berth_core::{Event, Generation, MemMib, Millis, Node, NodeId, Server, ServerId, ServerStatus, TokenKind};
 
-use crate::cols::Cols;
 use crate::exec::{Arg, Exec};
 use crate::rows::*;
 use crate::writes::{placed_sql, PreDecided};

@@ -1,13 +1,13 @@
-//! Column lists and row decoders, written once for every backend and every
-//! shape of row (`Cols`: a database row, a JSON row, an `Exec` row). A
-//! decoder refuses what it cannot read as a corrupt row; it never guesses.
+//! Column lists and row decoders, written once for every backend over the
+//! rows `Exec` returns. A decoder refuses what it cannot read as a corrupt
+//! row; it never guesses.
 
 use berth_core::notify::Webhook;
 use berth_core::operation::{OpKind, OpOrigin, OpPhase, OpStatus, Operation};
 use berth_core::reconcile::Placed;
 use berth_core::{Event, LastExit, MemMib, Node, NodeId, NodeStatus, PortRange, Reservation, ReservationState, Server, ServerId, ServerStatus, TokenKind};
 
-use crate::cols::Cols;
+use crate::exec::Row;
 use crate::{BillingSession, Delivery, LeaderLease, StoreError, TokenRecord};
 
 pub(crate) const SERVER_COLS: &str = "id, tenant, name, template, memory_mib, config, status, node_id, generation, port, last_exit, \
@@ -42,7 +42,7 @@ pub(crate) fn corrupt(what: &str, v: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {v}"))
 }
 
-pub(crate) fn server_from_row(r: &impl Cols) -> Result<Server, StoreError> {
+pub(crate) fn server_from_row(r: &Row) -> Result<Server, StoreError> {
     let status = r.text("status")?;
     let config = r.text("config")?;
     let last_exit = r.opt_text("last_exit")?;
@@ -78,7 +78,7 @@ pub(crate) fn server_from_row(r: &impl Cols) -> Result<Server, StoreError> {
     })
 }
 
-pub(crate) fn node_from_row(r: &impl Cols) -> Result<Node, StoreError> {
+pub(crate) fn node_from_row(r: &Row) -> Result<Node, StoreError> {
     let status = r.text("status")?;
     Ok(Node {
         id: NodeId(r.text("id")?),
@@ -104,7 +104,7 @@ pub(crate) fn node_from_row(r: &impl Cols) -> Result<Node, StoreError> {
     })
 }
 
-pub(crate) fn placed_from_row(r: &impl Cols) -> Result<Placed, StoreError> {
+pub(crate) fn placed_from_row(r: &Row) -> Result<Placed, StoreError> {
     let status = r.text("status")?;
     Ok(Placed {
         id: ServerId(r.text("id")?),
@@ -117,7 +117,7 @@ pub(crate) fn placed_from_row(r: &impl Cols) -> Result<Placed, StoreError> {
     })
 }
 
-pub(crate) fn reservation_from_row(r: &impl Cols) -> Result<Reservation, StoreError> {
+pub(crate) fn reservation_from_row(r: &Row) -> Result<Reservation, StoreError> {
     let state = r.text("state")?;
     Ok(Reservation {
         server_id: ServerId(r.text("server_id")?),
@@ -130,7 +130,7 @@ pub(crate) fn reservation_from_row(r: &impl Cols) -> Result<Reservation, StoreEr
     })
 }
 
-pub(crate) fn token_from_row(r: &impl Cols) -> Result<TokenRecord, StoreError> {
+pub(crate) fn token_from_row(r: &Row) -> Result<TokenRecord, StoreError> {
     let kind = r.text("kind")?;
     Ok(TokenRecord {
         id: r.text("id")?,
@@ -141,7 +141,7 @@ pub(crate) fn token_from_row(r: &impl Cols) -> Result<TokenRecord, StoreError> {
     })
 }
 
-pub(crate) fn session_from_row(r: &impl Cols) -> Result<BillingSession, StoreError> {
+pub(crate) fn session_from_row(r: &Row) -> Result<BillingSession, StoreError> {
     Ok(BillingSession {
         id: r.int("id")?,
         server_id: ServerId(r.text("server_id")?),
@@ -157,11 +157,11 @@ pub(crate) fn session_from_row(r: &impl Cols) -> Result<BillingSession, StoreErr
     })
 }
 
-pub(crate) fn lease_from_row(r: &impl Cols) -> Result<LeaderLease, StoreError> {
+pub(crate) fn lease_from_row(r: &Row) -> Result<LeaderLease, StoreError> {
     Ok(LeaderLease { holder: r.text("holder")?, epoch: r.int("epoch")? as u64, expires_at: r.int("expires_at")? })
 }
 
-pub(crate) fn op_from_row(r: &impl Cols) -> Result<Operation, StoreError> {
+pub(crate) fn op_from_row(r: &Row) -> Result<Operation, StoreError> {
     let kind = r.text("kind")?;
     let status = r.text("status")?;
     let phase = r.opt_text("phase")?;
@@ -187,7 +187,7 @@ pub(crate) fn op_from_row(r: &impl Cols) -> Result<Operation, StoreError> {
     })
 }
 
-pub(crate) fn webhook_from_row(r: &impl Cols) -> Result<Webhook, StoreError> {
+pub(crate) fn webhook_from_row(r: &Row) -> Result<Webhook, StoreError> {
     let events = r.text("events")?;
     Ok(Webhook {
         id: r.text("id")?,
@@ -202,7 +202,7 @@ pub(crate) fn webhook_from_row(r: &impl Cols) -> Result<Webhook, StoreError> {
     })
 }
 
-pub(crate) fn delivery_from_row(r: &impl Cols) -> Result<Delivery, StoreError> {
+pub(crate) fn delivery_from_row(r: &Row) -> Result<Delivery, StoreError> {
     Ok(Delivery {
         id: r.text("id")?,
         channel: r.text("channel")?,
@@ -234,7 +234,7 @@ pub(crate) fn queue_snapshot_sql(ports_agg: &str) -> (String, String, &'static s
     )
 }
 
-pub(crate) fn queue_snapshot_from<R: crate::cols::Cols>(nodes: &[R], totals: &[R], queued: &[R]) -> Result<crate::QueueSnapshot, StoreError> {
+pub(crate) fn queue_snapshot_from(nodes: &[Row], totals: &[Row], queued: &[Row]) -> Result<crate::QueueSnapshot, StoreError> {
     let mut by_node: std::collections::HashMap<String, (u64, u32, Vec<u16>)> = std::collections::HashMap::new();
     for r in totals {
         let ports: Option<String> = r.opt_text("ports")?;
@@ -260,7 +260,7 @@ pub(crate) fn queue_snapshot_from<R: crate::cols::Cols>(nodes: &[R], totals: &[R
     Ok(crate::QueueSnapshot { capacities, queued })
 }
 
-pub(crate) fn queued_from_row(r: &impl Cols) -> Result<berth_core::placement::QueuedServer, StoreError> {
+pub(crate) fn queued_from_row(r: &Row) -> Result<berth_core::placement::QueuedServer, StoreError> {
     Ok(berth_core::placement::QueuedServer {
         server_id: ServerId(r.text("id")?),
         generation: r.int("generation")? as u64,
@@ -271,7 +271,7 @@ pub(crate) fn queued_from_row(r: &impl Cols) -> Result<berth_core::placement::Qu
     })
 }
 
-pub(crate) fn event_from_row(r: &impl Cols) -> Result<Event, StoreError> {
+pub(crate) fn event_from_row(r: &Row) -> Result<Event, StoreError> {
     Ok(Event {
         seq: r.int("seq")?,
         at: r.int("at")?,

@@ -23,7 +23,6 @@ use berth_core::reconcile::{Change, Placed, Reconciled};
 use berth_core::retry::RetryDecision;
 use berth_core::{Generation, LastExit, Millis, NewEvent, Node, NodeId, NodeStatus, Server, ServerId, ServerStatus};
 
-use crate::cols::Cols;
 use crate::exec::{Arg, Exec};
 use crate::rows::*;
 use crate::{
