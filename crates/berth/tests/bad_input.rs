@@ -88,6 +88,13 @@ fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     expect(api.call("GET", "/v1/nosuch", None), 404, "not_found", "unknown route");
     expect(api.call("GET", "/v1/events?bogus=1", None), 422, "invalid_request", "unknown query parameter");
 
+    // Waiting for a placement: only "placed", for 1 to 300 seconds.
+    let start_alices = |body: Value| api.call("POST", "/v1/servers/alices/start", Some(&body));
+    expect(start_alices(json!({"wait": "running"})), 422, "invalid_request", "wait for something else");
+    expect(start_alices(json!({"wait": "placed", "wait_timeout_s": 0})), 422, "invalid_request", "wait 0 s");
+    expect(start_alices(json!({"wait": "placed", "wait_timeout_s": 301})), 422, "invalid_request", "wait over 300 s");
+    expect(start_alices(json!({"wait_timeout_s": 5})), 422, "invalid_request", "a timeout without wait");
+
     // Wrong state.
     expect(api.call("POST", "/v1/servers/good/start", None), 409, "invalid_state", "start a running server");
     expect(api.call("DELETE", "/v1/servers/good", None), 409, "invalid_state", "delete a running server");
