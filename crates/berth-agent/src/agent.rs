@@ -74,7 +74,9 @@ impl AgentConfig {
 
 #[derive(Debug, Clone)]
 struct Instance {
-    spec: InstanceSpec,
+    /// Shared, not copied: the supervisor tick snapshots every live
+    /// instance, and a spec is the bulk of one.
+    spec: Arc<InstanceSpec>,
     state: InstanceState,
     exit: Option<LastExit>,
     error: Option<(ErrorClass, String)>,
@@ -86,7 +88,7 @@ struct Instance {
 }
 
 impl Instance {
-    fn new(spec: InstanceSpec, state: InstanceState) -> Instance {
+    fn new(spec: Arc<InstanceSpec>, state: InstanceState) -> Instance {
         Instance { spec, state, exit: None, error: None, used_mib: None, since: Instant::now(), stop_deadline: None, killed: false }
     }
 
@@ -198,7 +200,7 @@ impl Agent {
                 let mut inst = self.instances.lock().expect("instances lock");
                 for (spec, obs) in found {
                     let key = (spec.server_id.clone(), spec.generation);
-                    let mut i = Instance::new(spec, InstanceState::Starting);
+                    let mut i = Instance::new(Arc::new(spec), InstanceState::Starting);
                     if let Observed::Exited(e) = obs {
                         i.state = InstanceState::Exited;
                         i.exit = Some(e);
@@ -271,7 +273,7 @@ impl Agent {
         let mut seq = 0u64;
         // The last desired set received and its version: an answer that
         // says `unchanged` means this set.
-        let mut last_desired: Option<(String, Vec<InstanceSpec>)> = None;
+        let mut last_desired: Option<(String, Arc<[Arc<InstanceSpec>]>)> = None;
         let mut retry_delay = Self::FIRST_RETRY;
         loop {
             seq += 1;
@@ -307,11 +309,12 @@ impl Agent {
                             continue;
                         }
                         (false, _) => {
-                            last_desired = Some((resp.desired_version.clone(), resp.desired.clone()));
-                            resp.desired
+                            let desired: Arc<[Arc<InstanceSpec>]> = resp.desired.into_iter().map(Arc::new).collect();
+                            last_desired = Some((resp.desired_version.clone(), desired.clone()));
+                            desired
                         }
                     };
-                    let acted = self.converge(desired).await || killed;
+                    let acted = self.converge(&desired).await || killed;
                     self.publish_lease();
                     if !acted && sent.elapsed() < Duration::from_millis(50) {
                         // Guard against a hot loop if the two sides ever
@@ -389,25 +392,29 @@ impl Agent {
             Some(dir) => watchdog::read_fenced(dir).into_iter().map(|r| (r.server_id, r.generation)).collect(),
             None => HashSet::new(),
         };
-        let live: Vec<(Key, i64)> = {
+        // Only what must be fenced is collected: this runs every tick over
+        // every instance.
+        let since_renewal = lease.renewed_at.map(|at| at.elapsed());
+        let to_fence: Vec<Key> = {
             let inst = self.instances.lock().expect("instances lock");
-            inst.iter().filter(|(_, i)| i.is_live()).map(|(k, i)| (k.clone(), i.spec.stop_after_ms)).collect()
+            inst.iter()
+                .filter(|(k, i)| {
+                    i.is_live()
+                        && (since_renewal.is_some_and(|e| e > Duration::from_millis((lease.ttl_ms + i.spec.stop_after_ms.max(0)) as u64))
+                            || fenced_by_watchdog.contains(*k))
+                })
+                .map(|(k, _)| k.clone())
+                .collect()
         };
-        let mut changed = false;
-        for (key, window) in live {
-            let expired = lease
-                .renewed_at
-                .is_some_and(|at| at.elapsed() > Duration::from_millis((lease.ttl_ms + window.max(0)) as u64));
-            if expired || fenced_by_watchdog.contains(&key) {
-                tracing::warn!(server = %key.0, generation = key.1, "fencing: the disconnect window passed without a lease renewal");
-                let _ = self.driver.kill(&key, "fenced").await;
-                self.update(&key, |i| {
-                    i.state = InstanceState::Exited;
-                    i.exit = Some(LastExit { reason: "fenced".into(), code: None });
-                });
-                self.finished.lock().expect("finished lock").insert(key);
-                changed = true;
-            }
+        let changed = !to_fence.is_empty();
+        for key in to_fence {
+            tracing::warn!(server = %key.0, generation = key.1, "fencing: the disconnect window passed without a lease renewal");
+            let _ = self.driver.kill(&key, "fenced").await;
+            self.update(&key, |i| {
+                i.state = InstanceState::Exited;
+                i.exit = Some(LastExit { reason: "fenced".into(), code: None });
+            });
+            self.finished.lock().expect("finished lock").insert(key);
         }
         changed
     }
@@ -445,7 +452,7 @@ impl Agent {
     }
 
     /// Converges local instances to `desired`. Returns whether it acted.
-    async fn converge(&self, desired: Vec<InstanceSpec>) -> bool {
+    async fn converge(&self, desired: &[Arc<InstanceSpec>]) -> bool {
         let want: HashSet<Key> = desired.iter().map(|s| (s.server_id.clone(), s.generation)).collect();
         let mut acted = false;
 
@@ -583,12 +590,9 @@ impl Agent {
             // driver's answer covers every one listed. (Asked first, an
             // instance started in between was missing and reported lost.)
             let snapshot: Vec<(Key, Instance)> =
-                self.instances.lock().expect("instances lock").iter().map(|(k, i)| (k.clone(), i.clone())).collect();
+                self.instances.lock().expect("instances lock").iter().filter(|(_, i)| i.is_live()).map(|(k, i)| (k.clone(), i.clone())).collect();
             let observed = self.driver.observe_all().await;
             for (key, inst) in snapshot {
-                if !inst.is_live() {
-                    continue;
-                }
                 match observed.get(&key) {
                     Some(Observed::Exited(exit)) => {
                         let mut exit = exit.clone();
