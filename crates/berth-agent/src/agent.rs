@@ -507,7 +507,7 @@ impl Agent {
                     i.error = Some((ErrorClass::Transient, format!("preflight: {e}")));
                     i
                 }
-                Ok(()) => match self.driver.start(&spec).await {
+                Ok(()) => match self.driver.start(spec).await {
                     Ok(()) => Instance::new(spec.clone(), InstanceState::Starting),
                     Err(e) => {
                         tracing::warn!(server = %spec.server_id, error = %e, "start failed");

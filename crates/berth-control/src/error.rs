@@ -55,7 +55,7 @@ impl From<StoreError> for ControlError {
             e @ StoreError::NotLeader { .. } => ControlError::Unavailable(e.to_string()),
             e @ StoreError::Database(_) if e.is_unavailable() => ControlError::Unavailable(e.to_string()),
             StoreError::Database(e) => ControlError::Internal(e.to_string()),
-            e @ StoreError::NotCommitted(_) => ControlError::Unavailable(e.to_string()),
+            e @ (StoreError::NotCommitted(_) | StoreError::Unavailable(_)) => ControlError::Unavailable(e.to_string()),
             e @ StoreError::Sqlite(_) if e.is_unavailable() => ControlError::Unavailable(e.to_string()),
             StoreError::Sqlite(e) => ControlError::Internal(e.to_string()),
         }

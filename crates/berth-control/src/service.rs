@@ -512,8 +512,14 @@ impl App {
     pub async fn invariants(&self, caller: &Caller) -> Result<InvariantReport, ControlError> {
         caller.require_admin()?;
         let snap = self.store.snapshot().await?;
-        let mut violations = berth_core::invariants::check(&snap.nodes, &snap.servers, &snap.reservations, None);
-        violations.extend(berth_core::invariants::check_billing(&snap.servers, &snap.open_sessions));
+        // O(every server): kept off the async workers, like the read.
+        let violations = tokio::task::spawn_blocking(move || {
+            let mut v = berth_core::invariants::check(&snap.nodes, &snap.servers, &snap.reservations, None);
+            v.extend(berth_core::invariants::check_billing(&snap.servers, &snap.open_sessions));
+            v
+        })
+        .await
+        .map_err(|e| ControlError::Internal(format!("the invariant check failed: {e}")))?;
         Ok(InvariantReport { violations })
     }
 

@@ -27,6 +27,9 @@ pub enum StoreError {
     NotCommitted(String),
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A read could not run (the runtime is shutting down).
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {
@@ -53,7 +56,7 @@ impl StoreError {
                 d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P"))
             }
             StoreError::Database(sqlx::Error::Protocol(m)) => m.contains("connection"),
-            StoreError::NotCommitted(_) => true,
+            StoreError::NotCommitted(_) | StoreError::Unavailable(_) => true,
             // The writer's own connection: a full disk or an I/O error is
             // worth retrying; a bad statement is not.
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {

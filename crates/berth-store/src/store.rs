@@ -30,6 +30,11 @@ impl<T, F> Work<T> for F where F: for<'e> FnOnce(&'e mut dyn Exec) -> BoxFuture<
 pub(crate) trait Backend: Send + Sync + 'static {
     /// Runs `work` in a read-only transaction (one consistent moment).
     async fn read<T: Send + 'static, F: Work<T>>(&self, work: F) -> Result<T, StoreError>;
+    /// `read` for a read that may take long (every row of a table), run
+    /// where it cannot hold up the async workers.
+    async fn read_apart<T: Send + 'static, F: Work<T>>(&self, work: F) -> Result<T, StoreError> {
+        self.read(work).await
+    }
     /// Runs `work` in a write transaction; an error rolls it back.
     async fn write<T: Send + 'static, F: Work<T>>(&self, work: F) -> Result<T, StoreError>;
     /// Writes and commits so far, where the backend counts them.
@@ -107,7 +112,7 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn list_servers(&self, tenant: Option<&str>) -> Result<Vec<Server>, StoreError> {
         let tenant = tenant.map(str::to_string);
-        self.b.read(move |e| Box::pin(async move { reads::list_servers(e, tenant.as_deref()).await })).await
+        self.b.read_apart(move |e| Box::pin(async move { reads::list_servers(e, tenant.as_deref()).await })).await
     }
 
     async fn request_start(&self, id: &ServerId, now: Millis, allow_fresh_world: bool) -> Result<Server, StoreError> {
@@ -322,7 +327,7 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        self.b.read(move |e| Box::pin(async move { reads::snapshot(e).await })).await
+        self.b.read_apart(move |e| Box::pin(async move { reads::snapshot(e).await })).await
     }
 
     async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide) -> Result<(Node, Reconciled), StoreError> {
