@@ -154,10 +154,8 @@ async fn writer(mut conn: rusqlite::Connection, mut rx: mpsc::UnboundedReceiver<
     }
 }
 
-/// Runs one of the writer's fixed transaction statements, cached: parsing
-/// them again for every write was measurable.
 fn sql(conn: &rusqlite::Connection, text: &str) -> Result<(), String> {
-    conn.prepare_cached(text).and_then(|mut s| s.execute([])).map(drop).map_err(|e| format!("{text}: {e}"))
+    crate::sqlite::run_cached(conn, text).map_err(|e| format!("{text}: {e}"))
 }
 
 async fn run_batch(conn: &mut rusqlite::Connection, batch: &mut [Box<dyn Job>]) -> Result<(), String> {

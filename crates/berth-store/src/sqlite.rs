@@ -7,6 +7,7 @@
 //! transactions never contend for SQLite's lock. Reads run on the calling
 //! task, in a read transaction on a connection of a small pool, and see the
 //! last commit; a read is a few short queries and never waits for a write.
+//! A whole-table read runs the same way on tokio's blocking pool.
 //! Statements are function calls into SQLite (rusqlite): none crosses a
 //! thread.
 
@@ -71,6 +72,13 @@ pub(crate) fn connect(path: &Path) -> Result<rusqlite::Connection, StoreError> {
     Ok(conn)
 }
 
+/// Runs a fixed statement without rows (BEGIN, SAVEPOINT, COMMIT, ...)
+/// from the connection's cache: parsing it again for every transaction
+/// was measurable.
+pub(crate) fn run_cached(conn: &rusqlite::Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
 fn migrate(conn: &mut rusqlite::Connection) -> Result<(), StoreError> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")?;
     // Every missing version is applied, not only those above the highest:
@@ -129,10 +137,9 @@ impl Readers {
     /// completes before it returns: nothing here waits.
     async fn read<T, F: Work<T>>(&self, work: F) -> Result<T, StoreError> {
         let mut conn = self.take()?;
-        // Cached statements: `execute_batch` would parse these on every read.
-        conn.prepare_cached("BEGIN")?.execute([])?;
+        run_cached(&conn, "BEGIN")?;
         let out = work(&mut LiteExec { conn: &mut conn }).await;
-        let ended = conn.prepare_cached(if out.is_ok() { "COMMIT" } else { "ROLLBACK" }).and_then(|mut s| s.execute([]));
+        let ended = run_cached(&conn, if out.is_ok() { "COMMIT" } else { "ROLLBACK" });
         if ended.is_ok() {
             self.give(conn);
         }
