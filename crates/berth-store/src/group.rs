@@ -12,6 +12,10 @@
 //! `max_batch` 1 every write is its own transaction, the naive path the
 //! benchmarks compare against.
 //!
+//! Checkpoints (copying the log into the database file) run on a second
+//! thread with its own connection, so no commit waits for one in the
+//! common case; the log is fsynced at every commit either way.
+//!
 //! The thread owns its rusqlite connection and runs every statement itself
 //! (`exec::LiteExec`): no statement crosses a thread. Writes are queries
 //! and pure decisions only; one that awaited anything outside its
@@ -103,6 +107,12 @@ impl GroupCommit {
         // so keeping it in memory changes nothing durable; it holds at most
         // the pages one write touches.
         conn.execute_batch("PRAGMA temp_store = MEMORY;")?;
+        // Checkpoints run on their own thread (`checkpointer`); the writer
+        // checkpoints itself only if the log grows far past that thread's
+        // pace, so the log stays bounded even if the thread falls behind.
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+        let checkpoints = crate::sqlite::connect(path)?;
+        let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
         let (jobs, rx) = mpsc::unbounded_channel();
         let counts = Arc::new(Counts::default());
         let task_counts = counts.clone();
@@ -110,9 +120,13 @@ impl GroupCommit {
             .name("berth-store-writer".into())
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().build().expect("the writer's runtime starts");
-                rt.block_on(writer(conn, rx, max_batch.max(1), task_counts));
+                rt.block_on(writer(conn, rx, max_batch.max(1), task_counts, nudge));
             })
             .map_err(|e| StoreError::NotCommitted(format!("cannot start the writer thread: {e}")))?;
+        std::thread::Builder::new()
+            .name("berth-store-checkpoint".into())
+            .spawn(move || checkpointer(checkpoints, nudged))
+            .map_err(|e| StoreError::NotCommitted(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(GroupCommit { jobs, counts })
     }
 
@@ -131,7 +145,52 @@ impl GroupCommit {
     }
 }
 
-async fn writer(mut conn: rusqlite::Connection, mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>, max_batch: usize, counts: Arc<Counts>) {
+/// The log size (pages, 40 MB) at which the writer checkpoints inside its
+/// own commit. The checkpoint thread copies pages while commits keep
+/// coming, so it rarely finds the log wholly copied; only a checkpoint
+/// right after a commit lets the next transaction start the log over.
+/// By the time the writer's turn comes the thread has copied nearly
+/// everything, so it is short. Measured on the admission burst (three
+/// runs each): 1,000 pages 1,586-1,693/s, 4,000 1,592-1,851/s, 10,000
+/// 1,738-2,046/s.
+const WRITER_CHECKPOINT_PAGES: i64 = 10_000;
+
+/// How long the checkpoint thread lets commits gather before it copies
+/// them into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Copies committed pages from the log into the database file, off the
+/// writer's thread. SQLite's automatic checkpoint runs inside the COMMIT
+/// that crosses its threshold, so one write in every few batches waited
+/// for a checkpoint's writes and fsync on top of its own (commit p90 11 ms
+/// against p50 2 ms under the admission burst). A passive checkpoint on
+/// another connection takes no lock the writer needs; durability is the
+/// log's, and the log is fsynced at every commit either way. Ends when the
+/// writer does.
+fn checkpointer(conn: rusqlite::Connection, nudged: std::sync::mpsc::Receiver<()>) {
+    let mut failing = false;
+    while nudged.recv().is_ok() {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        let _ = nudged.try_recv();
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            // Said once per streak: a full disk would repeat it ten times a second.
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "a checkpoint failed; the next one retries it");
+                failing = true;
+            }
+            Err(_) => {}
+            Ok(()) => failing = false,
+        }
+    }
+}
+
+async fn writer(
+    mut conn: rusqlite::Connection,
+    mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>,
+    max_batch: usize,
+    counts: Arc<Counts>,
+    nudge: std::sync::mpsc::SyncSender<()>,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -152,6 +211,8 @@ async fn writer(mut conn: rusqlite::Connection, mut rx: mpsc::UnboundedReceiver<
                 counts.writes.fetch_add(ok, Ordering::Relaxed);
                 if ok > 0 {
                     counts.commits.fetch_add(1, Ordering::Relaxed);
+                    // Full means a checkpoint is already due.
+                    let _ = nudge.try_send(());
                 }
             }
         }

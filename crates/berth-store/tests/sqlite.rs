@@ -6,7 +6,7 @@ mod suite;
 
 use std::sync::Arc;
 
-use berth_core::{MemMib, NodeId};
+use berth_core::{MemMib, NewEvent, NodeId};
 use berth_store::{SqliteOptions, SqliteStore, Store};
 
 async fn open(dir: &tempfile::TempDir) -> SqliteStore {
@@ -93,4 +93,26 @@ async fn a_newer_schema_is_refused() {
 async fn leadership_is_exclusive_and_fences_commits() {
     let dir = tempfile::tempdir().unwrap();
     suite::leadership_is_exclusive_and_fences_commits(&open(&dir).await).await;
+}
+
+/// Committed pages reach the database file by the checkpoint thread, long
+/// before the log grows to the size at which the writer would checkpoint
+/// inside a commit (10,000 pages): the log does not grow unchecked and no
+/// commit carries a checkpoint's cost in the common case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_pages_are_checkpointed_off_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.db");
+    let store = open(&dir).await;
+    let db_len = || std::fs::metadata(&path).unwrap().len();
+    let before = db_len();
+    // About 400 KB of rows: far below the writer's own threshold (40 MB).
+    for i in 0..1000 {
+        store.insert_server(&suite::server(&format!("ckpt-{i:04}"), 100), &NewEvent { kind: "server_created", server_id: None, node_id: None, message: "x".repeat(100) }).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while db_len() < before + 200 * 1024 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(db_len() >= before + 200 * 1024, "the database file grew from {before} to {} bytes only", db_len());
 }
