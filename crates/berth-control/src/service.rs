@@ -491,6 +491,12 @@ impl App {
                 "counter",
                 vec![(String::new(), w.commits as f64)],
             );
+            gauge(
+                "berth_store_reruns_total",
+                "Write batches undone and run again, a savepoint per write, because one write failed after changing rows.",
+                "counter",
+                vec![(String::new(), w.reruns as f64)],
+            );
         }
         Ok(out)
     }

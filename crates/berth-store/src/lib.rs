@@ -277,6 +277,9 @@ pub struct LeaderLease {
 pub struct WriteStats {
     pub writes: u64,
     pub commits: u64,
+    /// Batches undone and run again with a savepoint per write, because
+    /// one of their writes failed after changing rows.
+    pub reruns: u64,
 }
 
 /// The pure decision `sync_node` runs inside its transaction.

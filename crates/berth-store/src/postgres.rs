@@ -16,7 +16,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use crate::exec::{Arg, Exec, Row as ExecRow, Val};
-use crate::store::{Backend, StoreOn, Work};
+use crate::store::{Backend, StoreOn, Work, WriteWork};
 use crate::{StoreError, WriteStats};
 
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -65,9 +65,9 @@ impl Backend for PostgresBackend {
 
     /// One write in a transaction of its own; concurrent writers serialize
     /// on the row locks the write takes (`Exec::lock`).
-    async fn write<T: Send + 'static, F: Work<T>>(&self, work: F) -> Result<T, StoreError> {
+    async fn write<I: Send + Sync + 'static, T: Send + 'static, F: WriteWork<I, T>>(&self, input: I, work: F) -> Result<T, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let out = work(&mut TxExec(&mut tx)).await?;
+        let out = work(&mut TxExec(&mut tx), &input).await?;
         tx.commit().await?;
         Ok(out)
     }

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 
 use crate::exec::LiteExec;
 use crate::group::GroupCommit;
-use crate::store::{Backend, StoreOn, Work};
+use crate::store::{Backend, StoreOn, Work, WriteWork};
 use crate::{StoreError, WriteStats};
 
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -171,13 +171,13 @@ impl Backend for SqliteBackend {
         }
     }
 
-    async fn write<T: Send + 'static, F: Work<T>>(&self, work: F) -> Result<T, StoreError> {
-        self.group.write(work).await
+    async fn write<I: Send + Sync + 'static, T: Send + 'static, F: WriteWork<I, T>>(&self, input: I, work: F) -> Result<T, StoreError> {
+        self.group.write(input, work).await
     }
 
     fn write_stats(&self) -> Option<WriteStats> {
-        let (writes, commits) = self.group.stats();
-        Some(WriteStats { writes, commits })
+        let (writes, commits, reruns) = self.group.stats();
+        Some(WriteStats { writes, commits, reruns })
     }
 
     fn decides_before_write(&self) -> bool {

@@ -25,6 +25,14 @@ use crate::{
 pub(crate) trait Work<T>: for<'e> FnOnce(&'e mut dyn Exec) -> BoxFuture<'e, Result<T, StoreError>> + Send + 'static {}
 impl<T, F> Work<T> for F where F: for<'e> FnOnce(&'e mut dyn Exec) -> BoxFuture<'e, Result<T, StoreError>> + Send + 'static {}
 
+/// What a write transaction runs: one `writes` function over the write's
+/// inputs, which it borrows. It may run more than once: SQLite's writer
+/// undoes a whole batch and runs it again when one of its writes fails
+/// after changing rows (`group`), so it must decide from the rows and its
+/// inputs alone, as every write does.
+pub(crate) trait WriteWork<I, T>: for<'e> Fn(&'e mut dyn Exec, &'e I) -> BoxFuture<'e, Result<T, StoreError>> + Send + 'static {}
+impl<I, T, F> WriteWork<I, T> for F where F: for<'e> Fn(&'e mut dyn Exec, &'e I) -> BoxFuture<'e, Result<T, StoreError>> + Send + 'static {}
+
 /// How a database runs reads and writes.
 #[async_trait]
 pub(crate) trait Backend: Send + Sync + 'static {
@@ -35,8 +43,8 @@ pub(crate) trait Backend: Send + Sync + 'static {
     async fn read_apart<T: Send + 'static, F: Work<T>>(&self, work: F) -> Result<T, StoreError> {
         self.read(work).await
     }
-    /// Runs `work` in a write transaction; an error rolls it back.
-    async fn write<T: Send + 'static, F: Work<T>>(&self, work: F) -> Result<T, StoreError>;
+    /// Runs `work` over `input` in a write transaction; an error rolls it back.
+    async fn write<I: Send + Sync + 'static, T: Send + 'static, F: WriteWork<I, T>>(&self, input: I, work: F) -> Result<T, StoreError>;
     /// Writes and commits so far, where the backend counts them.
     fn write_stats(&self) -> Option<WriteStats>;
     /// Whether a sync may be decided from a read before its write (one
@@ -61,7 +69,7 @@ impl<B> StoreOn<B> {
 impl<B: Backend> Store for StoreOn<B> {
     async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         let t = t.clone();
-        self.b.write(move |e| Box::pin(async move { writes::insert_token(e, &t).await })).await
+        self.b.write(t, move |e, t| Box::pin(writes::insert_token(e, t))).await
     }
 
     async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -75,7 +83,7 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn register_node(&self, reg: &NodeRegistration, new_id: &NodeId, now: Millis) -> Result<Node, StoreError> {
         let (reg, new_id) = (reg.clone(), new_id.clone());
-        self.b.write(move |e| Box::pin(async move { writes::register_node(e, &reg, &new_id, now).await })).await
+        self.b.write((reg, new_id), move |e, (reg, new_id)| Box::pin(writes::register_node(e, reg, new_id, now))).await
     }
 
     async fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
@@ -93,7 +101,7 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn set_node_status(&self, id: &NodeId, status: NodeStatus) -> Result<Node, StoreError> {
         let id = id.clone();
-        self.b.write(move |e| Box::pin(async move { writes::set_node_status(e, &id, status).await })).await
+        self.b.write(id, move |e, id| Box::pin(writes::set_node_status(e, id, status))).await
     }
 
     async fn node_usage(&self) -> Result<Vec<NodeUsage>, StoreError> {
@@ -102,7 +110,7 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn insert_server(&self, s: &Server, event: &NewEvent) -> Result<(), StoreError> {
         let (s, event) = (s.clone(), event.clone());
-        self.b.write(move |e| Box::pin(async move { writes::insert_server(e, &s, &event).await })).await
+        self.b.write((s, event), move |e, (s, event)| Box::pin(writes::insert_server(e, s, event))).await
     }
 
     async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError> {
@@ -117,17 +125,17 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn request_start(&self, id: &ServerId, now: Millis, allow_fresh_world: bool) -> Result<Server, StoreError> {
         let id = id.clone();
-        self.b.write(move |e| Box::pin(async move { writes::request_start(e, &id, now, allow_fresh_world).await })).await
+        self.b.write(id, move |e, id| Box::pin(writes::request_start(e, id, now, allow_fresh_world))).await
     }
 
     async fn request_stop(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError> {
         let id = id.clone();
-        self.b.write(move |e| Box::pin(async move { writes::request_stop(e, &id, now).await })).await
+        self.b.write(id, move |e, id| Box::pin(writes::request_stop(e, id, now))).await
     }
 
     async fn delete_server(&self, id: &ServerId, now: Millis) -> Result<Server, StoreError> {
         let id = id.clone();
-        self.b.write(move |e| Box::pin(async move { writes::delete_server(e, &id, now).await })).await
+        self.b.write(id, move |e, id| Box::pin(writes::delete_server(e, id, now))).await
     }
 
     async fn queue_snapshot(&self) -> Result<QueueSnapshot, StoreError> {
@@ -142,7 +150,7 @@ impl<B: Backend> Store for StoreOn<B> {
         // The fence is read when the commit is requested; it is checked
         // against the lease row inside the transaction.
         let (plans, fence) = (plans.to_vec(), self.fence.lock().expect("fence lock").clone());
-        self.b.write(move |e| Box::pin(async move { writes::commit_placements(e, &plans, now, fence).await })).await
+        self.b.write((plans, fence), move |e, (plans, fence)| Box::pin(writes::commit_placements(e, plans, now, fence.clone()))).await
     }
 
     async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
@@ -171,12 +179,12 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn try_lead(&self, replica: &str, ttl_ms: i64, now: Millis) -> Result<Option<LeaderLease>, StoreError> {
         let replica = replica.to_string();
-        self.b.write(move |e| Box::pin(async move { writes::try_lead(e, &replica, ttl_ms, now).await })).await
+        self.b.write(replica, move |e, replica| Box::pin(writes::try_lead(e, replica, ttl_ms, now))).await
     }
 
     async fn heartbeat(&self, replica: &ReplicaInfo) -> Result<(), StoreError> {
         let replica = replica.clone();
-        self.b.write(move |e| Box::pin(async move { writes::heartbeat(e, &replica).await })).await
+        self.b.write(replica, move |e, replica| Box::pin(writes::heartbeat(e, replica))).await
     }
 
     async fn cluster(&self) -> Result<(Vec<ReplicaInfo>, Option<LeaderLease>), StoreError> {
@@ -194,12 +202,12 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn apply_verdicts(&self, verdicts: &[Verdict], now: Millis) -> Result<usize, StoreError> {
         let verdicts = verdicts.to_vec();
-        self.b.write(move |e| Box::pin(async move { writes::apply_verdicts(e, &verdicts, now).await })).await
+        self.b.write(verdicts, move |e, verdicts| Box::pin(writes::apply_verdicts(e, verdicts, now))).await
     }
 
     async fn set_drain(&self, id: &NodeId, draining: bool, deadline: Option<Millis>) -> Result<Node, StoreError> {
         let id = id.clone();
-        self.b.write(move |e| Box::pin(async move { writes::set_drain(e, &id, draining, deadline).await })).await
+        self.b.write(id, move |e, id| Box::pin(writes::set_drain(e, id, draining, deadline))).await
     }
 
     async fn sessions_of(&self, server: &ServerId) -> Result<Vec<BillingSession>, StoreError> {
@@ -222,26 +230,26 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn sweep_zombies(&self, now: Millis) -> Result<Vec<BillingSession>, StoreError> {
-        self.b.write(move |e| Box::pin(async move { writes::sweep_zombies(e, now).await })).await
+        self.b.write((), move |e, _| Box::pin(writes::sweep_zombies(e, now))).await
     }
 
     async fn roll_over(&self, max_len_ms: Millis, fresh_ms: Millis, now: Millis) -> Result<usize, StoreError> {
-        self.b.write(move |e| Box::pin(async move { writes::roll_over(e, max_len_ms, fresh_ms, now).await })).await
+        self.b.write((), move |e, _| Box::pin(writes::roll_over(e, max_len_ms, fresh_ms, now))).await
     }
 
     async fn insert_session(&self, s: &BillingSession) -> Result<i64, StoreError> {
         let s = s.clone();
-        self.b.write(move |e| Box::pin(async move { writes::insert_session(e, &s).await })).await
+        self.b.write(s, move |e, s| Box::pin(writes::insert_session(e, s))).await
     }
 
     async fn request_operation(&self, req: &OpRequest, now: Millis) -> Result<(Operation, Server), StoreError> {
         let req = req.clone();
-        self.b.write(move |e| Box::pin(async move { writes::request_operation(e, &req, now).await })).await
+        self.b.write(req, move |e, req| Box::pin(writes::request_operation(e, req, now))).await
     }
 
     async fn advance_operations(&self, server_id: &ServerId, now: Millis) -> Result<Vec<Operation>, StoreError> {
         let server_id = server_id.clone();
-        self.b.write(move |e| Box::pin(async move { writes::advance_operations(e, &server_id, now).await })).await
+        self.b.write(server_id, move |e, server_id| Box::pin(writes::advance_operations(e, server_id, now))).await
     }
 
     async fn get_operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
@@ -260,12 +268,12 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn fail_server(&self, id: &ServerId, generation: Generation, from: ServerStatus, error: &str, event: &NewEvent, now: Millis) -> Result<bool, StoreError> {
         let (id, error, event) = (id.clone(), error.to_string(), event.clone());
-        self.b.write(move |e| Box::pin(async move { writes::fail_server(e, &id, generation, from, &error, &event, now).await })).await
+        self.b.write((id, error, event), move |e, (id, error, event)| Box::pin(writes::fail_server(e, id, generation, from, error, event, now))).await
     }
 
     async fn set_restart_at(&self, id: &ServerId, generation: Generation, at: Millis) -> Result<(), StoreError> {
         let id = id.clone();
-        self.b.write(move |e| Box::pin(async move { writes::set_restart_at(e, &id, generation, at).await })).await
+        self.b.write(id, move |e, id| Box::pin(writes::set_restart_at(e, id, generation, at))).await
     }
 
     async fn killing_on(&self, node_id: &NodeId) -> Result<Vec<(ServerId, Generation)>, StoreError> {
@@ -275,7 +283,7 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn insert_webhook(&self, w: &Webhook) -> Result<Webhook, StoreError> {
         let w = w.clone();
-        self.b.write(move |e| Box::pin(async move { writes::insert_webhook(e, &w).await })).await
+        self.b.write(w, move |e, w| Box::pin(writes::insert_webhook(e, w))).await
     }
 
     async fn list_webhooks(&self, tenant: Option<&str>) -> Result<Vec<Webhook>, StoreError> {
@@ -290,16 +298,16 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn delete_webhook(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_string();
-        self.b.write(move |e| Box::pin(async move { writes::delete_webhook(e, &id).await })).await
+        self.b.write(id, move |e, id| Box::pin(writes::delete_webhook(e, id))).await
     }
 
     async fn set_webhook_enabled(&self, id: &str, enabled: bool) -> Result<Webhook, StoreError> {
         let id = id.to_string();
-        self.b.write(move |e| Box::pin(async move { writes::set_webhook_enabled(e, &id, enabled).await })).await
+        self.b.write(id, move |e, id| Box::pin(writes::set_webhook_enabled(e, id, enabled))).await
     }
 
     async fn fan_out(&self, email: bool, limit: u32, now: Millis) -> Result<usize, StoreError> {
-        self.b.write(move |e| Box::pin(async move { writes::fan_out(e, email, limit, now).await })).await
+        self.b.write((), move |e, _| Box::pin(writes::fan_out(e, email, limit, now))).await
     }
 
     async fn due_deliveries(&self, now: Millis, limit: u32) -> Result<Vec<DeliveryJob>, StoreError> {
@@ -308,7 +316,7 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn record_delivery(&self, id: &str, outcome: &DeliveryOutcome, policy: &DeliveryPolicy, random: u64, now: Millis) -> Result<(), StoreError> {
         let (id, outcome, policy) = (id.to_string(), outcome.clone(), *policy);
-        self.b.write(move |e| Box::pin(async move { writes::record_delivery(e, &id, &outcome, &policy, random, now).await })).await
+        self.b.write((id, outcome, policy), move |e, (id, outcome, policy)| Box::pin(writes::record_delivery(e, id, outcome, policy, random, now))).await
     }
 
     async fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<Delivery>, StoreError> {
@@ -318,7 +326,7 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn insert_events(&self, events: &[NewEvent], now: Millis) -> Result<(), StoreError> {
         let events = events.to_vec();
-        self.b.write(move |e| Box::pin(async move { writes::insert_events(e, &events, now).await })).await
+        self.b.write(events, move |e, events| Box::pin(writes::insert_events(e, events, now))).await
     }
 
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
@@ -338,7 +346,7 @@ impl<B: Backend> Store for StoreOn<B> {
             None
         };
         let input = input.clone();
-        self.b.write(move |e| Box::pin(async move { writes::sync_node(e, &input, now, &decide, pre).await })).await
+        self.b.write((input, decide, std::sync::Mutex::new(pre)), move |e, (input, decide, pre)| Box::pin(writes::sync_node(e, input, now, decide, pre.lock().expect("pre lock").take()))).await
     }
 
     fn set_fence(&self, fence: Option<(String, u64)>) {

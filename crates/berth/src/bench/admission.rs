@@ -52,6 +52,8 @@ struct Measured {
     violations: usize,
     samples: usize,
     writes_per_commit: f64,
+    /// Write batches run a second time (a write failed after changing rows).
+    reruns: f64,
     wall: Duration,
     /// Control-plane CPU time over the burst, per placement.
     cpu_ms_per_placement: f64,
@@ -88,6 +90,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     }
     let writes = after.get("berth_store_writes_total").copied().unwrap_or(0.0) - before.get("berth_store_writes_total").copied().unwrap_or(0.0);
     let commits = after.get("berth_store_commits_total").copied().unwrap_or(0.0) - before.get("berth_store_commits_total").copied().unwrap_or(0.0);
+    let reruns = after.get("berth_store_reruns_total").copied().unwrap_or(0.0) - before.get("berth_store_reruns_total").copied().unwrap_or(0.0);
     let mut seen = sampled + violations(&client).await?;
     // The fleet confirms them running: billing opens, reservations turn
     // active; the checker looks once more with everything settled.
@@ -104,6 +107,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
         violations: seen,
         samples: samples + 2,
         writes_per_commit: if commits > 0.0 { writes / commits } else { 0.0 },
+        reruns,
         wall,
         cpu_ms_per_placement: cpu_burst.map(|c| c.as_secs_f64() * 1000.0 / a.requests as f64).unwrap_or(0.0),
         idle_cpu,
@@ -123,6 +127,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         ("placements/s (group commit)".into(), format!("{:.0}", grouped.placements_per_sec)),
         ("admission p50 / p99 / max ms".into(), format!("{:.1} / {:.1} / {:.1}", grouped.latency.p50, grouped.latency.p99, grouped.latency.max)),
         ("writes per commit".into(), format!("{:.1}", grouped.writes_per_commit)),
+        ("write batches run again".into(), format!("{:.0}", grouped.reruns)),
         ("burst wall time s".into(), format!("{:.2}", grouped.wall.as_secs_f64())),
         ("control-plane CPU ms per placement".into(), format!("{:.2}", grouped.cpu_ms_per_placement)),
         ("control-plane CPU, all running and idle".into(), format!("{:.0} % of a core", grouped.idle_cpu * 100.0)),
@@ -151,6 +156,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         "max_ms": round1(grouped.latency.max),
         "baseline_p99_ms": naive.as_ref().map(|n| round1(n.latency.p99)),
         "writes_per_commit": round1(grouped.writes_per_commit),
+        "batch_reruns": grouped.reruns,
         "cpu_ms_per_placement": (grouped.cpu_ms_per_placement * 100.0).round() / 100.0,
         "idle_cpu_share": (grouped.idle_cpu * 100.0).round() / 100.0,
         "violations": violations,
