@@ -816,6 +816,14 @@ async fn active_ops(e: E<'_>, id: &ServerId) -> Result<Vec<Operation>, StoreErro
     rows.iter().map(op_from_row).collect()
 }
 
+/// Whether `op` has its row yet. A newly admitted operation takes its first
+/// step in memory and is inserted once, as that step left it (`seq` 0
+/// until then: AUTOINCREMENT starts at 1): one row write instead of an
+/// insert and an update of the same row and its indexes.
+fn stored(op: &Operation) -> bool {
+    op.seq != 0
+}
+
 async fn finish(e: E<'_>, op: &mut Operation, status: OpStatus, code: Option<&str>, error: Option<String>, server: Option<&Server>, now: Millis) -> Result<(), StoreError> {
     op.status = status;
     op.error_code = code.map(String::from);
@@ -828,6 +836,9 @@ async fn finish(e: E<'_>, op: &mut Operation, status: OpStatus, code: Option<&st
             op.attempts = op.attempts.max(s.attempts);
             op.next_attempt_at = s.next_attempt_at;
         }
+    }
+    if !stored(op) {
+        return Ok(());
     }
     e.exec(
         "UPDATE operations SET status = ?, error_code = ?, error = ?, finished_at = ?, attempts = ?, next_attempt_at = ? WHERE id = ?",
@@ -882,6 +893,9 @@ async fn set_phase(e: E<'_>, op: &mut Operation, phase: OpPhase, now: Millis) ->
     op.status = OpStatus::Running;
     if op.started_at.is_none() {
         op.started_at = Some(now);
+    }
+    if !stored(op) {
+        return Ok(());
     }
     e.exec("UPDATE operations SET status = 'running', phase = ?, started_at = ? WHERE id = ?", args![phase.as_str(), op.started_at, &op.id]).await?;
     Ok(())
@@ -999,13 +1013,6 @@ pub(crate) async fn request_operation(e: E<'_>, req: &OpRequest, now: Millis) ->
         finish(e, op, OpStatus::Cancelled, Some("cancelled"), Some(why), server.as_ref(), now).await?;
     }
     ops.retain(|o| !o.status.is_terminal());
-    let seq = e
-        .one(
-            "INSERT INTO operations (id, server_id, kind, status, origin, created_at) VALUES (?, ?, ?, 'pending', ?, ?) RETURNING seq",
-            args![&req.new_id, &req.server_id.0, req.kind.as_str(), req.origin.as_str(), now],
-        )
-        .await?
-        .first_int()?;
     let mut op = Operation {
         id: req.new_id.clone(),
         server_id: req.server_id.clone(),
@@ -1013,7 +1020,7 @@ pub(crate) async fn request_operation(e: E<'_>, req: &OpRequest, now: Millis) ->
         status: OpStatus::Pending,
         phase: None,
         origin: req.origin,
-        seq,
+        seq: 0,
         attempts: 0,
         next_attempt_at: None,
         error_code: None,
@@ -1033,6 +1040,28 @@ pub(crate) async fn request_operation(e: E<'_>, req: &OpRequest, now: Millis) ->
     if admission.begin_now {
         begin_op(e, &mut op, &mut server, now).await?;
     }
+    op.seq = e
+        .one(
+            "INSERT INTO operations (id, server_id, kind, status, phase, origin, attempts, next_attempt_at, error_code, error, created_at, \
+             started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+            args![
+                &op.id,
+                &op.server_id.0,
+                op.kind.as_str(),
+                op.status.as_str(),
+                op.phase.map(|p| p.as_str()),
+                op.origin.as_str(),
+                op.attempts as i64,
+                op.next_attempt_at,
+                &op.error_code,
+                &op.error,
+                op.created_at,
+                op.started_at,
+                op.finished_at
+            ],
+        )
+        .await?
+        .first_int()?;
     let after = match &server {
         Some(s) => s.clone(),
         None => Server { status: ServerStatus::Deleted, ..current },
