@@ -53,6 +53,11 @@ impl App {
             ));
         }
         let s = self.find_server(caller, id_or_name).await?;
+        self.operation_on(&s, kind, fresh_world).await
+    }
+
+    /// Requests `kind` on `s`, a server the caller may see (`operation_with`).
+    async fn operation_on(&self, s: &Server, kind: OpKind, fresh_world: bool) -> Result<(Operation, Server), ControlError> {
         let req = OpRequest { server_id: s.id.clone(), kind, origin: OpOrigin::User, new_id: new_operation_id(), fresh_world };
         let (op, server) = self.store.request_operation(&req, self.clock.now_ms()).await.map_err(|e| match e {
             StoreError::OperationInProgress { blocking, status, id } => {
@@ -60,7 +65,7 @@ impl App {
             }
             other => other.into(),
         })?;
-        self.after_operation_change(&s);
+        self.after_operation_change(s);
         Ok((op, server))
     }
 
@@ -68,18 +73,35 @@ impl App {
     /// (or the start ended, or `timeout` passed): the server as it is
     /// then. A client measures from request to committed reservation.
     pub async fn start_and_wait_placed(&self, caller: &Caller, id_or_name: &str, fresh_world: bool, timeout: Duration) -> Result<(Operation, Server), ControlError> {
-        let (op, before) = self.operation_with(caller, id_or_name, OpKind::Start, fresh_world).await?;
+        let s = self.find_server(caller, id_or_name).await?;
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut started: Option<(Operation, Server)> = None;
         loop {
             // Interest is registered before the store is read, so a
-            // placement committed in between is not missed.
-            let wake = self.placed.get(&before.id);
+            // placement committed in between is not missed. The first read
+            // is the start request itself: the server as it left it.
+            let wake = self.placed.get(&s.id);
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let current = match self.store.get_server(&before.id.0).await? {
-                Some(s) => s,
-                None => Server { status: ServerStatus::Deleted, ..before.clone() },
+            let (op, before, current) = match &started {
+                None => match self.operation_on(&s, OpKind::Start, fresh_world).await {
+                    Ok((op, server)) => {
+                        started = Some((op.clone(), server.clone()));
+                        (op, server.clone(), server)
+                    }
+                    Err(e) => {
+                        self.placed.release(&s.id, &wake);
+                        return Err(e);
+                    }
+                },
+                Some((op, before)) => {
+                    let current = match self.store.get_server(&before.id.0).await? {
+                        Some(s) => s,
+                        None => Server { status: ServerStatus::Deleted, ..before.clone() },
+                    };
+                    (op.clone(), before.clone(), current)
+                }
             };
             let placed = current.generation > before.generation && current.status.holds_reservation();
             // While the server waits in the queue its start still runs;
