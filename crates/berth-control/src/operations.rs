@@ -75,34 +75,28 @@ impl App {
     pub async fn start_and_wait_placed(&self, caller: &Caller, id_or_name: &str, fresh_world: bool, timeout: Duration) -> Result<(Operation, Server), ControlError> {
         let s = self.find_server(caller, id_or_name).await?;
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut started: Option<(Operation, Server)> = None;
-        loop {
-            // Interest is registered before the store is read, so a
-            // placement committed in between is not missed. The first read
-            // is the start request itself: the server as it left it.
-            let wake = self.placed.get(&s.id);
-            let notified = wake.notified();
-            tokio::pin!(notified);
+        // Interest is registered before every look at the server, so a
+        // placement committed in between is not missed. The first look is
+        // the start request's own answer: the server as it left it.
+        let watch = |waiters: &crate::waker::PlacementWaiters| {
+            let wake = waiters.get(&s.id);
+            let mut notified = Box::pin(wake.clone().notified_owned());
             notified.as_mut().enable();
-            let (op, before, current) = match &started {
-                None => match self.operation_on(&s, OpKind::Start, fresh_world).await {
-                    Ok((op, server)) => {
-                        started = Some((op.clone(), server.clone()));
-                        (op, server.clone(), server)
-                    }
-                    Err(e) => {
-                        self.placed.release(&s.id, &wake);
-                        return Err(e);
-                    }
-                },
-                Some((op, before)) => {
-                    let current = match self.store.get_server(&before.id.0).await? {
-                        Some(s) => s,
-                        None => Server { status: ServerStatus::Deleted, ..before.clone() },
-                    };
-                    (op.clone(), before.clone(), current)
-                }
-            };
+            (wake, notified)
+        };
+        let (mut wake, mut notified) = watch(&self.placed);
+        let (op, before) = match self.operation_on(&s, OpKind::Start, fresh_world).await {
+            Ok(started) => started,
+            Err(e) => {
+                // The pending wait holds a handle too: gone first, so the
+                // entry is forgotten.
+                drop(notified);
+                self.placed.release(&s.id, &wake);
+                return Err(e);
+            }
+        };
+        let mut current = before.clone();
+        loop {
             let placed = current.generation > before.generation && current.status.holds_reservation();
             // While the server waits in the queue its start still runs;
             // only otherwise can the start have ended.
@@ -111,7 +105,8 @@ impl App {
                 now.as_ref().is_none_or(|o| o.status.is_terminal())
             };
             if done || tokio::time::Instant::now() >= deadline {
-                self.placed.release(&before.id, &wake);
+                drop(notified);
+                self.placed.release(&s.id, &wake);
                 return Ok((op, current));
             }
             tokio::select! {
@@ -121,6 +116,11 @@ impl App {
                 _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
+            (wake, notified) = watch(&self.placed);
+            current = match self.store.get_server(&s.id.0).await? {
+                Some(now) => now,
+                None => Server { status: ServerStatus::Deleted, ..before.clone() },
+            };
         }
     }
 

@@ -324,3 +324,21 @@ async fn memory_freed_by_a_stop_is_planned_at_once_although_the_queue_plans_on_a
     let violations = berth_core::invariants::check(&v.nodes, &v.servers, &v.reservations, None);
     assert!(violations.is_empty(), "{violations:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_waiting_for_its_placement_answers_placed_or_queued_and_forgets_its_wait() {
+    let h = Harness::new(1024).await;
+    h.create("a", 1024, "never").await;
+    h.create("b", 512, "never").await;
+    let app = &h.cp.app;
+    let (_, a) = app.start_and_wait_placed(&h.admin, "a", false, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(a.status, ServerStatus::Starting, "answered once its memory is reserved: {a:?}");
+    assert!(a.node_id.is_some(), "{a:?}");
+    // b cannot fit while a holds the node: the wait ends at its timeout
+    // with b still queued.
+    let (_, b) = app.start_and_wait_placed(&h.admin, "b", false, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(b.status, ServerStatus::Queued, "{b:?}");
+    // An unknown server is refused before anything waits.
+    assert!(app.start_and_wait_placed(&h.admin, "nope", false, Duration::from_secs(1)).await.is_err());
+    assert!(app.placed.is_empty(), "every wait forgot its wake-up: {} left", app.placed.len());
+}
