@@ -111,12 +111,13 @@ impl GroupCommit {
     /// starts its thread.
     pub(crate) fn spawn(path: &Path, max_batch: usize) -> Result<GroupCommit, StoreError> {
         let conn = crate::sqlite::connect(path)?;
-        // Each write runs in a savepoint, and SQLite copies every page a
-        // savepoint first touches into a sub-journal, by default a temporary
-        // file: a third of the writer's time went to those pwrites. The
-        // sub-journal only serves a rollback inside the open transaction,
-        // so keeping it in memory changes nothing durable; it holds at most
-        // the pages one write touches.
+        // Savepoints (a batch run again) and statement journals (a statement
+        // that may fail after changing rows) copy the pages they first touch
+        // into a sub-journal, by default a temporary file: when every write
+        // ran in a savepoint, a third of the writer's time went to those
+        // pwrites. The sub-journal only serves a rollback inside the open
+        // transaction, so keeping it in memory changes nothing durable; it
+        // holds at most the pages one write touches.
         conn.execute_batch("PRAGMA temp_store = MEMORY;")?;
         // Checkpoints run on their own thread (`checkpointer`); the writer
         // checkpoints itself only if the log grows far past that thread's

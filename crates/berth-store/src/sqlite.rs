@@ -2,8 +2,9 @@
 //! migrations, one writer.
 //!
 //! Every write runs on the writer thread (`group`), on its own connection,
-//! group-committed: many writes in one transaction, each in its own
-//! savepoint, answered after the one commit. One writer means write
+//! group-committed: many writes in one transaction (a savepoint each only
+//! when a failed write must be undone alone), answered after the one
+//! commit. One writer means write
 //! transactions never contend for SQLite's lock. Reads run on the calling
 //! task, in a read transaction on a connection of a small pool, and see the
 //! last commit; a read is a few short queries and never waits for a write.
