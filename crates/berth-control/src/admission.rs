@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::clock::Clock;
 use crate::error::ControlError;
-use crate::waker::{NodeWaker, PlacementWaiters};
+use crate::waker::{NodeWaker, PlacedFacts, PlacementWaiters};
 use crate::worker::{Worker, WorkerState};
 use crate::ControlConfig;
 
@@ -160,12 +160,12 @@ impl Worker for QueueWorker {
         let mut woken = std::collections::HashSet::new();
         for (p, outcome) in plans.iter().zip(&outcomes) {
             match outcome {
-                PlacementOutcome::Committed { .. } => {
+                PlacementOutcome::Committed { generation, at } => {
                     committed += 1;
                     if let Some(cap) = carried.capacities.iter_mut().find(|c| c.node_id == p.node_id) {
                         cap.reserve(p);
                     }
-                    self.placed.placed(&p.server_id);
+                    self.placed.placed(&p.server_id, PlacedFacts { node_id: p.node_id.clone(), port: p.port, generation: *generation, at: *at });
                     if woken.insert(&p.node_id) {
                         self.nodes.wake(&p.node_id);
                     }

@@ -117,9 +117,21 @@ impl App {
                 _ = tokio::time::sleep_until(deadline) => {}
             }
             (wake, notified) = watch(&self.placed);
-            current = match self.store.get_server(&s.id.0).await? {
-                Some(now) => now,
-                None => Server { status: ServerStatus::Deleted, ..before.clone() },
+            // Woken by the commit that placed it: that commit's columns on
+            // the server as the start left it are the row as committed.
+            current = match self.placed.take_placed(&s.id).filter(|f| f.generation > before.generation) {
+                Some(f) => Server {
+                    status: ServerStatus::Starting,
+                    node_id: Some(f.node_id),
+                    port: Some(f.port),
+                    generation: f.generation,
+                    updated_at: f.at,
+                    ..before.clone()
+                },
+                None => match self.store.get_server(&s.id.0).await? {
+                    Some(now) => now,
+                    None => Server { status: ServerStatus::Deleted, ..before.clone() },
+                },
             };
         }
     }

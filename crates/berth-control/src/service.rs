@@ -47,6 +47,16 @@ pub struct App {
     pub ops_wake: Arc<Notify>,
     /// Tokens recently verified.
     pub tokens: auth::TokenCache,
+    /// Agent syncs answered, and of them those that carried a changed
+    /// desired set: how hard the fleet's lease renewals and reports press
+    /// on the store.
+    pub syncs: SyncCounts,
+}
+
+#[derive(Default)]
+pub struct SyncCounts {
+    pub total: std::sync::atomic::AtomicU64,
+    pub with_desired: std::sync::atomic::AtomicU64,
 }
 
 const DEFAULT_TENANT: &str = "default";
@@ -483,6 +493,9 @@ impl App {
         ] {
             gauge(name, help, "counter", vec![(String::new(), count(kind) as f64)]);
         }
+        let syncs = |c: &std::sync::atomic::AtomicU64| vec![(String::new(), c.load(std::sync::atomic::Ordering::Relaxed) as f64)];
+        gauge("berth_agent_syncs_total", "Agent syncs (lease renewals with reports) answered.", "counter", syncs(&self.syncs.total));
+        gauge("berth_agent_syncs_desired_total", "Agent syncs answered with a changed desired set.", "counter", syncs(&self.syncs.with_desired));
         if let Some(w) = self.store.write_stats() {
             gauge("berth_store_writes_total", "Writes the store committed since it opened.", "counter", vec![(String::new(), w.writes as f64)]);
             gauge(
@@ -583,6 +596,7 @@ impl App {
         let decide: berth_store::Decide =
             Arc::new(move |placed: &[berth_core::reconcile::Placed], last_alive: i64| reconcile(placed, &report, now, last_alive, &retry, random));
         let (node, decided) = self.store.sync_node(&input, now, decide).await?;
+        self.syncs.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if decided.changes.iter().any(|c| !matches!(c, Change::Usage { .. } | Change::Confirmed { .. })) {
             // Capacity was freed or a server went back to the queue.
             self.queue_wake.notify_one();
@@ -602,10 +616,20 @@ impl App {
         notified.as_mut().enable();
         let mut keys = self.store.desired_keys(&node_id).await?;
         let mut kill = self.store.killing_on(&node_id).await?;
+        // Woken by a change to the node's servers: its desired set most
+        // likely changed, so it is read whole at once (its keys first would
+        // be a read more for the same answer).
+        let mut desired = None;
         if req.wait_ms > 0 && nothing_to_do(&keys, &kill, &req) {
             let wait = Duration::from_millis(req.wait_ms.min(self.cfg.long_poll_max_ms));
-            let _ = tokio::time::timeout(wait, notified).await;
-            keys = self.store.desired_keys(&node_id).await?;
+            let woken = tokio::time::timeout(wait, notified).await.is_ok();
+            if woken {
+                let servers = self.store.desired_on(&node_id).await?;
+                keys = servers.iter().map(|s| (s.id.clone(), s.generation)).collect();
+                desired = Some(servers);
+            } else {
+                keys = self.store.desired_keys(&node_id).await?;
+            }
             kill = self.store.killing_on(&node_id).await?;
         }
         let version = berth_api::desired_version(&keys);
@@ -622,7 +646,11 @@ impl App {
         }
         // The set changed: read and render it whole, and name what was
         // read (it may have moved on since the keys were read).
-        let desired = self.store.desired_on(&node_id).await?;
+        let desired = match desired {
+            Some(servers) => servers,
+            None => self.store.desired_on(&node_id).await?,
+        };
+        self.syncs.with_desired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let keys: Vec<(ServerId, u64)> = desired.iter().map(|s| (s.id.clone(), s.generation)).collect();
         Ok(SyncResponse {
             desired: desired.iter().filter_map(|s| self.render(s)).collect(),

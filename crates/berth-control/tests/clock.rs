@@ -334,6 +334,9 @@ async fn a_start_waiting_for_its_placement_answers_placed_or_queued_and_forgets_
     let (_, a) = app.start_and_wait_placed(&h.admin, "a", false, Duration::from_secs(5)).await.unwrap();
     assert_eq!(a.status, ServerStatus::Starting, "answered once its memory is reserved: {a:?}");
     assert!(a.node_id.is_some(), "{a:?}");
+    // Answered from what the placing commit wrote, not a re-read: it must
+    // be the row as committed, field for field.
+    assert_eq!(a, h.server("a").await, "the answer is the server row as committed");
     // b cannot fit while a holds the node: the wait ends at its timeout
     // with b still queued.
     let (_, b) = app.start_and_wait_placed(&h.admin, "b", false, Duration::from_millis(300)).await.unwrap();

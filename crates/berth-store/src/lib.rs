@@ -82,7 +82,8 @@ pub struct Snapshot {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlacementOutcome {
-    Committed { generation: u64 },
+    /// Reserved under `generation`, in the commit stamped `at`.
+    Committed { generation: u64, at: Millis },
     /// The node no longer fits the plan; the server stays queued.
     Rejected(Misfit),
     /// The server changed since the snapshot (stopped, deleted, placed).

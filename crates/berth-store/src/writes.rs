@@ -395,7 +395,7 @@ pub(crate) async fn commit_placements(e: E<'_>, plans: &[Placement], now: Millis
             message: format!("server {name} placed on node {} (generation {new_gen}, port {})", p.node_id, p.port),
         };
         insert_events(e, &[ev], now).await?;
-        out.push(PlacementOutcome::Committed { generation: new_gen });
+        out.push(PlacementOutcome::Committed { generation: new_gen, at: now });
     }
     Ok(out)
 }

@@ -52,6 +52,9 @@ struct Measured {
     violations: usize,
     samples: usize,
     writes_per_commit: f64,
+    /// Agent syncs answered during the burst, per placement.
+    syncs_per_placement: f64,
+    writes_per_placement: f64,
     /// Write batches run a second time (a write failed after changing rows).
     reruns: f64,
     wall: Duration,
@@ -90,6 +93,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     }
     let writes = after.get("berth_store_writes_total").copied().unwrap_or(0.0) - before.get("berth_store_writes_total").copied().unwrap_or(0.0);
     let commits = after.get("berth_store_commits_total").copied().unwrap_or(0.0) - before.get("berth_store_commits_total").copied().unwrap_or(0.0);
+    let syncs = after.get("berth_agent_syncs_total").copied().unwrap_or(0.0) - before.get("berth_agent_syncs_total").copied().unwrap_or(0.0);
     let reruns = after.get("berth_store_reruns_total").copied().unwrap_or(0.0) - before.get("berth_store_reruns_total").copied().unwrap_or(0.0);
     let mut seen = sampled + violations(&client).await?;
     // The fleet confirms them running: billing opens, reservations turn
@@ -107,6 +111,8 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
         violations: seen,
         samples: samples + 2,
         writes_per_commit: if commits > 0.0 { writes / commits } else { 0.0 },
+        syncs_per_placement: syncs / a.requests.max(1) as f64,
+        writes_per_placement: writes / a.requests.max(1) as f64,
         reruns,
         wall,
         cpu_ms_per_placement: cpu_burst.map(|c| c.as_secs_f64() * 1000.0 / a.requests as f64).unwrap_or(0.0),
@@ -127,6 +133,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         ("placements/s (group commit)".into(), format!("{:.0}", grouped.placements_per_sec)),
         ("admission p50 / p99 / max ms".into(), format!("{:.1} / {:.1} / {:.1}", grouped.latency.p50, grouped.latency.p99, grouped.latency.max)),
         ("writes per commit".into(), format!("{:.1}", grouped.writes_per_commit)),
+        ("store writes / agent syncs per placement".into(), format!("{:.2} / {:.2}", grouped.writes_per_placement, grouped.syncs_per_placement)),
         ("write batches run again".into(), format!("{:.0}", grouped.reruns)),
         ("burst wall time s".into(), format!("{:.2}", grouped.wall.as_secs_f64())),
         ("control-plane CPU ms per placement".into(), format!("{:.2}", grouped.cpu_ms_per_placement)),
@@ -156,6 +163,8 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         "max_ms": round1(grouped.latency.max),
         "baseline_p99_ms": naive.as_ref().map(|n| round1(n.latency.p99)),
         "writes_per_commit": round1(grouped.writes_per_commit),
+        "writes_per_placement": (grouped.writes_per_placement * 100.0).round() / 100.0,
+        "syncs_per_placement": (grouped.syncs_per_placement * 100.0).round() / 100.0,
         "batch_reruns": grouped.reruns,
         "cpu_ms_per_placement": (grouped.cpu_ms_per_placement * 100.0).round() / 100.0,
         "idle_cpu_share": (grouped.idle_cpu * 100.0).round() / 100.0,
