@@ -24,9 +24,14 @@ impl Caller {
 
     /// Admins see every server; a tenant only its own; agents none.
     pub fn can_see(&self, s: &Server) -> bool {
+        self.can_see_tenant(&s.tenant)
+    }
+
+    /// Whether the caller may see a server of `tenant`.
+    pub fn can_see_tenant(&self, tenant: &str) -> bool {
         match self.kind {
             TokenKind::Admin => true,
-            TokenKind::Tenant => self.tenant.as_deref() == Some(s.tenant.as_str()),
+            TokenKind::Tenant => self.tenant.as_deref() == Some(tenant),
             TokenKind::Agent => false,
         }
     }

@@ -20,7 +20,7 @@ use berth_core::operation::{needs_advance, OpKind, OpOrigin, Operation};
 use berth_core::queue::{no_capacity_message, timed_out};
 use berth_core::restart::RestartDecision;
 use berth_core::{NewEvent, Server, ServerStatus};
-use berth_store::{OpFilter, OpRequest, Store, StoreError};
+use berth_store::{OpFilter, OpRequest, ServerRef, Store, StoreError};
 use tokio::sync::Notify;
 
 use crate::auth::Caller;
@@ -52,12 +52,12 @@ impl App {
                 format!("{kind} is reserved: the guard table knows it, but this version cannot run it"),
             ));
         }
-        let s = self.find_server(caller, id_or_name).await?;
+        let s = self.find_server_ref(caller, id_or_name).await?;
         self.operation_on(&s, kind, fresh_world).await
     }
 
     /// Requests `kind` on `s`, a server the caller may see (`operation_with`).
-    async fn operation_on(&self, s: &Server, kind: OpKind, fresh_world: bool) -> Result<(Operation, Server), ControlError> {
+    async fn operation_on(&self, s: &ServerRef, kind: OpKind, fresh_world: bool) -> Result<(Operation, Server), ControlError> {
         let req = OpRequest { server_id: s.id.clone(), kind, origin: OpOrigin::User, new_id: new_operation_id(), fresh_world };
         let (op, server) = self.store.request_operation(&req, self.clock.now_ms()).await.map_err(|e| match e {
             StoreError::OperationInProgress { blocking, status, id } => {
@@ -65,7 +65,7 @@ impl App {
             }
             other => other.into(),
         })?;
-        self.after_operation_change(s);
+        self.after_operation_change(s.node_id.as_ref());
         Ok((op, server))
     }
 
@@ -73,7 +73,7 @@ impl App {
     /// (or the start ended, or `timeout` passed): the server as it is
     /// then. A client measures from request to committed reservation.
     pub async fn start_and_wait_placed(&self, caller: &Caller, id_or_name: &str, fresh_world: bool, timeout: Duration) -> Result<(Operation, Server), ControlError> {
-        let s = self.find_server(caller, id_or_name).await?;
+        let s = self.find_server_ref(caller, id_or_name).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         // Interest is registered before every look at the server, so a
         // placement committed in between is not missed. The first look is
@@ -136,11 +136,11 @@ impl App {
         }
     }
 
-    /// Wakes whoever acts next: the queue for a start, the node's agent for
-    /// a stop or kill, the executor for whatever waits.
-    pub(crate) fn after_operation_change(&self, before: &Server) {
+    /// Wakes whoever acts next: the queue for a start, the agent of the
+    /// node the server was on for a stop or kill.
+    pub(crate) fn after_operation_change(&self, node_before: Option<&berth_core::NodeId>) {
         self.queue_wake.notify_one();
-        if let Some(node) = &before.node_id {
+        if let Some(node) = node_before {
             self.nodes.wake(node);
         }
         // The executor need not be woken: what waits behind this operation

@@ -206,6 +206,16 @@ impl App {
         }
     }
 
+    /// Like `find_server`, reading only who the server is: enough for a
+    /// request that goes on to a write, which reads the row itself.
+    pub async fn find_server_ref(&self, caller: &Caller, id_or_name: &str) -> Result<berth_store::ServerRef, ControlError> {
+        caller.require_user()?;
+        match self.store.resolve_server(id_or_name).await? {
+            Some(s) if caller.can_see_tenant(&s.tenant) => Ok(s),
+            _ => Err(ControlError::NotFound(format!("server {id_or_name:?}"))),
+        }
+    }
+
     pub async fn list_servers(&self, caller: &Caller) -> Result<Vec<Server>, ControlError> {
         caller.require_user()?;
         let tenant = if caller.is_admin() { None } else { caller.tenant.as_deref() };

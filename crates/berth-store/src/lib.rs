@@ -90,6 +90,14 @@ pub enum PlacementOutcome {
     Stale,
 }
 
+/// A live server's identity, its owner and its node (`Store::resolve_server`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerRef {
+    pub id: ServerId,
+    pub tenant: String,
+    pub node_id: Option<NodeId>,
+}
+
 /// A sync report, as far as the store needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyncInput {
@@ -308,6 +316,9 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a new server; a live server of the same name is a conflict.
     async fn insert_server(&self, s: &Server, event: &NewEvent) -> Result<(), StoreError>;
     async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError>;
+    /// Who a live server is, by id or name, without reading the rest of
+    /// its row: what a request must know before it asks for a write.
+    async fn resolve_server(&self, id_or_name: &str) -> Result<Option<ServerRef>, StoreError>;
     async fn list_servers(&self, tenant: Option<&str>) -> Result<Vec<Server>, StoreError>;
     /// Queues a server. A stateful server lost with its node waits for that
     /// node unless `allow_fresh_world` lets it start elsewhere on a new world.

@@ -13,7 +13,7 @@ use crate::rows::*;
 use crate::writes::{placed_sql, PreDecided};
 use crate::{
     ActiveOps, BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, EventFilter, LeaderLease, LedgerEntry, NodeUsage, OpFilter, OpsWork,
-    QueueSnapshot, ReplicaInfo, Snapshot, StoreError, SyncInput, TokenRecord,
+    QueueSnapshot, ReplicaInfo, ServerRef, Snapshot, StoreError, SyncInput, TokenRecord,
 };
 
 type E<'a> = &'a mut dyn Exec;
@@ -68,6 +68,19 @@ pub(crate) async fn get_server(e: E<'_>, id_or_name: &str) -> Result<Option<Serv
          UNION ALL SELECT {SERVER_COLS} FROM servers WHERE name = ? AND status <> 'deleted' LIMIT 1"
     );
     e.row(&sql, args![id_or_name, id_or_name]).await?.as_ref().map(server_from_row).transpose()
+}
+
+pub(crate) async fn resolve_server(e: E<'_>, id_or_name: &str) -> Result<Option<ServerRef>, StoreError> {
+    // The same two lookups as `get_server`, three columns instead of the
+    // whole row.
+    let row = e
+        .row(
+            "SELECT id, tenant, node_id FROM servers WHERE id = ? AND status <> 'deleted' \
+             UNION ALL SELECT id, tenant, node_id FROM servers WHERE name = ? AND status <> 'deleted' LIMIT 1",
+            args![id_or_name, id_or_name],
+        )
+        .await?;
+    row.map(|r| Ok(ServerRef { id: ServerId(r.text("id")?), tenant: r.text("tenant")?, node_id: r.opt_text("node_id")?.map(NodeId) })).transpose()
 }
 
 pub(crate) async fn list_servers(e: E<'_>, tenant: Option<&str>) -> Result<Vec<Server>, StoreError> {

@@ -17,7 +17,7 @@ use crate::group::BoxFuture;
 use crate::{reads, writes};
 use crate::{
     BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, DeliveryOutcome, DeliveryPolicy, EventFilter, LeaderLease, LedgerEntry,
-    NodeRegistration, NodeUsage, OpFilter, OpRequest, OpsWork, PlacementOutcome, QueueSnapshot, ReplicaInfo, Snapshot, Store, StoreError, SyncInput,
+    NodeRegistration, NodeUsage, OpFilter, OpRequest, OpsWork, PlacementOutcome, QueueSnapshot, ReplicaInfo, ServerRef, Snapshot, Store, StoreError, SyncInput,
     TokenRecord, WriteStats,
 };
 
@@ -116,6 +116,11 @@ impl<B: Backend> Store for StoreOn<B> {
     async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError> {
         let id_or_name = id_or_name.to_string();
         self.b.read(move |e| Box::pin(async move { reads::get_server(e, &id_or_name).await })).await
+    }
+
+    async fn resolve_server(&self, id_or_name: &str) -> Result<Option<ServerRef>, StoreError> {
+        let id_or_name = id_or_name.to_string();
+        self.b.read(move |e| Box::pin(async move { reads::resolve_server(e, &id_or_name).await })).await
     }
 
     async fn list_servers(&self, tenant: Option<&str>) -> Result<Vec<Server>, StoreError> {

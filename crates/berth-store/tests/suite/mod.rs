@@ -9,7 +9,7 @@ use berth_core::placement::Placement;
 use berth_core::reconcile::{Change, Reconciled};
 use berth_core::{LastExit, MemMib, NewEvent, NodeId, PortRange, Server, ServerId, ServerStatus};
 use berth_core::operation::{OpKind, OpOrigin, OpStatus as BurstOpStatus};
-use berth_store::{NodeRegistration, OpRequest, PlacementOutcome, Store, StoreError, SyncInput};
+use berth_store::{NodeRegistration, OpRequest, PlacementOutcome, ServerRef, Store, StoreError, SyncInput};
 
 pub fn reg(name: &str, mib: u64) -> NodeRegistration {
     NodeRegistration {
@@ -104,6 +104,11 @@ pub async fn stale_plans_cannot_overcommit(store: &dyn Store) {
     assert_eq!(usage[0].reserved, MemMib(2048));
     assert_eq!(store.get_server("c").await.unwrap().unwrap().status, ServerStatus::Queued);
     assert_eq!(store.get_server("a").await.unwrap().unwrap().status, ServerStatus::Starting);
+    // Who a server is, by name or id: its node once placed, none while queued.
+    let placed = ServerRef { id: a.id.clone(), tenant: a.tenant.clone(), node_id: Some(node.id.clone()) };
+    assert_eq!(store.resolve_server("a").await.unwrap(), Some(placed.clone()));
+    assert_eq!(store.resolve_server(&a.id.0).await.unwrap(), Some(placed));
+    assert_eq!(store.resolve_server("c").await.unwrap().and_then(|r| r.node_id), None);
     assert_no_violations(store).await;
 }
 
@@ -308,7 +313,11 @@ pub async fn names_and_transitions(store: &dyn Store) {
     assert!(matches!(store.request_start(&a.id, 4, false).await, Err(StoreError::Invalid(_))));
     store.delete_server(&a.id, 5).await.unwrap();
     assert!(store.get_server("a").await.unwrap().is_none());
+    assert_eq!(store.resolve_server("a").await.unwrap(), None, "a deleted server is nobody");
+    assert_eq!(store.resolve_server(&a.id.0).await.unwrap(), None);
     store.insert_server(&dup, &ev()).await.unwrap();
+    // The name now means the new server.
+    assert_eq!(store.resolve_server("a").await.unwrap().map(|r| r.id), Some(dup.id.clone()));
     assert_eq!(store.list_servers(None).await.unwrap().len(), 1);
     assert!(matches!(store.request_start(&a.id, 6, false).await, Err(StoreError::NotFound { .. })));
 }
