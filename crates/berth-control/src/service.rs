@@ -4,6 +4,7 @@
 //! are the pure functions of `berth_core`. HTTP details stay in `http`.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,8 +56,8 @@ pub struct App {
 
 #[derive(Default)]
 pub struct SyncCounts {
-    pub total: std::sync::atomic::AtomicU64,
-    pub with_desired: std::sync::atomic::AtomicU64,
+    pub total: AtomicU64,
+    pub with_desired: AtomicU64,
 }
 
 const DEFAULT_TENANT: &str = "default";
@@ -503,7 +504,7 @@ impl App {
         ] {
             gauge(name, help, "counter", vec![(String::new(), count(kind) as f64)]);
         }
-        let syncs = |c: &std::sync::atomic::AtomicU64| vec![(String::new(), c.load(std::sync::atomic::Ordering::Relaxed) as f64)];
+        let syncs = |c: &AtomicU64| vec![(String::new(), c.load(Ordering::Relaxed) as f64)];
         gauge("berth_agent_syncs_total", "Agent syncs (lease renewals with reports) answered.", "counter", syncs(&self.syncs.total));
         gauge("berth_agent_syncs_desired_total", "Agent syncs answered with a changed desired set.", "counter", syncs(&self.syncs.with_desired));
         if let Some(w) = self.store.write_stats() {
@@ -606,7 +607,7 @@ impl App {
         let decide: berth_store::Decide =
             Arc::new(move |placed: &[berth_core::reconcile::Placed], last_alive: i64| reconcile(placed, &report, now, last_alive, &retry, random));
         let (node, decided) = self.store.sync_node(&input, now, decide).await?;
-        self.syncs.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.syncs.total.fetch_add(1, Ordering::Relaxed);
         if decided.changes.iter().any(|c| !matches!(c, Change::Usage { .. } | Change::Confirmed { .. })) {
             // Capacity was freed or a server went back to the queue.
             self.queue_wake.notify_one();
@@ -654,17 +655,20 @@ impl App {
                 sync_interval_ms: self.cfg.sync_interval_ms,
             });
         }
-        // The set changed: read and render it whole, and name what was
-        // read (it may have moved on since the keys were read).
-        let desired = match desired {
-            Some(servers) => servers,
-            None => self.store.desired_on(&node_id).await?,
+        // The set changed: render it whole, and name what was read. Read
+        // after its keys, it may have moved on since: versioned again.
+        let (desired, version) = match desired {
+            Some(servers) => (servers, version),
+            None => {
+                let servers = self.store.desired_on(&node_id).await?;
+                let keys: Vec<(ServerId, u64)> = servers.iter().map(|s| (s.id.clone(), s.generation)).collect();
+                (servers, berth_api::desired_version(&keys))
+            }
         };
-        self.syncs.with_desired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let keys: Vec<(ServerId, u64)> = desired.iter().map(|s| (s.id.clone(), s.generation)).collect();
+        self.syncs.with_desired.fetch_add(1, Ordering::Relaxed);
         Ok(SyncResponse {
             desired: desired.iter().filter_map(|s| self.render(s)).collect(),
-            desired_version: berth_api::desired_version(&keys),
+            desired_version: version,
             unchanged: false,
             kill,
             lease_ttl_ms: self.cfg.lease_ttl_ms,

@@ -15,7 +15,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::harness::{
-    cores, create_servers, metrics, percentiles, round1, start_all_placed, violations, wait_running, ControlProc, FleetSpec, Percentiles,
+    cores, create_servers, metrics, percentiles, round1, round2, start_all_placed, violations, wait_running, ControlProc, FleetSpec, Percentiles,
     Sampler, SimFleet,
 };
 use super::Report;
@@ -87,14 +87,16 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     let cpu_burst = cp.cpu_time().zip(cpu_before).map(|(a, b)| a - b);
     let (samples, sampled) = sampler.finish().await;
     let after = metrics(&client).await?;
-    let placed = after.get("berth_placements_total").copied().unwrap_or(0.0) - before.get("berth_placements_total").copied().unwrap_or(0.0);
+    // A counter's growth over the burst.
+    let delta = |name: &str| after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0);
+    let placed = delta("berth_placements_total");
     if placed as usize != a.requests {
         bail!("{label}: {placed} placements committed for {} start requests", a.requests);
     }
-    let writes = after.get("berth_store_writes_total").copied().unwrap_or(0.0) - before.get("berth_store_writes_total").copied().unwrap_or(0.0);
-    let commits = after.get("berth_store_commits_total").copied().unwrap_or(0.0) - before.get("berth_store_commits_total").copied().unwrap_or(0.0);
-    let syncs = after.get("berth_agent_syncs_total").copied().unwrap_or(0.0) - before.get("berth_agent_syncs_total").copied().unwrap_or(0.0);
-    let reruns = after.get("berth_store_reruns_total").copied().unwrap_or(0.0) - before.get("berth_store_reruns_total").copied().unwrap_or(0.0);
+    let writes = delta("berth_store_writes_total");
+    let commits = delta("berth_store_commits_total");
+    let syncs = delta("berth_agent_syncs_total");
+    let reruns = delta("berth_store_reruns_total");
     let mut seen = sampled + violations(&client).await?;
     // The fleet confirms them running: billing opens, reservations turn
     // active; the checker looks once more with everything settled.
@@ -157,17 +159,17 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         "server_mib": a.server_mib,
         "placements_per_sec": round1(grouped.placements_per_sec),
         "baseline_placements_per_sec": naive.as_ref().map(|n| round1(n.placements_per_sec)),
-        "speedup": ratio.map(|r| (r * 100.0).round() / 100.0),
+        "speedup": ratio.map(round2),
         "p50_ms": round1(grouped.latency.p50),
         "p99_ms": round1(grouped.latency.p99),
         "max_ms": round1(grouped.latency.max),
         "baseline_p99_ms": naive.as_ref().map(|n| round1(n.latency.p99)),
         "writes_per_commit": round1(grouped.writes_per_commit),
-        "writes_per_placement": (grouped.writes_per_placement * 100.0).round() / 100.0,
-        "syncs_per_placement": (grouped.syncs_per_placement * 100.0).round() / 100.0,
+        "writes_per_placement": round2(grouped.writes_per_placement),
+        "syncs_per_placement": round2(grouped.syncs_per_placement),
         "batch_reruns": grouped.reruns,
-        "cpu_ms_per_placement": (grouped.cpu_ms_per_placement * 100.0).round() / 100.0,
-        "idle_cpu_share": (grouped.idle_cpu * 100.0).round() / 100.0,
+        "cpu_ms_per_placement": round2(grouped.cpu_ms_per_placement),
+        "idle_cpu_share": round2(grouped.idle_cpu),
         "violations": violations,
         "invariant_samples": samples,
         "cores": cores(),
