@@ -1,26 +1,39 @@
 //! The SQLite writer: one thread, one connection, group commit.
 //!
-//! SQLite with `synchronous=FULL` pays one fsync per committed transaction.
-//! The writer thread takes every write waiting when it is free (up to
-//! `max_batch`), runs them one after another in one transaction, and
-//! commits once: one fsync for the whole batch. A write that fails must
-//! write nothing while the others are unaffected (a refusal still writes
-//! nothing, L7). Most failures are refusals decided before any row
-//! changes, so writes run bare; a write that fails after changing rows
-//! (SQLite's change counter moved) has the whole transaction rolled back,
-//! and the batch runs again with each write in its own savepoint, which
-//! undoes the failing one alone. Writes decide from the rows and their
-//! inputs only, so the second run decides as the first did. Savepoints
-//! for every write cost a fifth of the writer's time: SQLite copies each
-//! page a savepoint first touches. No answer is given before the commit
-//! that makes it durable, so durability is exactly that of one transaction
-//! per write. Batching needs no waiting window: the writes that arrive
-//! while one batch commits form the next. With `max_batch` 1 every write
-//! is its own transaction, the naive path the benchmarks compare against.
+//! Every committed transaction costs one fsync of the log. The writer
+//! thread runs writes one after another as they arrive, in one open
+//! transaction, and commits it when the flusher (below) is free or the
+//! batch holds `max_batch` writes: one fsync for the whole batch, and no
+//! waiting window (the writes that arrive during one fsync form the next
+//! batch). A write that fails must write nothing while the others are
+//! unaffected (a refusal still writes nothing, L7). Most failures are
+//! refusals decided before any row changes, so writes run bare; a write
+//! that fails after changing rows (SQLite's change counter moved) has the
+//! whole transaction rolled back, and the batch runs again with each write
+//! in its own savepoint, which undoes the failing one alone. Writes decide
+//! from the rows and their inputs only, so the second run decides as the
+//! first did. Savepoints for every write cost a fifth of the writer's
+//! time: SQLite copies each page a savepoint first touches.
+//!
+//! The fsync is pipelined: with group commit on, the writer's connection
+//! commits with `synchronous=NORMAL` (the log is written, not yet synced)
+//! and hands the batch to a flusher thread, which fsyncs the log once for
+//! every batch committed since its last fsync and only then answers them.
+//! The writer meanwhile runs the next batch's statements, instead of
+//! sleeping through the 2-3 ms fsync that was a third of its time. Nothing
+//! that is not on disk is seen outside the store: every answer, of a write
+//! or of a read, waits until the log is flushed past every commit it may
+//! have seen (`settled`), so durability is exactly that of one
+//! `synchronous=FULL` transaction per write. A failed fsync poisons the
+//! store: what it should have flushed is in an unknown state (Linux may
+//! drop the dirty pages and report success on a retry), so every write and
+//! read after it fails until a restart reads the truth back from the disk.
+//! With `max_batch` 1 every write is its own `synchronous=FULL` transaction,
+//! answered at once: the naive path the benchmarks compare against.
 //!
 //! Checkpoints (copying the log into the database file) run on a second
 //! thread with its own connection, so no commit waits for one in the
-//! common case; the log is fsynced at every commit either way.
+//! common case; a checkpoint fsyncs the log before it copies.
 //!
 //! The thread owns its rusqlite connection and runs every statement itself
 //! (`exec::LiteExec`): no statement crosses a thread. Writes are queries
@@ -33,7 +46,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::exec::{Exec, LiteExec};
 use crate::store::WriteWork;
@@ -47,8 +60,7 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 trait Job: Send {
     /// Returns whether the write succeeded (its changes are kept).
     fn run<'a>(&'a mut self, e: &'a mut dyn Exec) -> BoxFuture<'a, bool>;
-    /// `Err` names why the batch did not commit.
-    fn deliver(self: Box<Self>, committed: Result<(), String>);
+    fn deliver(self: Box<Self>, outcome: Outcome);
     fn succeeded(&self) -> bool;
 }
 
@@ -78,15 +90,36 @@ where
         matches!(self.out, Some(Ok(_)))
     }
 
-    fn deliver(self: Box<Self>, committed: Result<(), String>) {
-        let answer = match (self.out, committed) {
+    fn deliver(self: Box<Self>, outcome: Outcome) {
+        let answer = match (self.out, outcome) {
             // A failed write wrote nothing whatever became of the batch.
             (Some(Err(e)), _) => Err(e),
-            (Some(Ok(v)), Ok(())) => Ok(v),
-            (Some(Ok(_)) | None, Err(why)) => Err(StoreError::NotCommitted(why)),
-            (None, Ok(())) => Err(StoreError::NotCommitted("the write was not run".into())),
+            (Some(Ok(v)), Outcome::Durable) => Ok(v),
+            (_, Outcome::NotCommitted(why)) => Err(StoreError::NotCommitted(why)),
+            (_, Outcome::Unknown(why)) => Err(StoreError::Unavailable(why.to_string())),
+            (None, Outcome::Durable) => Err(StoreError::NotCommitted("the write was not run".into())),
         };
         let _ = self.reply.send(answer);
+    }
+}
+
+/// What became of a write's batch.
+#[derive(Clone)]
+enum Outcome {
+    /// Committed and on disk.
+    Durable,
+    /// Not committed, for the reason given: nothing of it was written.
+    NotCommitted(String),
+    /// Committed, but the log failed to flush: it may or may not survive.
+    Unknown(Arc<str>),
+}
+
+impl Outcome {
+    fn of(committed: Result<(), String>) -> Outcome {
+        match committed {
+            Ok(()) => Outcome::Durable,
+            Err(why) => Outcome::NotCommitted(why),
+        }
     }
 }
 
@@ -95,6 +128,51 @@ where
 pub(crate) struct GroupCommit {
     jobs: mpsc::UnboundedSender<Box<dyn Job>>,
     counts: Arc<Counts>,
+    durability: Arc<Durability>,
+}
+
+/// How far the commits are on disk. Commits are numbered in the order the
+/// writer begins them; `begun` is stored before a COMMIT is issued, so a
+/// reader that loads it after its read transaction has a bound on every
+/// commit its snapshot can hold.
+struct Durability {
+    begun: AtomicU64,
+    flushed: watch::Sender<Flushed>,
+}
+
+/// Every commit up to `seq` is on disk, unless the log failed to flush.
+#[derive(Clone, Default)]
+struct Flushed {
+    seq: u64,
+    failed: Option<Arc<str>>,
+}
+
+impl Durability {
+    fn failed(&self) -> Option<Arc<str>> {
+        self.flushed.borrow().failed.clone()
+    }
+}
+
+/// Makes the log durable: fsyncs the `-wal` file.
+pub(crate) type FlushLog = Box<dyn FnMut() -> std::io::Result<()> + Send>;
+
+/// Flushes the log of the database at `path`. The file is opened anew each
+/// time (a few microseconds), so no descriptor can outlive a log SQLite
+/// replaced; SQLite keeps the log while any connection is open, and the
+/// writer's always is.
+fn flush_wal(path: &Path) -> FlushLog {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = std::path::PathBuf::from(wal);
+    Box::new(move || std::fs::File::open(&wal)?.sync_data())
+}
+
+/// A committed batch waiting for its flush.
+struct Flush {
+    seq: u64,
+    wrote: bool,
+    committed: Result<(), String>,
+    batch: Vec<Box<dyn Job>>,
 }
 
 /// Writes answered successfully, the commits that made them durable, and
@@ -110,7 +188,19 @@ impl GroupCommit {
     /// Opens the writer's connection to `path` (already migrated) and
     /// starts its thread.
     pub(crate) fn spawn(path: &Path, max_batch: usize) -> Result<GroupCommit, StoreError> {
+        Self::spawn_with(path, max_batch, flush_wal(path))
+    }
+
+    /// `spawn` with the log flushed by `flush` (tests hold it up or fail it).
+    fn spawn_with(path: &Path, max_batch: usize, flush: FlushLog) -> Result<GroupCommit, StoreError> {
+        let max_batch = max_batch.max(1);
+        let pipelined = max_batch > 1;
         let conn = crate::sqlite::connect(path)?;
+        if pipelined {
+            // The flusher fsyncs the log before any of these commits is
+            // answered or seen (module comment).
+            conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
+        }
         // Savepoints (a batch run again) and statement journals (a statement
         // that may fail after changing rows) copy the pages they first touch
         // into a sub-journal, by default a temporary file: when every write
@@ -128,18 +218,48 @@ impl GroupCommit {
         let (jobs, rx) = mpsc::unbounded_channel();
         let counts = Arc::new(Counts::default());
         let task_counts = counts.clone();
+        let durability = Arc::new(Durability { begun: AtomicU64::new(0), flushed: watch::Sender::new(Flushed::default()) });
+        let flushes = if pipelined {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let d = durability.clone();
+            std::thread::Builder::new()
+                .name("berth-store-flush".into())
+                .spawn(move || flusher(rx, flush, d))
+                .map_err(|e| StoreError::NotCommitted(format!("cannot start the log flusher thread: {e}")))?;
+            Some(tx)
+        } else {
+            None
+        };
+        let d = durability.clone();
         std::thread::Builder::new()
             .name("berth-store-writer".into())
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().build().expect("the writer's runtime starts");
-                rt.block_on(writer(conn, rx, max_batch.max(1), task_counts, nudge));
+                rt.block_on(writer(conn, rx, max_batch, task_counts, nudge, d, flushes));
             })
             .map_err(|e| StoreError::NotCommitted(format!("cannot start the writer thread: {e}")))?;
         std::thread::Builder::new()
             .name("berth-store-checkpoint".into())
             .spawn(move || checkpointer(checkpoints, nudged))
             .map_err(|e| StoreError::NotCommitted(format!("cannot start the checkpoint thread: {e}")))?;
-        Ok(GroupCommit { jobs, counts })
+        Ok(GroupCommit { jobs, counts, durability })
+    }
+
+    /// Waits until every commit a read that just ended may have seen is on
+    /// disk, so that nothing is answered before it is durable. Returns at
+    /// once when the writer is idle (the common case off a burst).
+    pub(crate) async fn settled(&self) -> Result<(), StoreError> {
+        let bound = self.durability.begun.load(Ordering::SeqCst);
+        let mut flushed = self.durability.flushed.subscribe();
+        let now = flushed
+            .wait_for(|f| f.seq >= bound || f.failed.is_some())
+            .await
+            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
+            .clone();
+        match now.failed {
+            Some(why) => Err(StoreError::Unavailable(why.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// (writes, commits, batches run again) so far.
@@ -218,16 +338,63 @@ async fn writer(
     max_batch: usize,
     counts: Arc<Counts>,
     nudge: std::sync::mpsc::SyncSender<()>,
+    durability: Arc<Durability>,
+    flushes: Option<std::sync::mpsc::Sender<Flush>>,
 ) {
+    let _stopped = Stopped(durability.clone());
+    let mut seq = 0u64;
+    let mut flushed = durability.flushed.subscribe();
     while let Some(first) = rx.recv().await {
+        if let Some(why) = durability.failed() {
+            // What ran now could not be made durable either: nothing runs.
+            first.deliver(Outcome::NotCommitted(why.to_string()));
+            continue;
+        }
         let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+        // Writes run as they arrive, in one open transaction, until the
+        // flusher is free for the next commit (at once without one): so a
+        // batch is what arrives during one fsync, and its statements ran
+        // while that fsync did.
+        let mut run = match sql(&conn, "BEGIN IMMEDIATE") {
+            Ok(()) => run_bare(&mut conn, &mut batch[0]).await,
+            Err(why) => Err(why),
+        };
+        while matches!(run, Ok(true)) && batch.len() < max_batch {
+            let job = match rx.try_recv() {
+                Ok(job) => Some(job),
+                Err(_) if flushes.is_none() || flushed.borrow_and_update().seq >= seq => break,
+                Err(_) => tokio::select! {
+                    job = rx.recv() => match job {
+                        Some(job) => Some(job),
+                        None => break,
+                    },
+                    // A flush ended (or the flusher stopped): look again.
+                    _ = flushed.changed() => None,
+                },
+            };
+            if let Some(mut job) = job {
+                run = run_bare(&mut conn, &mut job).await;
+                batch.push(job);
             }
         }
-        let committed = run_batch(&mut conn, &mut batch, &counts).await;
+        seq += 1;
+        durability.begun.store(seq, Ordering::SeqCst);
+        let committed = match run {
+            Ok(true) => sql(&conn, "COMMIT"),
+            Ok(false) => {
+                // The writes waiting now join the second run, as they would
+                // have joined the batch: one rerun, not one per failure.
+                while batch.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                rerun(&mut conn, &mut batch, &counts).await
+            }
+            Err(why) => Err(why),
+        };
+        let mut wrote = false;
         match &committed {
             Err(why) => {
                 tracing::warn!(jobs = batch.len(), error = %why, "a write batch did not commit");
@@ -238,14 +405,76 @@ async fn writer(
                 let ok = batch.iter().filter(|j| j.succeeded()).count() as u64;
                 counts.writes.fetch_add(ok, Ordering::Relaxed);
                 if ok > 0 {
+                    wrote = true;
                     counts.commits.fetch_add(1, Ordering::Relaxed);
                     // Full means a checkpoint is already due.
                     let _ = nudge.try_send(());
                 }
             }
         }
-        for job in batch {
-            job.deliver(committed.clone());
+        match &flushes {
+            Some(flushes) => {
+                if let Err(std::sync::mpsc::SendError(f)) = flushes.send(Flush { seq, wrote, committed, batch }) {
+                    for job in f.batch {
+                        job.deliver(Outcome::Unknown("the store's log flusher has stopped".into()));
+                    }
+                }
+            }
+            None => {
+                // synchronous=FULL: the commit is on disk.
+                durability.flushed.send_modify(|f| f.seq = seq);
+                let outcome = Outcome::of(committed);
+                for job in batch {
+                    job.deliver(outcome.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Tells waiting readers that the writer is gone (it ended, or a write
+/// panicked), so none waits for a flush that will never come.
+struct Stopped(Arc<Durability>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.flushed.send_modify(|f| {
+            f.failed.get_or_insert_with(|| "the store writer has stopped".into());
+        });
+    }
+}
+
+/// Fsyncs the log once for every batch committed since the last fsync,
+/// then answers their writes, in commit order. Ends when the writer does.
+fn flusher(rx: std::sync::mpsc::Receiver<Flush>, mut flush: FlushLog, durability: Arc<Durability>) {
+    let mut failed: Option<Arc<str>> = None;
+    while let Ok(first) = rx.recv() {
+        let mut due = vec![first];
+        due.extend(rx.try_iter());
+        let seq = due.last().map(|f| f.seq).unwrap_or_default();
+        if failed.is_none() && due.iter().any(|f| f.wrote) {
+            if let Err(e) = flush() {
+                tracing::error!(error = %e, "the store's log could not be flushed to disk; every write and read fails until the control plane restarts");
+                failed = Some(
+                    format!("the store's log could not be flushed to disk ({e}): whether the last writes survive is known only after the control plane restarts")
+                        .into(),
+                );
+            }
+        }
+        durability.flushed.send_modify(|f| {
+            f.seq = seq;
+            if let Some(why) = &failed {
+                f.failed.get_or_insert_with(|| why.clone());
+            }
+        });
+        for f in due {
+            let outcome = match (&failed, f.committed) {
+                (Some(why), Ok(())) => Outcome::Unknown(why.clone()),
+                (_, committed) => Outcome::of(committed),
+            };
+            for job in f.batch {
+                job.deliver(outcome.clone());
+            }
         }
     }
 }
@@ -254,21 +483,31 @@ fn sql(conn: &rusqlite::Connection, text: &str) -> Result<(), String> {
     crate::sqlite::run_cached(conn, text).map_err(|e| format!("{text}: {e}"))
 }
 
-async fn run_batch(conn: &mut rusqlite::Connection, batch: &mut [Box<dyn Job>], counts: &Counts) -> Result<(), String> {
-    sql(conn, "BEGIN IMMEDIATE")?;
-    if batch.len() == 1 {
-        // One write is its own transaction: exactly the path without group
-        // commit. A failed write is rolled back whole; its error is its answer.
-        let ok = batch[0].run(&mut LiteExec { conn: &mut *conn }).await;
-        return if ok { sql(conn, "COMMIT") } else { sql(conn, "ROLLBACK") };
+/// Runs one write of the open transaction without a savepoint. `Ok(false)`
+/// if it failed after changing rows (it cannot be undone alone); a write
+/// that fails before changing any is left out at no cost.
+async fn run_bare(conn: &mut rusqlite::Connection, job: &mut Box<dyn Job>) -> Result<bool, String> {
+    // Counts rows changed by every statement that completed; a statement
+    // that failed had its own changes undone by SQLite.
+    let before = conn.total_changes();
+    let ok = job.run(&mut LiteExec { conn: &mut *conn }).await;
+    // SQLite rolls the whole transaction back on some errors (a full disk,
+    // I/O): nothing of the batch is left to commit.
+    if conn.is_autocommit() {
+        return Err("sqlite rolled the batch's transaction back".into());
     }
-    if run_bare(conn, batch).await? {
-        return sql(conn, "COMMIT");
-    }
-    // A write failed after changing rows: none of the batch is kept, and
-    // it runs again with every write in a savepoint of its own.
-    counts.reruns.fetch_add(1, Ordering::Relaxed);
+    Ok(ok || conn.total_changes() == before)
+}
+
+/// A write of `batch` failed after changing rows: none of the batch is
+/// kept, and it runs again with every write in a savepoint of its own
+/// (a write alone is simply rolled back: its error is its answer).
+async fn rerun(conn: &mut rusqlite::Connection, batch: &mut [Box<dyn Job>], counts: &Counts) -> Result<(), String> {
     sql(conn, "ROLLBACK")?;
+    if batch.len() == 1 {
+        return Ok(());
+    }
+    counts.reruns.fetch_add(1, Ordering::Relaxed);
     sql(conn, "BEGIN IMMEDIATE")?;
     for job in batch.iter_mut() {
         sql(conn, "SAVEPOINT berth_write")?;
@@ -284,27 +523,6 @@ async fn run_batch(conn: &mut rusqlite::Connection, batch: &mut [Box<dyn Job>], 
     sql(conn, "COMMIT")
 }
 
-/// Runs the batch's writes without savepoints. `Ok(false)` as soon as one
-/// fails after changing rows (it cannot be undone alone); a write that
-/// fails before changing any is left out at no cost.
-async fn run_bare(conn: &mut rusqlite::Connection, batch: &mut [Box<dyn Job>]) -> Result<bool, String> {
-    for job in batch.iter_mut() {
-        // Counts rows changed by every statement that completed; a
-        // statement that failed had its own changes undone by SQLite.
-        let before = conn.total_changes();
-        let ok = job.run(&mut LiteExec { conn: &mut *conn }).await;
-        // SQLite rolls the whole transaction back on some errors (a full
-        // disk, I/O): nothing of the batch is left to commit.
-        if conn.is_autocommit() {
-            return Err("sqlite rolled the batch's transaction back".into());
-        }
-        if !ok && conn.total_changes() != before {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::{Condvar, Mutex};
@@ -313,10 +531,9 @@ mod tests {
 
     type Answer = oneshot::Receiver<Result<(), StoreError>>;
 
-    /// A writer over a fresh database with one table `t (name UNIQUE)`.
+    /// A writer over `table`.
     fn writer_on(dir: &tempfile::TempDir) -> (GroupCommit, std::path::PathBuf) {
-        let path = dir.path().join("w.db");
-        crate::sqlite::connect(&path).unwrap().execute_batch("CREATE TABLE t (name TEXT NOT NULL UNIQUE)").unwrap();
+        let path = table(dir);
         (GroupCommit::spawn(&path, 256).unwrap(), path)
     }
 
@@ -391,6 +608,74 @@ mod tests {
         assert_eq!(names(&path), ["a1", "a2", "d1"]);
         let (writes, _, reruns) = g.stats();
         assert_eq!((writes, reruns), (3, 1), "b wrote before failing: its batch ran again");
+    }
+
+    /// A log flush that waits until its gate is opened.
+    fn held_flush(gate: &Arc<Gate>) -> FlushLog {
+        let gate = gate.clone();
+        Box::new(move || {
+            let mut open = gate.0.lock().unwrap();
+            while !*open {
+                open = gate.1.wait(open).unwrap();
+            }
+            Ok(())
+        })
+    }
+
+    /// A fresh database with one table `t (name UNIQUE)`.
+    fn table(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        let path = dir.path().join("w.db");
+        crate::sqlite::connect(&path).unwrap().execute_batch("CREATE TABLE t (name TEXT NOT NULL UNIQUE)").unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn no_write_or_read_is_answered_before_the_log_is_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = table(&dir);
+        let flush = Arc::new(Gate::default());
+        let g = GroupCommit::spawn_with(&path, 256, held_flush(&flush)).unwrap();
+        let mut a = insert(&g, &["a1"], false);
+        // Committed: another connection sees the row...
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while names(&path).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the write never committed");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // ...but neither its write nor a read that may have seen it is
+        // answered while the flush has not returned.
+        let short = std::time::Duration::from_millis(300);
+        assert!(tokio::time::timeout(short, &mut a).await.is_err(), "a write was answered before its flush");
+        assert!(tokio::time::timeout(short, g.settled()).await.is_err(), "a read was answered before the flush of what it saw");
+        flush.open();
+        a.await.unwrap().unwrap();
+        g.settled().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_fails_every_write_and_read_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = table(&dir);
+        let g = GroupCommit::spawn_with(&path, 256, Box::new(|| Err(std::io::Error::other("injected fsync failure")))).unwrap();
+        match insert(&g, &["a1"], false).await.unwrap() {
+            Err(StoreError::Unavailable(why)) => assert!(why.contains("could not be flushed") && why.contains("injected"), "{why}"),
+            other => panic!("a write whose flush failed was answered {other:?}"),
+        }
+        // The next write is refused before it runs: nothing of it is written.
+        assert!(matches!(insert(&g, &["b1"], false).await.unwrap(), Err(StoreError::NotCommitted(_))));
+        assert_eq!(names(&path), ["a1"]);
+        assert!(matches!(g.settled().await, Err(StoreError::Unavailable(_))), "a read after a failed flush must fail");
+    }
+
+    #[tokio::test]
+    async fn without_group_commit_the_commit_is_the_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = table(&dir);
+        // synchronous=FULL: the naive path never hands a batch to a flusher.
+        let g = GroupCommit::spawn_with(&path, 1, Box::new(|| panic!("the naive path flushed through the flusher"))).unwrap();
+        insert(&g, &["a1"], false).await.unwrap().unwrap();
+        g.settled().await.unwrap();
+        assert_eq!(names(&path), ["a1"]);
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
 //! `berth bench SCENARIO`: measures berth against a real control plane
-//! (child process, SQLite with `synchronous=FULL`, HTTP on loopback) and
+//! (child process, SQLite with every answered write fsynced, HTTP on loopback) and
 //! simulated nodes (the real agent with the `sim` driver). Each scenario
 //! prints a table of what it measured and, with `--json`, one JSON object
 //! as its last line. Scenarios report figures; they do not judge them
