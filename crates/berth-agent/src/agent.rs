@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_api::{KillOrder, RegisterRequest, SyncRequest};
+use berth_api::{InstanceKey, KillOrder, RegisterRequest, SyncRequest};
 use berth_client::{Client, ClientError};
 use berth_core::reconcile::{ErrorClass, InstanceReport, InstanceState};
 use berth_core::template::InstanceSpec;
@@ -309,7 +309,16 @@ impl Agent {
                             continue;
                         }
                         (false, _) => {
-                            let desired: Arc<[Arc<InstanceSpec>]> = resp.desired.into_iter().map(Arc::new).collect();
+                            let desired: Arc<[Arc<InstanceSpec>]> = match (resp.base_version.as_deref(), &last_desired) {
+                                (None, _) => resp.desired.into_iter().map(Arc::new).collect(),
+                                (Some(base), Some((held, cached))) if base == held => apply_delta(cached, &resp.removed, resp.desired),
+                                (Some(_), _) => {
+                                    // A change to a set this agent does not
+                                    // hold: name none, and get the whole set.
+                                    last_desired = None;
+                                    continue;
+                                }
+                            };
                             last_desired = Some((resp.desired_version.clone(), desired.clone()));
                             desired
                         }
@@ -671,6 +680,16 @@ impl Agent {
     }
 }
 
+/// The desired set `held` became: without `removed`, with `added`, in
+/// server order as a whole set comes.
+fn apply_delta(held: &[Arc<InstanceSpec>], removed: &[InstanceKey], added: Vec<InstanceSpec>) -> Arc<[Arc<InstanceSpec>]> {
+    let gone: HashSet<(&str, u64)> = removed.iter().map(|k| (k.server_id.0.as_str(), k.generation)).collect();
+    let mut set: Vec<Arc<InstanceSpec>> = held.iter().filter(|s| !gone.contains(&(s.server_id.0.as_str(), s.generation))).cloned().collect();
+    set.extend(added.into_iter().map(Arc::new));
+    set.sort_by(|a, b| (&a.server_id, a.generation).cmp(&(&b.server_id, b.generation)));
+    set.into()
+}
+
 /// Server ids with a data dir under `DATA_DIR/instances` (bounded: the list
 /// rides on every sync).
 fn list_volumes(dir: &std::path::Path) -> Vec<String> {
@@ -685,4 +704,21 @@ fn list_volumes(dir: &std::path::Path) -> Vec<String> {
     v.sort();
     v.truncate(10_000);
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::tests::spec;
+
+    #[test]
+    fn a_delta_removes_and_adds_to_the_held_set() {
+        let held: Vec<Arc<InstanceSpec>> = [("a", 1), ("b", 1), ("c", 2)].iter().map(|(id, g)| Arc::new(spec(id, *g, 128, 27000))).collect();
+        let removed = [InstanceKey { server_id: berth_core::ServerId("b".into()), generation: 1 }, InstanceKey { server_id: berth_core::ServerId("c".into()), generation: 1 }];
+        let set = apply_delta(&held, &removed, vec![spec("b", 2, 128, 27001), spec("0", 1, 128, 27002)]);
+        let keys: Vec<(&str, u64)> = set.iter().map(|s| (s.server_id.0.as_str(), s.generation)).collect();
+        // b's old generation left; c generation 1 was never held, so c 2 stays.
+        assert_eq!(keys, [("0", 1), ("a", 1), ("b", 2), ("c", 2)]);
+        assert!(Arc::ptr_eq(&set[1], &held[0]), "a held spec is kept, not copied");
+    }
 }

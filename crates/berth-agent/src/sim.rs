@@ -316,12 +316,12 @@ impl Driver for SimDriver {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use berth_core::template::ReadyCheck;
     use berth_core::MemMib;
 
-    fn spec(id: &str, generation: u64, mib: u64, port: u16) -> InstanceSpec {
+    pub(crate) fn spec(id: &str, generation: u64, mib: u64, port: u16) -> InstanceSpec {
         InstanceSpec {
             server_id: ServerId(id.into()),
             generation,

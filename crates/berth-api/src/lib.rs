@@ -509,8 +509,19 @@ pub struct SyncRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SyncResponse {
     /// The complete set of instances the node should run; empty when
-    /// `unchanged`.
+    /// `unchanged`; only those added to the set named `base_version` when
+    /// that is present.
     pub desired: Vec<InstanceSpec>,
+    /// The answer is a change to the set the agent named in its request
+    /// (`desired_version`), which this names: the new set is that one
+    /// without `removed`, with `desired` added. A generation's spec never
+    /// changes, so sending again what the agent holds would only cost
+    /// rendering, bytes and parsing on both sides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_version: Option<String>,
+    /// The instances that left the set named `base_version`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<InstanceKey>,
     /// Names the desired set (see `desired_version`).
     #[serde(default)]
     pub desired_version: String,
@@ -541,6 +552,13 @@ pub fn desired_version(keys: &[(berth_core::ServerId, u64)]) -> String {
         }
     }
     format!("{h:016x}.{}", keys.len())
+}
+
+/// One instance of a desired set: a server's generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceKey {
+    pub server_id: berth_core::ServerId,
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -198,7 +198,7 @@ impl ControlPlane {
             },
             rx,
         );
-        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, placed, replica, leading, drift: Default::default(), ops_wake, tokens: Default::default(), syncs: Default::default() });
+        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, placed, replica, leading, drift: Default::default(), ops_wake, tokens: Default::default(), syncs: Default::default(), sent: Default::default() });
         // Servers may be waiting in the queue from before a restart.
         app.queue_wake.notify_one();
         Ok(ControlPlane { app, shutdown })

@@ -3,13 +3,13 @@
 //! written (L7); state changes go through one store call each; decisions
 //! are the pure functions of `berth_core`. HTTP details stay in `http`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use berth_api::{
-    CreateToken, InvariantReport, KillOrder, NodeView, RegisterRequest, RegisterResponse, SyncRequest, SyncResponse, TemplateView,
+    CreateToken, InstanceKey, InvariantReport, KillOrder, NodeView, RegisterRequest, RegisterResponse, SyncRequest, SyncResponse, TemplateView,
     TokenCreated,
 };
 use berth_core::drift::MemoryFacts;
@@ -52,12 +52,39 @@ pub struct App {
     /// desired set: how hard the fleet's lease renewals and reports press
     /// on the store.
     pub syncs: SyncCounts,
+    pub sent: SentSets,
 }
 
 #[derive(Default)]
 pub struct SyncCounts {
     pub total: AtomicU64,
     pub with_desired: AtomicU64,
+    /// Of `with_desired`, those that carried only what changed.
+    pub delta: AtomicU64,
+}
+
+/// The desired set last sent to each node, by version, as sorted keys, so
+/// that a sync naming it gets only what changed since (a generation's spec
+/// never changes). One per node: about 80 bytes a server. A version not
+/// kept (a restart, another replica, an answer the agent dropped) gets the
+/// whole set, as before.
+#[derive(Default)]
+pub struct SentSets(std::sync::Mutex<HashMap<NodeId, SentSet>>);
+
+/// A desired set's version and its keys, sorted.
+type SentSet = (String, Arc<[(ServerId, u64)]>);
+
+impl SentSets {
+    fn get(&self, node: &NodeId, version: &str) -> Option<Arc<[(ServerId, u64)]>> {
+        let sets = self.0.lock().expect("sent sets lock");
+        sets.get(node).filter(|(v, _)| v == version).map(|(_, keys)| keys.clone())
+    }
+
+    fn put(&self, node: &NodeId, version: &str, keys: Vec<(ServerId, u64)>) {
+        let entry = (version.to_string(), Arc::from(keys));
+        // The set it replaces is freed after the lock is let go.
+        let _replaced = self.0.lock().expect("sent sets lock").insert(node.clone(), entry);
+    }
 }
 
 const DEFAULT_TENANT: &str = "default";
@@ -507,6 +534,7 @@ impl App {
         let syncs = |c: &AtomicU64| vec![(String::new(), c.load(Ordering::Relaxed) as f64)];
         gauge("berth_agent_syncs_total", "Agent syncs (lease renewals with reports) answered.", "counter", syncs(&self.syncs.total));
         gauge("berth_agent_syncs_desired_total", "Agent syncs answered with a changed desired set.", "counter", syncs(&self.syncs.with_desired));
+        gauge("berth_agent_syncs_delta_total", "Agent syncs answered with only what changed in the desired set.", "counter", syncs(&self.syncs.delta));
         if let Some(w) = self.store.write_stats() {
             gauge("berth_store_writes_total", "Writes the store committed since it opened.", "counter", vec![(String::new(), w.writes as f64)]);
             gauge(
@@ -625,55 +653,72 @@ impl App {
         let notified = wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let mut keys = self.store.desired_keys(&node_id).await?;
+        // The set the agent holds, if this control plane sent it: then the
+        // keys and only the servers added since are read (one snapshot).
+        let base = req.desired_version.as_deref().and_then(|v| self.sent.get(&node_id, v).map(|keys| (v.to_string(), keys)));
+        let read_set = || async {
+            Ok::<_, ControlError>(match &base {
+                Some((_, held)) => {
+                    let (keys, added) = self.store.desired_delta(&node_id, held.clone()).await?;
+                    (keys, Some(added))
+                }
+                None => (self.store.desired_keys(&node_id).await?, None),
+            })
+        };
+        let (mut keys, mut added) = read_set().await?;
         let mut kill = self.store.killing_on(&node_id).await?;
-        // Woken by a change to the node's servers: its desired set most
-        // likely changed, so it is read whole at once (its keys first would
-        // be a read more for the same answer).
-        let mut desired = None;
         if req.wait_ms > 0 && nothing_to_do(&keys, &kill, &req) {
             let wait = Duration::from_millis(req.wait_ms.min(self.cfg.long_poll_max_ms));
-            let woken = tokio::time::timeout(wait, notified).await.is_ok();
-            if woken {
-                let servers = self.store.desired_on(&node_id).await?;
-                keys = servers.iter().map(|s| (s.id.clone(), s.generation)).collect();
-                desired = Some(servers);
-            } else {
-                keys = self.store.desired_keys(&node_id).await?;
-            }
+            let _woken = tokio::time::timeout(wait, notified).await.is_ok();
+            (keys, added) = read_set().await?;
             kill = self.store.killing_on(&node_id).await?;
         }
+        keys.sort_unstable();
         let version = berth_api::desired_version(&keys);
         let kill: Vec<KillOrder> = kill.into_iter().map(|(server_id, generation)| KillOrder { server_id, generation }).collect();
-        if req.desired_version.as_deref() == Some(version.as_str()) {
-            return Ok(SyncResponse {
-                desired: Vec::new(),
-                desired_version: version,
-                unchanged: true,
-                kill,
-                lease_ttl_ms: self.cfg.lease_ttl_ms,
-                sync_interval_ms: self.cfg.sync_interval_ms,
-            });
-        }
-        // The set changed: render it whole, and name what was read. Read
-        // after its keys, it may have moved on since: versioned again.
-        let (desired, version) = match desired {
-            Some(servers) => (servers, version),
-            None => {
-                let servers = self.store.desired_on(&node_id).await?;
-                let keys: Vec<(ServerId, u64)> = servers.iter().map(|s| (s.id.clone(), s.generation)).collect();
-                (servers, berth_api::desired_version(&keys))
-            }
-        };
-        self.syncs.with_desired.fetch_add(1, Ordering::Relaxed);
-        Ok(SyncResponse {
-            desired: desired.iter().filter_map(|s| self.render(s)).collect(),
+        let mut resp = SyncResponse {
+            desired: Vec::new(),
+            base_version: None,
+            removed: Vec::new(),
             desired_version: version,
             unchanged: false,
             kill,
             lease_ttl_ms: self.cfg.lease_ttl_ms,
             sync_interval_ms: self.cfg.sync_interval_ms,
-        })
+        };
+        if req.desired_version.as_deref() == Some(resp.desired_version.as_str()) {
+            resp.unchanged = true;
+            return Ok(resp);
+        }
+        self.syncs.with_desired.fetch_add(1, Ordering::Relaxed);
+        // What the agent holds once it applies this answer: the keys, also
+        // of a server whose template is gone (never rendered, and not
+        // renderable until a restart loads templates again).
+        match (base, added) {
+            // What changed since the set the agent holds, read with the
+            // keys in one snapshot.
+            (Some((held_version, held)), Some(added)) => {
+                resp.removed = held
+                    .iter()
+                    .filter(|k| keys.binary_search(k).is_err())
+                    .map(|(server_id, generation)| InstanceKey { server_id: server_id.clone(), generation: *generation })
+                    .collect();
+                resp.desired = added.iter().filter_map(|s| self.render(s)).collect();
+                resp.base_version = Some(held_version);
+            }
+            // The whole set, versioned by what was read: read after its
+            // keys, it may have moved on since.
+            _ => {
+                let servers = self.store.desired_on(&node_id).await?;
+                keys = servers.iter().map(|s| (s.id.clone(), s.generation)).collect();
+                keys.sort_unstable();
+                resp.desired_version = berth_api::desired_version(&keys);
+                resp.desired = servers.iter().filter_map(|s| self.render(s)).collect();
+            }
+        }
+        self.sent.put(&node_id, &resp.desired_version, keys);
+        self.syncs.delta.fetch_add(resp.base_version.is_some() as u64, Ordering::Relaxed);
+        Ok(resp)
     }
 
     /// Judges the node's memory after a sync: real use from the report,

@@ -5,6 +5,8 @@
 //! queue timeout; restart policy `on-failure` restarts a crash loop with
 //! doubling delays and fails it after the restart limit.
 //!
+//! A sync naming the desired set it holds gets only what changed.
+//!
 //! The control plane runs in this process with a manual clock and a real
 //! SQLite store; the test plays the agent through the sync use case, so it
 //! decides exactly what each instance reports.
@@ -14,7 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_api::{HostStats, RegisterRequest, SyncRequest};
+use berth_api::{HostStats, InstanceKey, RegisterRequest, SyncRequest, SyncResponse};
 use berth_control::auth::Caller;
 use berth_control::clock::Clock;
 use berth_control::leader::Replica;
@@ -138,6 +140,11 @@ impl Harness {
     }
 
     async fn sync(&mut self) {
+        self.sync_naming(None).await;
+    }
+
+    /// Syncs naming `held` as the desired set the agent holds.
+    async fn sync_naming(&mut self, held: Option<String>) -> SyncResponse {
         self.seq += 1;
         let req = SyncRequest {
             node_id: self.node_id.clone(),
@@ -148,9 +155,9 @@ impl Harness {
             disk: None,
             volumes: None,
             wait_ms: 0,
-            desired_version: None,
+            desired_version: held,
         };
-        self.cp.app.sync(&self.admin, req).await.unwrap();
+        self.cp.app.sync(&self.admin, req).await.unwrap()
     }
 
     /// On the 1024 MiB node: "a" (800 MiB) runs, and "b" (800 MiB) is
@@ -344,4 +351,58 @@ async fn a_start_waiting_for_its_placement_answers_placed_or_queued_and_forgets_
     // An unknown server is refused before anything waits.
     assert!(app.start_and_wait_placed(&h.admin, "nope", false, Duration::from_secs(1)).await.is_err());
     assert!(app.placed.is_empty(), "every wait forgot its wake-up: {} left", app.placed.len());
+}
+
+fn spec_keys(specs: &[berth_core::template::InstanceSpec]) -> Vec<(String, u64)> {
+    let mut keys: Vec<(String, u64)> = specs.iter().map(|s| (s.server_id.0.clone(), s.generation)).collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn a_sync_naming_the_set_it_holds_gets_only_what_changed() {
+    let mut h = Harness::new(4096).await;
+    for name in ["a", "b"] {
+        h.create(name, 512, "never").await;
+        h.start(name).await;
+        h.wait(name, "starting", |s| s.status == ServerStatus::Starting).await;
+    }
+    let full = h.sync_naming(None).await;
+    assert!(full.base_version.is_none() && full.removed.is_empty());
+    let (a, b) = (h.server("a").await, h.server("b").await);
+    assert_eq!(spec_keys(&full.desired).len(), 2);
+
+    // c is placed and a leaves the set (stopping).
+    h.create("c", 512, "never").await;
+    h.start("c").await;
+    let c = h.wait("c", "starting", |s| s.status == ServerStatus::Starting).await;
+    h.cp.app.operation(&h.admin, "a", OpKind::Stop).await.unwrap();
+    h.wait("a", "stopping", |s| s.status == ServerStatus::Stopping).await;
+
+    let delta = h.sync_naming(Some(full.desired_version.clone())).await;
+    assert_eq!(delta.base_version.as_deref(), Some(full.desired_version.as_str()));
+    assert_eq!(spec_keys(&delta.desired), [(c.id.0.clone(), c.generation)], "only the added instance is sent");
+    assert_eq!(delta.removed, [InstanceKey { server_id: a.id.clone(), generation: a.generation }]);
+
+    // The held set changed by the delta is the whole set a fresh sync gets,
+    // under the same version.
+    let whole = h.sync_naming(None).await;
+    assert_eq!(whole.desired_version, delta.desired_version);
+    let mut merged: Vec<(String, u64)> = spec_keys(&full.desired).into_iter().filter(|(id, g)| !(id == &a.id.0 && *g == a.generation)).collect();
+    merged.extend(spec_keys(&delta.desired));
+    merged.sort();
+    assert_eq!(merged, spec_keys(&whole.desired));
+    assert_eq!(spec_keys(&whole.desired), {
+        let mut k = vec![(b.id.0.clone(), b.generation), (c.id.0.clone(), c.generation)];
+        k.sort();
+        k
+    });
+
+    // Naming the current set changes nothing; naming a set this control
+    // plane never sent gets the whole set.
+    let same = h.sync_naming(Some(whole.desired_version.clone())).await;
+    assert!(same.unchanged && same.desired.is_empty());
+    let unknown = h.sync_naming(Some("0123456789abcdef.2".into())).await;
+    assert!(unknown.base_version.is_none());
+    assert_eq!(spec_keys(&unknown.desired), spec_keys(&whole.desired));
 }

@@ -344,6 +344,9 @@ pub trait Store: Send + Sync + 'static {
     /// (server, generation) of what `desired_on` would return, without
     /// reading the rows.
     async fn desired_keys(&self, node_id: &NodeId) -> Result<Vec<(ServerId, Generation)>, StoreError>;
+    /// `desired_keys`, and of `desired_on` only the servers whose key is
+    /// not in `base` (sorted), from one snapshot.
+    async fn desired_delta(&self, node_id: &NodeId, base: std::sync::Arc<[(ServerId, Generation)]>) -> Result<(Vec<(ServerId, Generation)>, Vec<Server>), StoreError>;
     /// Every server holding a reservation on the node.
     async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError>;
     /// Reserved MiB on one node, from its rows.

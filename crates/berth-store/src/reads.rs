@@ -10,7 +10,7 @@ use berth_core::{Event, Generation, MemMib, Millis, Node, NodeId, Server, Server
 
 use crate::exec::{Arg, Exec};
 use crate::rows::*;
-use crate::writes::{placed_sql, PreDecided};
+use crate::writes::{marks, placed_sql, PreDecided};
 use crate::{
     ActiveOps, BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, EventFilter, LeaderLease, LedgerEntry, NodeUsage, OpFilter, OpsWork,
     QueueSnapshot, ReplicaInfo, ServerRef, Snapshot, StoreError, SyncInput, TokenRecord,
@@ -113,6 +113,25 @@ pub(crate) async fn desired_on(e: E<'_>, node_id: &NodeId) -> Result<Vec<Server>
 pub(crate) async fn desired_keys(e: E<'_>, node_id: &NodeId) -> Result<Vec<(ServerId, Generation)>, StoreError> {
     let rows = e.rows("SELECT id, generation FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'unknown')", args![&node_id.0]).await?;
     rows.iter().map(|r| Ok((ServerId(r.text("id")?), r.int("generation")? as u64))).collect()
+}
+
+/// The node's desired keys and, of them, the servers not in `base` (sorted),
+/// from one snapshot: a delta sync reads and renders only what the agent
+/// lacks.
+pub(crate) async fn desired_delta(e: E<'_>, node_id: &NodeId, base: &[(ServerId, Generation)]) -> Result<(Vec<(ServerId, Generation)>, Vec<Server>), StoreError> {
+    let keys = desired_keys(e, node_id).await?;
+    let added: Vec<&ServerId> = keys.iter().filter(|k| base.binary_search(k).is_err()).map(|(id, _)| id).collect();
+    if added.is_empty() {
+        return Ok((keys, Vec::new()));
+    }
+    let sql = format!(
+        "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'unknown') AND id IN ({}) ORDER BY id",
+        marks(added.len())
+    );
+    let mut args = args![&node_id.0];
+    args.extend(added.iter().map(|id| Arg::from(&id.0)));
+    let servers = e.rows(&sql, args).await?.iter().map(server_from_row).collect::<Result<_, _>>()?;
+    Ok((keys, servers))
 }
 
 pub(crate) async fn placed_on(e: E<'_>, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {

@@ -168,6 +168,11 @@ impl<B: Backend> Store for StoreOn<B> {
         self.b.read(move |e| Box::pin(async move { reads::desired_keys(e, &node_id).await })).await
     }
 
+    async fn desired_delta(&self, node_id: &NodeId, base: std::sync::Arc<[(ServerId, Generation)]>) -> Result<(Vec<(ServerId, Generation)>, Vec<Server>), StoreError> {
+        let node_id = node_id.clone();
+        self.b.read(move |e| Box::pin(async move { reads::desired_delta(e, &node_id, &base).await })).await
+    }
+
     async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
         let node_id = node_id.clone();
         self.b.read(move |e| Box::pin(async move { reads::placed_on(e, &node_id).await })).await

@@ -33,7 +33,7 @@ use crate::{
 type E<'a> = &'a mut dyn Exec;
 
 /// `?, ?, …` for an IN list of `n` values.
-fn marks(n: usize) -> String {
+pub(crate) fn marks(n: usize) -> String {
     vec!["?"; n.max(1)].join(", ")
 }
 

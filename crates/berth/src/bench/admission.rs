@@ -54,6 +54,9 @@ struct Measured {
     writes_per_commit: f64,
     /// Agent syncs answered during the burst, per placement.
     syncs_per_placement: f64,
+    /// Of the syncs that carried a changed desired set, the share that
+    /// carried only the change.
+    delta_sync_share: f64,
     writes_per_placement: f64,
     /// Write batches run a second time (a write failed after changing rows).
     reruns: f64,
@@ -96,6 +99,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     let writes = delta("berth_store_writes_total");
     let commits = delta("berth_store_commits_total");
     let syncs = delta("berth_agent_syncs_total");
+    let (with_desired, with_delta) = (delta("berth_agent_syncs_desired_total"), delta("berth_agent_syncs_delta_total"));
     let reruns = delta("berth_store_reruns_total");
     let mut seen = sampled + violations(&client).await?;
     // The fleet confirms them running: billing opens, reservations turn
@@ -114,6 +118,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
         samples: samples + 2,
         writes_per_commit: if commits > 0.0 { writes / commits } else { 0.0 },
         syncs_per_placement: syncs / a.requests.max(1) as f64,
+        delta_sync_share: if with_desired > 0.0 { with_delta / with_desired } else { 0.0 },
         writes_per_placement: writes / a.requests.max(1) as f64,
         reruns,
         wall,
@@ -136,6 +141,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         ("admission p50 / p99 / max ms".into(), format!("{:.1} / {:.1} / {:.1}", grouped.latency.p50, grouped.latency.p99, grouped.latency.max)),
         ("writes per commit".into(), format!("{:.1}", grouped.writes_per_commit)),
         ("store writes / agent syncs per placement".into(), format!("{:.2} / {:.2}", grouped.writes_per_placement, grouped.syncs_per_placement)),
+        ("changed-set syncs carrying only the change".into(), format!("{:.0} %", grouped.delta_sync_share * 100.0)),
         ("write batches run again".into(), format!("{:.0}", grouped.reruns)),
         ("burst wall time s".into(), format!("{:.2}", grouped.wall.as_secs_f64())),
         ("control-plane CPU ms per placement".into(), format!("{:.2}", grouped.cpu_ms_per_placement)),
@@ -167,6 +173,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         "writes_per_commit": round1(grouped.writes_per_commit),
         "writes_per_placement": round2(grouped.writes_per_placement),
         "syncs_per_placement": round2(grouped.syncs_per_placement),
+        "delta_sync_share": round2(grouped.delta_sync_share),
         "batch_reruns": grouped.reruns,
         "cpu_ms_per_placement": round2(grouped.cpu_ms_per_placement),
         "idle_cpu_share": round2(grouped.idle_cpu),
