@@ -287,6 +287,7 @@ impl Agent {
                 volumes: self.cfg.data_dir.as_deref().map(list_volumes),
                 wait_ms: self.poll_ms(),
                 desired_version: last_desired.as_ref().map(|(v, _)| v.clone()),
+                accepts_delta: true,
             };
             let sent = Instant::now();
             let sent_mono = watchdog::monotonic_ms();

@@ -504,6 +504,12 @@ pub struct SyncRequest {
     /// if it still holds, the answer leaves the set out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_version: Option<String>,
+    /// The agent applies an answer that carries only the change to the set
+    /// it named (`base_version`). An agent that does not say so (one older
+    /// than delta answers) gets the whole set: it would take a delta for
+    /// the whole set and stop everything else.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accepts_delta: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

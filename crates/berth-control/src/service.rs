@@ -655,7 +655,7 @@ impl App {
         notified.as_mut().enable();
         // The set the agent holds, if this control plane sent it: then the
         // keys and only the servers added since are read (one snapshot).
-        let base = req.desired_version.as_deref().and_then(|v| self.sent.get(&node_id, v).map(|keys| (v.to_string(), keys)));
+        let base = req.desired_version.as_deref().filter(|_| req.accepts_delta).and_then(|v| self.sent.get(&node_id, v).map(|keys| (v.to_string(), keys)));
         let read_set = || async {
             Ok::<_, ControlError>(match &base {
                 Some((_, held)) => {

@@ -145,6 +145,11 @@ impl Harness {
 
     /// Syncs naming `held` as the desired set the agent holds.
     async fn sync_naming(&mut self, held: Option<String>) -> SyncResponse {
+        self.sync_as(held, true).await
+    }
+
+    /// A sync from an agent that does (or, older, does not) apply deltas.
+    async fn sync_as(&mut self, held: Option<String>, accepts_delta: bool) -> SyncResponse {
         self.seq += 1;
         let req = SyncRequest {
             node_id: self.node_id.clone(),
@@ -156,6 +161,7 @@ impl Harness {
             volumes: None,
             wait_ms: 0,
             desired_version: held,
+            accepts_delta,
         };
         self.cp.app.sync(&self.admin, req).await.unwrap()
     }
@@ -367,42 +373,47 @@ async fn a_sync_naming_the_set_it_holds_gets_only_what_changed() {
         h.start(name).await;
         h.wait(name, "starting", |s| s.status == ServerStatus::Starting).await;
     }
-    let full = h.sync_naming(None).await;
-    assert!(full.base_version.is_none() && full.removed.is_empty());
-    let (a, b) = (h.server("a").await, h.server("b").await);
-    assert_eq!(spec_keys(&full.desired).len(), 2);
+    let first = h.sync_naming(None).await;
+    assert!(first.base_version.is_none() && first.removed.is_empty());
+    assert_eq!(spec_keys(&first.desired).len(), 2);
 
-    // c is placed and a leaves the set (stopping).
+    // An agent that does not apply deltas gets the whole set, even naming
+    // a set this control plane sent.
     h.create("c", 512, "never").await;
     h.start("c").await;
-    let c = h.wait("c", "starting", |s| s.status == ServerStatus::Starting).await;
+    h.wait("c", "starting", |s| s.status == ServerStatus::Starting).await;
+    let held = h.sync_as(Some(first.desired_version.clone()), false).await;
+    assert!(held.base_version.is_none() && held.removed.is_empty());
+    assert_eq!(spec_keys(&held.desired).len(), 3, "a, b and c, whole");
+
+    // d is placed and a leaves the set (stopping).
+    let a = h.server("a").await;
+    h.create("d", 512, "never").await;
+    h.start("d").await;
+    let d = h.wait("d", "starting", |s| s.status == ServerStatus::Starting).await;
     h.cp.app.operation(&h.admin, "a", OpKind::Stop).await.unwrap();
     h.wait("a", "stopping", |s| s.status == ServerStatus::Stopping).await;
 
-    let delta = h.sync_naming(Some(full.desired_version.clone())).await;
-    assert_eq!(delta.base_version.as_deref(), Some(full.desired_version.as_str()));
-    assert_eq!(spec_keys(&delta.desired), [(c.id.0.clone(), c.generation)], "only the added instance is sent");
+    let delta = h.sync_naming(Some(held.desired_version.clone())).await;
+    assert_eq!(delta.base_version.as_deref(), Some(held.desired_version.as_str()));
+    assert_eq!(spec_keys(&delta.desired), [(d.id.0.clone(), d.generation)], "only the added instance is sent");
     assert_eq!(delta.removed, [InstanceKey { server_id: a.id.clone(), generation: a.generation }]);
 
     // The held set changed by the delta is the whole set a fresh sync gets,
     // under the same version.
     let whole = h.sync_naming(None).await;
     assert_eq!(whole.desired_version, delta.desired_version);
-    let mut merged: Vec<(String, u64)> = spec_keys(&full.desired).into_iter().filter(|(id, g)| !(id == &a.id.0 && *g == a.generation)).collect();
+    let mut merged: Vec<(String, u64)> = spec_keys(&held.desired).into_iter().filter(|(id, g)| !(id == &a.id.0 && *g == a.generation)).collect();
     merged.extend(spec_keys(&delta.desired));
     merged.sort();
     assert_eq!(merged, spec_keys(&whole.desired));
-    assert_eq!(spec_keys(&whole.desired), {
-        let mut k = vec![(b.id.0.clone(), b.generation), (c.id.0.clone(), c.generation)];
-        k.sort();
-        k
-    });
+    assert_eq!(spec_keys(&whole.desired).len(), 3, "b, c and d");
 
     // Naming the current set changes nothing; naming a set this control
     // plane never sent gets the whole set.
     let same = h.sync_naming(Some(whole.desired_version.clone())).await;
     assert!(same.unchanged && same.desired.is_empty());
-    let unknown = h.sync_naming(Some("0123456789abcdef.2".into())).await;
+    let unknown = h.sync_naming(Some("0123456789abcdef.3".into())).await;
     assert!(unknown.base_version.is_none());
     assert_eq!(spec_keys(&unknown.desired), spec_keys(&whole.desired));
 }
