@@ -117,20 +117,27 @@ pub(crate) async fn desired_keys(e: E<'_>, node_id: &NodeId) -> Result<Vec<(Serv
 
 /// The node's desired keys and, of them, the servers not in `base` (sorted),
 /// from one snapshot: a delta sync reads and renders only what the agent
-/// lacks.
+/// lacks. The ids are listed a few hundred per statement: a node's servers
+/// are bounded only by its port range, and SQLite binds at most 32,766
+/// values to one statement.
 pub(crate) async fn desired_delta(e: E<'_>, node_id: &NodeId, base: &[(ServerId, Generation)]) -> Result<(Vec<(ServerId, Generation)>, Vec<Server>), StoreError> {
     let keys = desired_keys(e, node_id).await?;
     let added: Vec<&ServerId> = keys.iter().filter(|k| base.binary_search(k).is_err()).map(|(id, _)| id).collect();
     if added.is_empty() {
         return Ok((keys, Vec::new()));
     }
-    let sql = format!(
-        "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'unknown') AND id IN ({}) ORDER BY id",
-        marks(added.len())
-    );
-    let mut args = args![&node_id.0];
-    args.extend(added.iter().map(|id| Arg::from(&id.0)));
-    let servers = e.rows(&sql, args).await?.iter().map(server_from_row).collect::<Result<_, _>>()?;
+    let mut servers = Vec::with_capacity(added.len());
+    for ids in added.chunks(500) {
+        let sql = format!(
+            "SELECT {SERVER_COLS} FROM servers WHERE node_id = ? AND status IN ('starting', 'running', 'unknown') AND id IN ({}) ORDER BY id",
+            marks(ids.len())
+        );
+        let mut args = args![&node_id.0];
+        args.extend(ids.iter().map(|id| Arg::from(&id.0)));
+        for row in e.rows(&sql, args).await? {
+            servers.push(server_from_row(&row)?);
+        }
+    }
     Ok((keys, servers))
 }
 
