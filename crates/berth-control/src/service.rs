@@ -658,18 +658,16 @@ impl App {
         let base = req.desired_version.as_deref().filter(|_| req.accepts_delta).and_then(|v| self.sent.get(&node_id, v).map(|keys| (v.to_string(), keys)));
         let read_set = || async {
             Ok::<_, ControlError>(match &base {
-                Some((_, held)) => {
-                    let (keys, added) = self.store.desired_delta(&node_id, held.clone()).await?;
-                    (keys, Some(added))
-                }
-                None => (self.store.desired_keys(&node_id).await?, None),
+                Some((_, held)) => self.store.desired_delta(&node_id, held.clone()).await?,
+                None => (self.store.desired_keys(&node_id).await?, Vec::new()),
             })
         };
         let (mut keys, mut added) = read_set().await?;
         let mut kill = self.store.killing_on(&node_id).await?;
         if req.wait_ms > 0 && nothing_to_do(&keys, &kill, &req) {
             let wait = Duration::from_millis(req.wait_ms.min(self.cfg.long_poll_max_ms));
-            let _woken = tokio::time::timeout(wait, notified).await.is_ok();
+            // Woken or not, the set is read again.
+            let _ = tokio::time::timeout(wait, notified).await;
             (keys, added) = read_set().await?;
             kill = self.store.killing_on(&node_id).await?;
         }
@@ -694,10 +692,10 @@ impl App {
         // What the agent holds once it applies this answer: the keys, also
         // of a server whose template is gone (never rendered, and not
         // renderable until a restart loads templates again).
-        match (base, added) {
+        match base {
             // What changed since the set the agent holds, read with the
             // keys in one snapshot.
-            (Some((held_version, held)), Some(added)) => {
+            Some((held_version, held)) => {
                 resp.removed = held
                     .iter()
                     .filter(|k| keys.binary_search(k).is_err())
@@ -708,7 +706,7 @@ impl App {
             }
             // The whole set, versioned by what was read: read after its
             // keys, it may have moved on since.
-            _ => {
+            None => {
                 let servers = self.store.desired_on(&node_id).await?;
                 keys = servers.iter().map(|s| (s.id.clone(), s.generation)).collect();
                 keys.sort_unstable();

@@ -250,6 +250,12 @@ impl GroupCommit {
     /// once when the writer is idle (the common case off a burst).
     pub(crate) async fn settled(&self) -> Result<(), StoreError> {
         let bound = self.durability.begun.load(Ordering::SeqCst);
+        {
+            let now = self.durability.flushed.borrow();
+            if now.seq >= bound && now.failed.is_none() {
+                return Ok(());
+            }
+        }
         let mut flushed = self.durability.flushed.subscribe();
         let now = flushed
             .wait_for(|f| f.seq >= bound || f.failed.is_some())
@@ -415,20 +421,22 @@ async fn writer(
         match &flushes {
             Some(flushes) => {
                 if let Err(std::sync::mpsc::SendError(f)) = flushes.send(Flush { seq, wrote, committed, batch }) {
-                    for job in f.batch {
-                        job.deliver(Outcome::Unknown("the store's log flusher has stopped".into()));
-                    }
+                    deliver(f.batch, Outcome::Unknown("the store's log flusher has stopped".into()));
                 }
             }
             None => {
                 // synchronous=FULL: the commit is on disk.
                 durability.flushed.send_modify(|f| f.seq = seq);
-                let outcome = Outcome::of(committed);
-                for job in batch {
-                    job.deliver(outcome.clone());
-                }
+                deliver(batch, Outcome::of(committed));
             }
         }
+    }
+}
+
+/// Answers every write of a batch with what became of it.
+fn deliver(batch: Vec<Box<dyn Job>>, outcome: Outcome) {
+    for job in batch {
+        job.deliver(outcome.clone());
     }
 }
 
@@ -472,9 +480,7 @@ fn flusher(rx: std::sync::mpsc::Receiver<Flush>, mut flush: FlushLog, durability
                 (Some(why), Ok(())) => Outcome::Unknown(why.clone()),
                 (_, committed) => Outcome::of(committed),
             };
-            for job in f.batch {
-                job.deliver(outcome.clone());
-            }
+            deliver(f.batch, outcome);
         }
     }
 }
