@@ -82,9 +82,14 @@ fn parse_value(body: &Bytes) -> Result<Value, ControlError> {
     serde_json::from_slice(body).map_err(|e| ControlError::MalformedJson(e.to_string()))
 }
 
+/// Straight into `T`: an agent's sync carries a report of every instance,
+/// and a detour through `Value` parsed it twice. Bad syntax is malformed
+/// JSON; well-formed JSON of the wrong shape is an invalid request.
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ControlError> {
-    let v = parse_value(body)?;
-    serde_json::from_value(v).map_err(|e| ControlError::invalid("invalid_request", e.to_string()))
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ControlError::invalid("invalid_request", e.to_string()),
+        _ => ControlError::MalformedJson(e.to_string()),
+    })
 }
 
 async fn caller(app: &App, headers: &HeaderMap) -> Result<Caller, ControlError> {

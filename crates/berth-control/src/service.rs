@@ -18,7 +18,7 @@ use berth_core::restart::RestartPolicy;
 use berth_core::reconcile::{reconcile, Change, InstanceState};
 use berth_core::template::InstanceSpec;
 use berth_core::{validate, Event, MemMib, NewEvent, NodeId, NodeStatus, Server, ServerId, ServerStatus, TokenKind};
-use berth_store::{EventFilter, NodeRegistration, Store, SyncInput, TokenRecord};
+use berth_store::{DesiredView, EventFilter, NodeRegistration, Store, SyncInput, TokenRecord};
 use serde_json::Value;
 use tokio::sync::Notify;
 
@@ -640,13 +640,6 @@ impl App {
             // Capacity was freed or a server went back to the queue.
             self.queue_wake.notify_one();
         }
-        self.watch_drift(&node, &req, now).await?;
-        if decided.changes.iter().any(|c| matches!(c, Change::Ended { .. } | Change::Fail { .. })) {
-            // Operations settled inside the sync; a crash may call for the
-            // restart policy.
-            self.ops_wake.notify_one();
-        }
-
         // Interest in new work is registered before the first read, so a
         // placement committed in between is not missed.
         let wake = self.nodes.get(&node_id);
@@ -656,20 +649,20 @@ impl App {
         // The set the agent holds, if this control plane sent it: then the
         // keys and only the servers added since are read (one snapshot).
         let base = req.desired_version.as_deref().filter(|_| req.accepts_delta).and_then(|v| self.sent.get(&node_id, v).map(|keys| (v.to_string(), keys)));
-        let read_set = || async {
-            Ok::<_, ControlError>(match &base {
-                Some((_, held)) => self.store.desired_delta(&node_id, held.clone()).await?,
-                None => (self.store.desired_keys(&node_id).await?, Vec::new()),
-            })
-        };
-        let (mut keys, mut added) = read_set().await?;
-        let mut kill = self.store.killing_on(&node_id).await?;
+        let held = base.as_ref().map(|(_, keys)| keys.clone());
+        let view = self.store.desired_view(&node_id, held.clone(), true).await?;
+        self.watch_drift(&node, &req, now, view.reserved.unwrap_or_default()).await?;
+        if decided.changes.iter().any(|c| matches!(c, Change::Ended { .. } | Change::Fail { .. })) {
+            // Operations settled inside the sync; a crash may call for the
+            // restart policy.
+            self.ops_wake.notify_one();
+        }
+        let DesiredView { mut keys, mut added, mut kill, .. } = view;
         if req.wait_ms > 0 && nothing_to_do(&keys, &kill, &req) {
             let wait = Duration::from_millis(req.wait_ms.min(self.cfg.long_poll_max_ms));
             // Woken or not, the set is read again.
             let _ = tokio::time::timeout(wait, notified).await;
-            (keys, added) = read_set().await?;
-            kill = self.store.killing_on(&node_id).await?;
+            DesiredView { keys, added, kill, .. } = self.store.desired_view(&node_id, held, false).await?;
         }
         keys.sort_unstable();
         let version = berth_api::desired_version(&keys);
@@ -721,8 +714,8 @@ impl App {
 
     /// Judges the node's memory after a sync: real use from the report,
     /// reservations from the rows.
-    async fn watch_drift(&self, node: &berth_core::Node, req: &SyncRequest, now: berth_core::Millis) -> Result<(), ControlError> {
-        let reserved = self.store.node_reserved(&node.id).await?.0;
+    async fn watch_drift(&self, node: &berth_core::Node, req: &SyncRequest, now: berth_core::Millis, reserved: MemMib) -> Result<(), ControlError> {
+        let reserved = reserved.0;
         let instances_used_mib = req
             .instances
             .iter()

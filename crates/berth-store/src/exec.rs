@@ -90,15 +90,40 @@ pub(crate) enum Val {
 pub(crate) type Names = std::sync::Arc<[Box<str>]>;
 
 /// A row as `Exec` returns it: column names and values, owned.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub(crate) struct Row {
     pub(crate) names: Names,
     pub(crate) vals: Vec<Val>,
+    /// Where the next lookup by name starts: one past the last column
+    /// found. Decoders read columns mostly in the order they are selected,
+    /// so a lookup usually compares one name, not half of a 24-column row.
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Clone for Row {
+    fn clone(&self) -> Row {
+        Row::new(self.names.clone(), self.vals.clone())
+    }
+}
+
+impl PartialEq for Row {
+    fn eq(&self, other: &Row) -> bool {
+        self.names == other.names && self.vals == other.vals
+    }
 }
 
 impl Row {
+    pub(crate) fn new(names: Names, vals: Vec<Val>) -> Row {
+        Row { names, vals, next: std::sync::atomic::AtomicUsize::new(0) }
+    }
+
     fn get(&self, col: &str) -> Option<&Val> {
-        self.names.iter().position(|n| &**n == col).and_then(|i| self.vals.get(i))
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.names.len();
+        let start = self.next.load(Relaxed).min(n);
+        let i = (start..n).chain(0..start).find(|&i| &*self.names[i] == col)?;
+        self.next.store(i + 1, Relaxed);
+        self.vals.get(i)
     }
 
     /// The first column as an integer (a `COUNT(*)`, a `RETURNING seq`).
@@ -184,25 +209,32 @@ fn lite_err(e: rusqlite::Error) -> StoreError {
     StoreError::from(e)
 }
 
-fn to_sql(a: &Arg) -> rusqlite::types::Value {
-    use rusqlite::types::Value as V;
-    match a {
-        Arg::Int(i) => V::Integer(*i),
-        Arg::Text(s) => V::Text(s.clone()),
-        Arg::Bool(b) => V::Integer(*b as i64),
-        Arg::NullInt | Arg::NullText => V::Null,
+/// Binds by reference: a text value is not copied again to be bound.
+impl rusqlite::ToSql for Arg {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput as O, Value as V, ValueRef as R};
+        Ok(match self {
+            Arg::Int(i) => O::Owned(V::Integer(*i)),
+            Arg::Text(s) => O::Borrowed(R::Text(s.as_bytes())),
+            Arg::Bool(b) => O::Owned(V::Integer(*b as i64)),
+            Arg::NullInt | Arg::NullText => O::Owned(V::Null),
+        })
     }
 }
 
 impl LiteExec<'_> {
     fn run_rows(&mut self, sql: &str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(lite_err)?;
-        let names: Names = stmt.column_names().iter().map(|n| Box::from(*n)).collect();
-        let mut rows = stmt.query(rusqlite::params_from_iter(args.iter().map(to_sql))).map_err(lite_err)?;
+        let count = stmt.column_count();
+        // The names are allocated only once a row comes: most statements a
+        // write runs return none.
+        let mut names: Option<Names> = None;
+        let mut rows = stmt.query(rusqlite::params_from_iter(args.iter())).map_err(lite_err)?;
         let mut out = Vec::new();
         while let Some(r) = rows.next().map_err(lite_err)? {
-            let mut vals = Vec::with_capacity(names.len());
-            for i in 0..names.len() {
+            let names = names.get_or_insert_with(|| r.as_ref().column_names().iter().map(|n| Box::from(*n)).collect());
+            let mut vals = Vec::with_capacity(count);
+            for i in 0..count {
                 use rusqlite::types::ValueRef as R;
                 let v = match r.get_ref(i).map_err(lite_err)? {
                     R::Null => Val::Null,
@@ -213,7 +245,7 @@ impl LiteExec<'_> {
                 };
                 vals.push(v);
             }
-            out.push(Row { names: names.clone(), vals });
+            out.push(Row::new(names.clone(), vals));
         }
         Ok(out)
     }
@@ -232,7 +264,7 @@ impl Exec for LiteExec<'_> {
             drop(stmt);
             return Ok(self.run_rows(sql, &args)?.len() as u64);
         }
-        Ok(stmt.execute(rusqlite::params_from_iter(args.iter().map(to_sql))).map_err(lite_err)? as u64)
+        Ok(stmt.execute(rusqlite::params_from_iter(args.iter())).map_err(lite_err)? as u64)
     }
 
     async fn rows(&mut self, sql: &str, args: Vec<Arg>) -> Result<Vec<Row>, StoreError> {
@@ -260,5 +292,23 @@ mod tests {
         assert_eq!(e.exec("UPDATE t SET n = n + 1 WHERE n = ? RETURNING id", args![1i64]).await.unwrap(), 2);
         assert!(e.row("SELECT id FROM t WHERE name = ?", args!["zz"]).await.unwrap().is_none());
         assert!(rows[0].int("name").is_err(), "a text column is not an integer");
+    }
+
+    #[tokio::test]
+    async fn columns_are_found_by_name_in_any_order_and_again() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut e = LiteExec { conn: &mut conn };
+        let row = e.one("SELECT 1 AS a, 'two' AS b, 3 AS c, NULL AS d", args![]).await.unwrap();
+        // Backwards, forwards, the same twice, and a name it lacks: the
+        // lookup's starting point never hides a column.
+        assert_eq!(row.opt_int("d").unwrap(), None);
+        assert_eq!(row.int("c").unwrap(), 3);
+        assert_eq!(row.text("b").unwrap(), "two");
+        assert_eq!(row.int("a").unwrap(), 1);
+        assert_eq!(row.int("a").unwrap(), 1);
+        assert_eq!(row.int("c").unwrap(), 3);
+        assert!(row.int("e").is_err());
+        assert_eq!(row.text("b").unwrap(), "two");
+        assert_eq!(row.clone(), row, "a clone is equal whatever lookups ran");
     }
 }

@@ -69,6 +69,20 @@ pub struct QueueSnapshot {
     pub queued: Vec<QueuedServer>,
 }
 
+/// What an agent's sync is answered from, read in one snapshot
+/// (`Store::desired_view`).
+#[derive(Debug, Clone, Default)]
+pub struct DesiredView {
+    /// (server, generation) of every server desired on the node.
+    pub keys: Vec<(ServerId, Generation)>,
+    /// The desired servers whose key the agent's held set lacks, sorted.
+    pub added: Vec<Server>,
+    /// Servers on the node whose running kill waits for their instance.
+    pub kill: Vec<(ServerId, Generation)>,
+    /// The node's reserved MiB from its rows, when asked for.
+    pub reserved: Option<MemMib>,
+}
+
 /// Everything the invariant checker looks at.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -344,9 +358,10 @@ pub trait Store: Send + Sync + 'static {
     /// (server, generation) of what `desired_on` would return, without
     /// reading the rows.
     async fn desired_keys(&self, node_id: &NodeId) -> Result<Vec<(ServerId, Generation)>, StoreError>;
-    /// `desired_keys`, and of `desired_on` only the servers whose key is
-    /// not in `base` (sorted), from one snapshot.
-    async fn desired_delta(&self, node_id: &NodeId, base: std::sync::Arc<[(ServerId, Generation)]>) -> Result<(Vec<(ServerId, Generation)>, Vec<Server>), StoreError>;
+    /// What a sync answers from, in one snapshot: `desired_keys`; of
+    /// `desired_on` only the servers whose key is not in `base` (none
+    /// without a base); `killing_on`; and, if asked, `node_reserved`.
+    async fn desired_view(&self, node_id: &NodeId, base: Option<std::sync::Arc<[(ServerId, Generation)]>>, reserved: bool) -> Result<DesiredView, StoreError>;
     /// Every server holding a reservation on the node.
     async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError>;
     /// Reserved MiB on one node, from its rows.

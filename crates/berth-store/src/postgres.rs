@@ -118,7 +118,7 @@ fn owned_row(r: &PgRow) -> Result<ExecRow, StoreError> {
         };
         vals.push(v);
     }
-    Ok(ExecRow { names, vals })
+    Ok(ExecRow::new(names, vals))
 }
 
 #[async_trait]

@@ -12,7 +12,7 @@ use crate::exec::{Arg, Exec};
 use crate::rows::*;
 use crate::writes::{marks, placed_sql, PreDecided};
 use crate::{
-    ActiveOps, BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, EventFilter, LeaderLease, LedgerEntry, NodeUsage, OpFilter, OpsWork,
+    ActiveOps, BillingSession, Decide, Delivery, DesiredView, DeliveryFilter, DeliveryJob, EventFilter, LeaderLease, LedgerEntry, NodeUsage, OpFilter, OpsWork,
     QueueSnapshot, ReplicaInfo, ServerRef, Snapshot, StoreError, SyncInput, TokenRecord,
 };
 
@@ -139,6 +139,19 @@ pub(crate) async fn desired_delta(e: E<'_>, node_id: &NodeId, base: &[(ServerId,
         }
     }
     Ok((keys, servers))
+}
+
+/// Everything a sync answers from, in one read transaction: a sync made
+/// three before and three more after its wait, each with its own
+/// transaction and its own wait for the log's flush.
+pub(crate) async fn desired_view(e: E<'_>, node_id: &NodeId, base: Option<&[(ServerId, Generation)]>, reserved: bool) -> Result<DesiredView, StoreError> {
+    let (keys, added) = match base {
+        Some(base) => desired_delta(e, node_id, base).await?,
+        None => (desired_keys(e, node_id).await?, Vec::new()),
+    };
+    let kill = killing_on(e, node_id).await?;
+    let reserved = if reserved { Some(node_reserved(e, node_id).await?) } else { None };
+    Ok(DesiredView { keys, added, kill, reserved })
 }
 
 pub(crate) async fn placed_on(e: E<'_>, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {

@@ -225,28 +225,36 @@ pub(crate) fn delivery_from_row(r: &Row) -> Result<Delivery, StoreError> {
 pub(crate) fn queue_snapshot_sql(ports_agg: &str) -> (String, String, &'static str) {
     (
         format!("SELECT {NODE_COLS} FROM nodes"),
-        format!(
-            "SELECT node_id, CAST(SUM(memory_mib) AS BIGINT) AS reserved, \
-             CAST(SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END) AS BIGINT) AS pending, {ports_agg} AS ports \
-             FROM reservations GROUP BY node_id"
-        ),
+        format!("SELECT node_id, {} FROM reservations GROUP BY node_id", totals_sql(ports_agg)),
         QUEUED_SQL,
     )
+}
+
+/// Reservation rows summed up by the database: their memory, how many are
+/// pending, the ports they hold (`reserved`, `pending`, `ports`).
+pub(crate) fn totals_sql(ports_agg: &str) -> String {
+    format!(
+        "CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS reserved, \
+         CAST(COALESCE(SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END), 0) AS BIGINT) AS pending, {ports_agg} AS ports"
+    )
+}
+
+/// The sums of `totals_sql`.
+pub(crate) fn totals_from_row(r: &Row) -> Result<(u64, u32, Vec<u16>), StoreError> {
+    let ports = r
+        .opt_text("ports")?
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.trim().parse::<u16>().map_err(|e| corrupt("reservation port", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((r.int("reserved")? as u64, r.int("pending")? as u32, ports))
 }
 
 pub(crate) fn queue_snapshot_from(nodes: &[Row], totals: &[Row], queued: &[Row]) -> Result<crate::QueueSnapshot, StoreError> {
     let mut by_node: std::collections::HashMap<String, (u64, u32, Vec<u16>)> = std::collections::HashMap::new();
     for r in totals {
-        let ports: Option<String> = r.opt_text("ports")?;
-        let ports = ports
-            .unwrap_or_default()
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .map(|p| p.trim().parse::<u16>().map_err(|e| corrupt("reservation port", e)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let reserved = r.int("reserved")? as u64;
-        let pending = r.int("pending")? as u32;
-        by_node.insert(r.text("node_id")?, (reserved, pending, ports));
+        by_node.insert(r.text("node_id")?, totals_from_row(r)?);
     }
     let capacities = nodes
         .iter()

@@ -16,7 +16,7 @@ use crate::exec::Exec;
 use crate::group::BoxFuture;
 use crate::{reads, writes};
 use crate::{
-    BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, DeliveryOutcome, DeliveryPolicy, EventFilter, LeaderLease, LedgerEntry,
+    BillingSession, Decide, Delivery, DeliveryFilter, DesiredView, DeliveryJob, DeliveryOutcome, DeliveryPolicy, EventFilter, LeaderLease, LedgerEntry,
     NodeRegistration, NodeUsage, OpFilter, OpRequest, OpsWork, PlacementOutcome, QueueSnapshot, ReplicaInfo, ServerRef, Snapshot, Store, StoreError, SyncInput,
     TokenRecord, WriteStats,
 };
@@ -168,9 +168,9 @@ impl<B: Backend> Store for StoreOn<B> {
         self.b.read(move |e| Box::pin(async move { reads::desired_keys(e, &node_id).await })).await
     }
 
-    async fn desired_delta(&self, node_id: &NodeId, base: std::sync::Arc<[(ServerId, Generation)]>) -> Result<(Vec<(ServerId, Generation)>, Vec<Server>), StoreError> {
+    async fn desired_view(&self, node_id: &NodeId, base: Option<std::sync::Arc<[(ServerId, Generation)]>>, reserved: bool) -> Result<DesiredView, StoreError> {
         let node_id = node_id.clone();
-        self.b.read(move |e| Box::pin(async move { reads::desired_delta(e, &node_id, &base).await })).await
+        self.b.read(move |e| Box::pin(async move { reads::desired_view(e, &node_id, base.as_deref(), reserved).await })).await
     }
 
     async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {

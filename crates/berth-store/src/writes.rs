@@ -366,9 +366,11 @@ pub(crate) async fn commit_placements(e: E<'_>, plans: &[Placement], now: Millis
                 out.push(PlacementOutcome::Stale);
                 continue;
             };
-            let rows = e.rows(&format!("SELECT {RES_COLS} FROM reservations WHERE node_id = ?"), args![&p.node_id.0]).await?;
-            let rows = rows.iter().map(reservation_from_row).collect::<Result<Vec<_>, _>>()?;
-            caps.insert(p.node_id.clone(), NodeCapacity::from_rows(&node, &rows));
+            // Summed by the database: the rows themselves, not a copy of
+            // them built for each node of the batch.
+            let sql = format!("SELECT {} FROM reservations WHERE node_id = ?", totals_sql(&e.string_agg("port")));
+            let (reserved, pending, ports) = totals_from_row(&e.one(&sql, args![&p.node_id.0]).await?)?;
+            caps.insert(p.node_id.clone(), NodeCapacity::from_totals(&node, berth_core::MemMib(reserved), pending, ports));
         }
         let cap = caps.get_mut(&p.node_id).expect("inserted above");
         if let Err(misfit) = recheck(cap, p) {
