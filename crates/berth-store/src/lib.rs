@@ -381,7 +381,9 @@ pub trait Store: Send + Sync + 'static {
     /// replica that lost leadership cannot commit placements.
     fn set_fence(&self, fence: Option<(String, u64)>);
     /// How many events of each kind exist: the monotonic counters of
-    /// `/metrics`, derived from the log so they survive restarts.
+    /// `/metrics`, derived from the log so they survive restarts. Where
+    /// events become visible in order (SQLite) a call counts only those
+    /// since the last call, so a scrape does not grow with the log.
     async fn count_events(&self) -> Result<Vec<(String, i64)>, StoreError>;
     /// Server data dirs the node last reported keeping.
     async fn node_volumes(&self, id: &NodeId) -> Result<Vec<ServerId>, StoreError>;

@@ -79,6 +79,11 @@ impl Backend for PostgresBackend {
     fn decides_before_write(&self) -> bool {
         false
     }
+
+    fn events_visible_in_order(&self) -> bool {
+        // Concurrent writers: a lower seq can commit after a higher one.
+        false
+    }
 }
 
 /// `Exec` over a PostgreSQL transaction: `?` placeholders numbered, rows

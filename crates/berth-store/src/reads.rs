@@ -224,9 +224,19 @@ pub(crate) async fn ledger_of(e: E<'_>, server: &ServerId) -> Result<Vec<LedgerE
         .collect()
 }
 
-pub(crate) async fn count_events(e: E<'_>) -> Result<Vec<(String, i64)>, StoreError> {
-    let rows = e.rows("SELECT kind, COUNT(*) AS n FROM events GROUP BY kind ORDER BY kind", args![]).await?;
-    rows.iter().map(|r| Ok((r.text("kind")?, r.int("n")?))).collect()
+/// Events with `seq > after` by kind, and the highest `seq` among them
+/// (`after` if none): a range of the primary key, not the whole log.
+pub(crate) async fn count_events_after(e: E<'_>, after: i64) -> Result<(Vec<(String, i64)>, i64), StoreError> {
+    let rows = e
+        .rows("SELECT kind, COUNT(*) AS n, CAST(MAX(seq) AS BIGINT) AS last FROM events WHERE seq > ? GROUP BY kind ORDER BY kind", args![after])
+        .await?;
+    let mut last = after;
+    let mut counts = Vec::with_capacity(rows.len());
+    for r in &rows {
+        counts.push((r.text("kind")?, r.int("n")?));
+        last = last.max(r.int("last")?);
+    }
+    Ok((counts, last))
 }
 
 pub(crate) async fn list_events(e: E<'_>, f: &EventFilter) -> Result<Vec<Event>, StoreError> {

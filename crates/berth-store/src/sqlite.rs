@@ -195,4 +195,9 @@ impl Backend for SqliteBackend {
     fn decides_before_write(&self) -> bool {
         true
     }
+
+    fn events_visible_in_order(&self) -> bool {
+        // One writer: batches commit in order, each holding higher seqs.
+        true
+    }
 }

@@ -51,17 +51,31 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// writer: nothing else writes between the two but what the write
     /// re-checks); otherwise it is decided inside the write.
     fn decides_before_write(&self) -> bool;
+    /// Whether events become visible in `seq` order (one writer), so a
+    /// count may go on from the last `seq` it saw; otherwise a transaction
+    /// holding a lower `seq` can commit after a higher one is seen.
+    fn events_visible_in_order(&self) -> bool;
+}
+
+/// Events counted by kind, every event with `seq <= after` included.
+#[derive(Default)]
+pub(crate) struct EventCounts {
+    after: i64,
+    by_kind: std::collections::BTreeMap<String, i64>,
 }
 
 /// A store on a backend: `SqliteStore` or `PostgresStore`.
 pub struct StoreOn<B> {
     pub(crate) b: B,
     pub(crate) fence: std::sync::Mutex<Option<(String, u64)>>,
+    /// Events counted by kind up to a `seq`, so a `/metrics` scrape counts
+    /// only the events since the last one (the log only grows).
+    pub(crate) event_counts: std::sync::Mutex<EventCounts>,
 }
 
 impl<B> StoreOn<B> {
     pub(crate) fn new(b: B) -> StoreOn<B> {
-        StoreOn { b, fence: std::sync::Mutex::new(None) }
+        StoreOn { b, fence: std::sync::Mutex::new(None), event_counts: Default::default() }
     }
 }
 
@@ -202,7 +216,22 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn count_events(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        self.b.read(move |e| Box::pin(async move { reads::count_events(e).await })).await
+        // Where a lower seq may still commit, every scrape counts them all.
+        let after = if self.b.events_visible_in_order() { self.event_counts.lock().expect("event counts lock").after } else { 0 };
+        let (new, last) = self.b.read(move |e| Box::pin(async move { reads::count_events_after(e, after).await })).await?;
+        if !self.b.events_visible_in_order() {
+            return Ok(new);
+        }
+        let mut counts = self.event_counts.lock().expect("event counts lock");
+        // A scrape that ran alongside took this step already: its total
+        // stands (it covers this one's events or is a moment behind).
+        if counts.after == after {
+            for (kind, n) in new {
+                *counts.by_kind.entry(kind).or_default() += n;
+            }
+            counts.after = last.max(after);
+        }
+        Ok(counts.by_kind.iter().map(|(k, n)| (k.clone(), *n)).collect())
     }
 
     async fn node_volumes(&self, id: &NodeId) -> Result<Vec<ServerId>, StoreError> {

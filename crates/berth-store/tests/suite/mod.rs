@@ -404,9 +404,27 @@ pub async fn events_filter_and_page(store: &dyn Store) {
     let page2 = store.list_events(&berth_store::EventFilter { limit: 100, after: Some(page1[1].seq), ..Default::default() }).await.unwrap();
     assert_eq!(page1.len() + page2.len(), all.len());
     assert!(page2[0].seq > page1[1].seq);
+    assert_eq!(store.count_events().await.unwrap(), counted(&all));
     store.insert_events(&[NewEvent { kind: "later", server_id: None, node_id: None, message: "later".into() }], 5_000).await.unwrap();
     let since = store.list_events(&berth_store::EventFilter { since: Some(5_000), limit: 100, ..Default::default() }).await.unwrap();
     assert_eq!(since.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["later"]);
+    // The counts go on from the last call: the new event once, the old
+    // ones not again, and a call with nothing new changes nothing.
+    let all = store.list_events(&berth_store::EventFilter { limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(store.count_events().await.unwrap(), counted(&all));
+    let _c = queued(store, "c", 100).await;
+    let all = store.list_events(&berth_store::EventFilter { limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(store.count_events().await.unwrap(), counted(&all));
+    assert_eq!(store.count_events().await.unwrap(), counted(&all));
+}
+
+/// Events by kind, in kind order, as `count_events` answers.
+fn counted(events: &[berth_core::Event]) -> Vec<(String, i64)> {
+    let mut by_kind = std::collections::BTreeMap::<String, i64>::new();
+    for e in events {
+        *by_kind.entry(e.kind.clone()).or_default() += 1;
+    }
+    by_kind.into_iter().collect()
 }
 
 fn op_req(s: &Server, kind: berth_core::operation::OpKind, id: &str) -> berth_store::OpRequest {
