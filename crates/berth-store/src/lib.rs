@@ -355,17 +355,13 @@ pub trait Store: Send + Sync + 'static {
     async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide) -> Result<(Node, Reconciled), StoreError>;
     /// Servers placed on the node that it should run now.
     async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError>;
-    /// (server, generation) of what `desired_on` would return, without
-    /// reading the rows.
-    async fn desired_keys(&self, node_id: &NodeId) -> Result<Vec<(ServerId, Generation)>, StoreError>;
-    /// What a sync answers from, in one snapshot: `desired_keys`; of
-    /// `desired_on` only the servers whose key is not in `base` (none
-    /// without a base); `killing_on`; and, if asked, `node_reserved`.
+    /// What a sync answers from, in one snapshot: the (server, generation)
+    /// keys of `desired_on`; of its servers only those whose key is not in
+    /// `base` (none without a base); `killing_on`; and, if asked, the
+    /// node's reserved MiB from its rows.
     async fn desired_view(&self, node_id: &NodeId, base: Option<std::sync::Arc<[(ServerId, Generation)]>>, reserved: bool) -> Result<DesiredView, StoreError>;
     /// Every server holding a reservation on the node.
     async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError>;
-    /// Reserved MiB on one node, from its rows.
-    async fn node_reserved(&self, node_id: &NodeId) -> Result<MemMib, StoreError>;
     /// How many live servers have each status, and how many billing
     /// sessions are open: the gauges of `/metrics`, without reading rows.
     async fn status_counts(&self) -> Result<(Vec<(ServerStatus, u64)>, u64), StoreError>;

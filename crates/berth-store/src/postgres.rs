@@ -76,12 +76,7 @@ impl Backend for PostgresBackend {
         None
     }
 
-    fn decides_before_write(&self) -> bool {
-        false
-    }
-
-    fn events_visible_in_order(&self) -> bool {
-        // Concurrent writers: a lower seq can commit after a higher one.
+    fn one_writer(&self) -> bool {
         false
     }
 }

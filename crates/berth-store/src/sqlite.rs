@@ -192,12 +192,7 @@ impl Backend for SqliteBackend {
         Some(WriteStats { writes, commits, reruns })
     }
 
-    fn decides_before_write(&self) -> bool {
-        true
-    }
-
-    fn events_visible_in_order(&self) -> bool {
-        // One writer: batches commit in order, each holding higher seqs.
+    fn one_writer(&self) -> bool {
         true
     }
 }

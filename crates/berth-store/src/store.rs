@@ -47,14 +47,14 @@ pub(crate) trait Backend: Send + Sync + 'static {
     async fn write<I: Send + Sync + 'static, T: Send + 'static, F: WriteWork<I, T>>(&self, input: I, work: F) -> Result<T, StoreError>;
     /// Writes and commits so far, where the backend counts them.
     fn write_stats(&self) -> Option<WriteStats>;
-    /// Whether a sync may be decided from a read before its write (one
-    /// writer: nothing else writes between the two but what the write
-    /// re-checks); otherwise it is decided inside the write.
-    fn decides_before_write(&self) -> bool;
-    /// Whether events become visible in `seq` order (one writer), so a
-    /// count may go on from the last `seq` it saw; otherwise a transaction
-    /// holding a lower `seq` can commit after a higher one is seen.
-    fn events_visible_in_order(&self) -> bool;
+    /// Whether one writer commits every write, one transaction after
+    /// another. Then a sync may be decided from a read before its write
+    /// (nothing else writes between the two but what the write re-checks),
+    /// and events become visible in `seq` order, so a count may go on from
+    /// the last `seq` it saw. With concurrent writers a sync is decided
+    /// inside its write, and a transaction holding a lower `seq` can commit
+    /// after a higher one is seen.
+    fn one_writer(&self) -> bool;
 }
 
 /// Events counted by kind, every event with `seq <= after` included.
@@ -177,11 +177,6 @@ impl<B: Backend> Store for StoreOn<B> {
         self.b.read(move |e| Box::pin(async move { reads::desired_on(e, &node_id).await })).await
     }
 
-    async fn desired_keys(&self, node_id: &NodeId) -> Result<Vec<(ServerId, Generation)>, StoreError> {
-        let node_id = node_id.clone();
-        self.b.read(move |e| Box::pin(async move { reads::desired_keys(e, &node_id).await })).await
-    }
-
     async fn desired_view(&self, node_id: &NodeId, base: Option<std::sync::Arc<[(ServerId, Generation)]>>, reserved: bool) -> Result<DesiredView, StoreError> {
         let node_id = node_id.clone();
         self.b.read(move |e| Box::pin(async move { reads::desired_view(e, &node_id, base.as_deref(), reserved).await })).await
@@ -190,11 +185,6 @@ impl<B: Backend> Store for StoreOn<B> {
     async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
         let node_id = node_id.clone();
         self.b.read(move |e| Box::pin(async move { reads::placed_on(e, &node_id).await })).await
-    }
-
-    async fn node_reserved(&self, node_id: &NodeId) -> Result<MemMib, StoreError> {
-        let node_id = node_id.clone();
-        self.b.read(move |e| Box::pin(async move { reads::node_reserved(e, &node_id).await })).await
     }
 
     async fn status_counts(&self) -> Result<(Vec<(ServerStatus, u64)>, u64), StoreError> {
@@ -217,9 +207,9 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn count_events(&self) -> Result<Vec<(String, i64)>, StoreError> {
         // Where a lower seq may still commit, every scrape counts them all.
-        let after = if self.b.events_visible_in_order() { self.event_counts.lock().expect("event counts lock").after } else { 0 };
+        let after = if self.b.one_writer() { self.event_counts.lock().expect("event counts lock").after } else { 0 };
         let (new, last) = self.b.read(move |e| Box::pin(async move { reads::count_events_after(e, after).await })).await?;
-        if !self.b.events_visible_in_order() {
+        if !self.b.one_writer() {
             return Ok(new);
         }
         let mut counts = self.event_counts.lock().expect("event counts lock");
@@ -378,7 +368,7 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide) -> Result<(Node, Reconciled), StoreError> {
-        let pre = if self.b.decides_before_write() {
+        let pre = if self.b.one_writer() {
             let (input, decide) = (input.clone(), decide.clone());
             self.b.read(move |e| Box::pin(async move { reads::pre_decide(e, &input, &decide).await })).await?
         } else {

@@ -349,6 +349,7 @@ pub(crate) async fn commit_placements(e: E<'_>, plans: &[Placement], now: Millis
     // then updated as plans are accepted, so every plan is checked against
     // everything committed before it.
     let mut caps: HashMap<NodeId, NodeCapacity> = HashMap::new();
+    let totals = format!("SELECT {} FROM reservations WHERE node_id = ?", totals_sql(&e.string_agg("port")));
     let mut out = Vec::with_capacity(plans.len());
     for p in plans {
         let sql = format!("SELECT name, status, generation FROM servers WHERE id = ?{}", e.lock());
@@ -368,8 +369,7 @@ pub(crate) async fn commit_placements(e: E<'_>, plans: &[Placement], now: Millis
             };
             // Summed by the database: the rows themselves, not a copy of
             // them built for each node of the batch.
-            let sql = format!("SELECT {} FROM reservations WHERE node_id = ?", totals_sql(&e.string_agg("port")));
-            let (reserved, pending, ports) = totals_from_row(&e.one(&sql, args![&p.node_id.0]).await?)?;
+            let (reserved, pending, ports) = totals_from_row(&e.one(&totals, args![&p.node_id.0]).await?)?;
             caps.insert(p.node_id.clone(), NodeCapacity::from_totals(&node, berth_core::MemMib(reserved), pending, ports));
         }
         let cap = caps.get_mut(&p.node_id).expect("inserted above");
