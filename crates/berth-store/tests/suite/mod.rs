@@ -233,6 +233,9 @@ pub async fn ports_are_unique_and_stale_servers_refused(store: &dyn Store) {
     let b = queued(store, "b", 100).await;
     let out = store.commit_placements(&[plan(&a, &node.id, 30000), plan(&b, &node.id, 30000)], 20).await.unwrap();
     assert_eq!(out[1], PlacementOutcome::Rejected(Misfit::PortTaken));
+    // A port held by a row of an earlier commit is seen in the rows too.
+    let out = store.commit_placements(&[plan(&b, &node.id, 30000)], 20).await.unwrap();
+    assert_eq!(out[0], PlacementOutcome::Rejected(Misfit::PortTaken));
     // `a` is placed now: a second plan from the old snapshot is stale.
     let out = store.commit_placements(&[plan(&a, &node.id, 30005)], 21).await.unwrap();
     assert_eq!(out[0], PlacementOutcome::Stale);
