@@ -48,21 +48,17 @@ impl Committer {
                     }
                 }
                 let all: Vec<Placement> = batch.iter().flat_map(|(p, _)| p.iter().cloned()).collect();
-                let result = store.commit_placements(&all, clock.now_ms()).await;
-                match result {
-                    Ok(outcomes) => {
-                        let mut rest = outcomes.into_iter();
-                        for (plans, reply) in batch {
-                            let mine: Vec<_> = rest.by_ref().take(plans.len()).collect();
-                            let _ = reply.send(Ok(mine));
-                        }
-                    }
-                    Err(e) => {
-                        let msg = ControlError::from(e);
-                        for (_, reply) in batch {
-                            let _ = reply.send(Err(ControlError::Internal(msg.to_string())));
-                        }
-                    }
+                let (outcomes, failed) = commit_in_chunks(store.as_ref(), clock.as_ref(), &all, max_batch).await;
+                let mut rest = outcomes.into_iter();
+                for (plans, reply) in batch {
+                    let mine: Vec<_> = rest.by_ref().take(plans.len()).collect();
+                    // A submission is answered with its outcomes only if
+                    // every one of its plans got one.
+                    let answer = match &failed {
+                        Some(msg) if mine.len() < plans.len() => Err(ControlError::Internal(msg.clone())),
+                        _ => Ok(mine),
+                    };
+                    let _ = reply.send(answer);
                 }
             }
         });
@@ -74,6 +70,21 @@ impl Committer {
         self.tx.send((plans, reply)).await.map_err(|_| ControlError::Internal("the committer has stopped".into()))?;
         rx.await.map_err(|_| ControlError::Internal("the committer dropped a batch".into()))?
     }
+}
+
+/// Commits `plans` at most `max_batch` to a transaction, one transaction
+/// after another (so `--commit-max-batch 1` is one transaction a placement,
+/// the naive path the benchmark compares against). Returns the outcomes of
+/// the plans committed before the first failure, and that failure.
+async fn commit_in_chunks(store: &dyn Store, clock: &dyn Clock, plans: &[Placement], max_batch: usize) -> (Vec<PlacementOutcome>, Option<String>) {
+    let mut outcomes = Vec::with_capacity(plans.len());
+    for chunk in plans.chunks(max_batch.max(1)) {
+        match store.commit_placements(chunk, clock.now_ms()).await {
+            Ok(done) => outcomes.extend(done),
+            Err(e) => return (outcomes, Some(ControlError::from(e).to_string())),
+        }
+    }
+    (outcomes, None)
 }
 
 pub struct QueueWorker {
@@ -196,6 +207,82 @@ impl Worker for QueueWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_core::{MemMib, NewEvent, NodeId, PortRange, Server, ServerId, ServerStatus};
+    use berth_store::{NodeRegistration, SqliteStore};
+
+    /// A store with one node of 4 GiB and `n` queued servers of 128 MiB,
+    /// and a plan for each of them on that node.
+    async fn queued_plans(dir: &std::path::Path, n: usize) -> (Arc<dyn Store>, Vec<Placement>) {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("berth.db")).await.unwrap());
+        let reg = NodeRegistration {
+            name: "n1".into(),
+            address: String::new(),
+            driver: "fake".into(),
+            total_mib: MemMib(4096),
+            system_reserved_mib: MemMib(0),
+            cpu_cores: 2,
+            ports: PortRange { min: 30000, max: 30999 },
+            max_concurrent_starts: 0,
+        };
+        let node = store.register_node(&reg, &NodeId("node_0000000000000001".into()), 1).await.unwrap();
+        let mut plans = Vec::new();
+        for i in 0..n {
+            let s = Server {
+                id: ServerId(format!("srv_{i:016x}")),
+                tenant: "default".into(),
+                name: format!("s{i}"),
+                template: "fakegame".into(),
+                memory_mib: MemMib(128),
+                config: Default::default(),
+                status: ServerStatus::Stopped,
+                node_id: None,
+                generation: 0,
+                port: None,
+                last_exit: None,
+                queued_at: None,
+                attempts: 0,
+                next_attempt_at: None,
+                last_error: None,
+                used_mib: None,
+                stop_after_ms: 300_000,
+                stateless: true,
+                plan: "standard".into(),
+                price_per_gib_hour: 100,
+                home_node: None,
+                restart_policy: Default::default(),
+                created_at: 1,
+                updated_at: 1,
+            };
+            let ev = NewEvent { kind: "server_created", server_id: None, node_id: None, message: "created".into() };
+            store.insert_server(&s, &ev).await.unwrap();
+            let s = store.request_start(&s.id, 10, false).await.unwrap();
+            plans.push(Placement { server_id: s.id, expected_generation: s.generation, node_id: node.id.clone(), memory_mib: s.memory_mib, port: 30000 + i as u16 });
+        }
+        (store, plans)
+    }
+
+    async fn commits_for(max_batch: usize, n: usize) -> (u64, Vec<PlacementOutcome>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, plans) = queued_plans(dir.path(), n).await;
+        let committer = Committer::spawn(store.clone(), Arc::new(crate::clock::SystemClock), Duration::from_millis(0), max_batch);
+        let before = store.write_stats().unwrap().commits;
+        let outcomes = committer.submit(plans).await.unwrap();
+        (store.write_stats().unwrap().commits - before, outcomes)
+    }
+
+    #[tokio::test]
+    async fn a_round_is_committed_at_most_max_batch_placements_a_transaction() {
+        // The naive path the benchmark compares against: one a placement.
+        let (commits, outcomes) = commits_for(1, 5).await;
+        assert_eq!(commits, 5);
+        assert_eq!(outcomes.len(), 5);
+        assert!(outcomes.iter().all(|o| matches!(o, PlacementOutcome::Committed { .. })), "{outcomes:?}");
+        let (commits, outcomes) = commits_for(2, 5).await;
+        assert_eq!(commits, 3);
+        assert!(outcomes.iter().all(|o| matches!(o, PlacementOutcome::Committed { .. })), "{outcomes:?}");
+        let (commits, _) = commits_for(512, 5).await;
+        assert_eq!(commits, 1);
+    }
 
     #[test]
     fn a_round_on_a_carried_copy_that_plans_nothing_runs_again_on_fresh_rows() {
