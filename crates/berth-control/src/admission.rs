@@ -30,8 +30,12 @@ pub struct Committer {
     tx: mpsc::Sender<(Vec<Placement>, Reply)>,
 }
 
+/// Admission transactions committed: with placements committed, how many
+/// placements share one (`/metrics`, the benchmark's naive path).
+pub type AdmissionCommits = Arc<std::sync::atomic::AtomicU64>;
+
 impl Committer {
-    pub fn spawn(store: Arc<dyn Store>, clock: Arc<dyn Clock>, window: Duration, max_batch: usize) -> Committer {
+    pub fn spawn(store: Arc<dyn Store>, clock: Arc<dyn Clock>, window: Duration, max_batch: usize, commits: AdmissionCommits) -> Committer {
         let (tx, mut rx) = mpsc::channel::<(Vec<Placement>, Reply)>(1024);
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -48,7 +52,7 @@ impl Committer {
                     }
                 }
                 let all: Vec<Placement> = batch.iter().flat_map(|(p, _)| p.iter().cloned()).collect();
-                let (outcomes, failed) = commit_in_chunks(store.as_ref(), clock.as_ref(), &all, max_batch).await;
+                let (outcomes, failed) = commit_in_chunks(store.as_ref(), clock.as_ref(), &all, max_batch, &commits).await;
                 let mut rest = outcomes.into_iter();
                 for (plans, reply) in batch {
                     let mine: Vec<_> = rest.by_ref().take(plans.len()).collect();
@@ -76,11 +80,14 @@ impl Committer {
 /// after another (so `--commit-max-batch 1` is one transaction a placement,
 /// the naive path the benchmark compares against). Returns the outcomes of
 /// the plans committed before the first failure, and that failure.
-async fn commit_in_chunks(store: &dyn Store, clock: &dyn Clock, plans: &[Placement], max_batch: usize) -> (Vec<PlacementOutcome>, Option<String>) {
+async fn commit_in_chunks(store: &dyn Store, clock: &dyn Clock, plans: &[Placement], max_batch: usize, commits: &AdmissionCommits) -> (Vec<PlacementOutcome>, Option<String>) {
     let mut outcomes = Vec::with_capacity(plans.len());
     for chunk in plans.chunks(max_batch.max(1)) {
         match store.commit_placements(chunk, clock.now_ms()).await {
-            Ok(done) => outcomes.extend(done),
+            Ok(done) => {
+                commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                outcomes.extend(done);
+            }
             Err(e) => return (outcomes, Some(ControlError::from(e).to_string())),
         }
     }
@@ -264,10 +271,14 @@ mod tests {
     async fn commits_for(max_batch: usize, n: usize) -> (u64, Vec<PlacementOutcome>) {
         let dir = tempfile::tempdir().unwrap();
         let (store, plans) = queued_plans(dir.path(), n).await;
-        let committer = Committer::spawn(store.clone(), Arc::new(crate::clock::SystemClock), Duration::from_millis(0), max_batch);
+        let counted = AdmissionCommits::default();
+        let committer = Committer::spawn(store.clone(), Arc::new(crate::clock::SystemClock), Duration::from_millis(0), max_batch, counted.clone());
         let before = store.write_stats().unwrap().commits;
         let outcomes = committer.submit(plans).await.unwrap();
-        (store.write_stats().unwrap().commits - before, outcomes)
+        let commits = store.write_stats().unwrap().commits - before;
+        // The counter /metrics shows counts the same transactions.
+        assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), commits);
+        (commits, outcomes)
     }
 
     #[tokio::test]

@@ -130,7 +130,8 @@ impl ControlPlane {
         let clock: Arc<dyn clock::Clock> = extras.clock.unwrap_or_else(|| Arc::new(clock::SystemClock));
         // Fenced from the start: nothing commits before this replica leads.
         store.set_fence(Some((replica.id.clone(), 0)));
-        let committer = admission::Committer::spawn(store.clone(), clock.clone(), cfg.commit_window, cfg.commit_max_batch);
+        let admission_commits = admission::AdmissionCommits::default();
+        let committer = admission::Committer::spawn(store.clone(), clock.clone(), cfg.commit_window, cfg.commit_max_batch, admission_commits.clone());
         let queue_wake = Arc::new(Notify::new());
         let nodes = waker::NodeWaker::default();
         let placed = waker::PlacementWaiters::default();
@@ -198,7 +199,7 @@ impl ControlPlane {
             },
             rx,
         );
-        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, placed, replica, leading, drift: Default::default(), ops_wake, tokens: Default::default(), syncs: Default::default(), sent: Default::default() });
+        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, placed, replica, leading, drift: Default::default(), ops_wake, tokens: Default::default(), syncs: Default::default(), sent: Default::default(), admission_commits });
         // Servers may be waiting in the queue from before a restart.
         app.queue_wake.notify_one();
         Ok(ControlPlane { app, shutdown })

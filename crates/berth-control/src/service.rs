@@ -53,6 +53,8 @@ pub struct App {
     /// on the store.
     pub syncs: SyncCounts,
     pub sent: SentSets,
+    /// Admission transactions the committer made.
+    pub admission_commits: crate::admission::AdmissionCommits,
 }
 
 #[derive(Default)]
@@ -531,10 +533,16 @@ impl App {
         ] {
             gauge(name, help, "counter", vec![(String::new(), count(kind) as f64)]);
         }
-        let syncs = |c: &AtomicU64| vec![(String::new(), c.load(Ordering::Relaxed) as f64)];
-        gauge("berth_agent_syncs_total", "Agent syncs (lease renewals with reports) answered.", "counter", syncs(&self.syncs.total));
-        gauge("berth_agent_syncs_desired_total", "Agent syncs answered with a changed desired set.", "counter", syncs(&self.syncs.with_desired));
-        gauge("berth_agent_syncs_delta_total", "Agent syncs answered with only what changed in the desired set.", "counter", syncs(&self.syncs.delta));
+        let counter = |c: &AtomicU64| vec![(String::new(), c.load(Ordering::Relaxed) as f64)];
+        gauge("berth_agent_syncs_total", "Agent syncs (lease renewals with reports) answered.", "counter", counter(&self.syncs.total));
+        gauge("berth_agent_syncs_desired_total", "Agent syncs answered with a changed desired set.", "counter", counter(&self.syncs.with_desired));
+        gauge("berth_agent_syncs_delta_total", "Agent syncs answered with only what changed in the desired set.", "counter", counter(&self.syncs.delta));
+        gauge(
+            "berth_admission_commits_total",
+            "Admission transactions committed, each at most --commit-max-batch placements.",
+            "counter",
+            counter(&self.admission_commits),
+        );
         if let Some(w) = self.store.write_stats() {
             gauge("berth_store_writes_total", "Writes the store committed since it opened.", "counter", vec![(String::new(), w.writes as f64)]);
             gauge(

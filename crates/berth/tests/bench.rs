@@ -61,6 +61,11 @@ fn every_scenario_runs_and_finds_no_violation() {
     assert!(num(&a, "placements_per_sec") > 0.0 && num(&a, "baseline_placements_per_sec") > 0.0, "{a}");
     assert!(num(&a, "p50_ms") <= num(&a, "p99_ms") && num(&a, "p99_ms") <= num(&a, "max_ms"), "{a}");
     assert!(num(&a, "writes_per_commit") >= 1.0, "{a}");
+    // The baseline is the naive path the issue names: every write its own
+    // transaction, every placement its own admission transaction.
+    assert_eq!(num(&a, "baseline_writes_per_commit"), 1.0, "{a}");
+    let naive_share = num(&a, "baseline_placements_per_admission_commit");
+    assert!(naive_share > 0.5 && naive_share <= 1.0, "{a}");
     // 50 servers a node arrive over many syncs: after each node's first
     // set, the real agents hold a set the control plane sent, so changes
     // come as deltas.

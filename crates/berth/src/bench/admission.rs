@@ -58,6 +58,8 @@ struct Measured {
     /// carried only the change.
     delta_sync_share: f64,
     writes_per_placement: f64,
+    /// Placements that shared one admission transaction, on average.
+    placements_per_admission_commit: f64,
     /// Write batches run a second time (a write failed after changing rows).
     reruns: f64,
     wall: Duration,
@@ -101,6 +103,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     let syncs = delta("berth_agent_syncs_total");
     let (with_desired, with_delta) = (delta("berth_agent_syncs_desired_total"), delta("berth_agent_syncs_delta_total"));
     let reruns = delta("berth_store_reruns_total");
+    let admission_commits = delta("berth_admission_commits_total");
     let mut seen = sampled + violations(&client).await?;
     // The fleet confirms them running: billing opens, reservations turn
     // active; the checker looks once more with everything settled.
@@ -120,6 +123,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
         syncs_per_placement: syncs / a.requests.max(1) as f64,
         delta_sync_share: if with_desired > 0.0 { with_delta / with_desired } else { 0.0 },
         writes_per_placement: writes / a.requests.max(1) as f64,
+        placements_per_admission_commit: if admission_commits > 0.0 { placed / admission_commits } else { 0.0 },
         reruns,
         wall,
         cpu_ms_per_placement: cpu_burst.map(|c| c.as_secs_f64() * 1000.0 / a.requests as f64).unwrap_or(0.0),
@@ -140,6 +144,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         ("placements/s (group commit)".into(), format!("{:.0}", grouped.placements_per_sec)),
         ("admission p50 / p99 / max ms".into(), format!("{:.1} / {:.1} / {:.1}", grouped.latency.p50, grouped.latency.p99, grouped.latency.max)),
         ("writes per commit".into(), format!("{:.1}", grouped.writes_per_commit)),
+        ("placements per admission commit".into(), format!("{:.1}", grouped.placements_per_admission_commit)),
         ("store writes / agent syncs per placement".into(), format!("{:.2} / {:.2}", grouped.writes_per_placement, grouped.syncs_per_placement)),
         ("changed-set syncs carrying only the change".into(), format!("{:.0} %", grouped.delta_sync_share * 100.0)),
         ("write batches run again".into(), format!("{:.0}", grouped.reruns)),
@@ -150,6 +155,10 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
     if let (Some(n), Some(r)) = (&naive, ratio) {
         rows.push(("placements/s (naive)".into(), format!("{:.0}", n.placements_per_sec)));
         rows.push(("naive p50 / p99 / max ms".into(), format!("{:.1} / {:.1} / {:.1}", n.latency.p50, n.latency.p99, n.latency.max)));
+        rows.push((
+            "naive writes / placements per commit".into(),
+            format!("{:.1} / {:.1}", n.writes_per_commit, n.placements_per_admission_commit),
+        ));
         rows.push(("speedup over naive".into(), format!("{r:.2}×")));
     }
     let violations = grouped.violations + naive.as_ref().map(|n| n.violations).unwrap_or(0);
@@ -171,6 +180,9 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         "max_ms": round1(grouped.latency.max),
         "baseline_p99_ms": naive.as_ref().map(|n| round1(n.latency.p99)),
         "writes_per_commit": round1(grouped.writes_per_commit),
+        "placements_per_admission_commit": round1(grouped.placements_per_admission_commit),
+        "baseline_writes_per_commit": naive.as_ref().map(|n| round2(n.writes_per_commit)),
+        "baseline_placements_per_admission_commit": naive.as_ref().map(|n| round2(n.placements_per_admission_commit)),
         "writes_per_placement": round2(grouped.writes_per_placement),
         "syncs_per_placement": round2(grouped.syncs_per_placement),
         "delta_sync_share": round2(grouped.delta_sync_share),
