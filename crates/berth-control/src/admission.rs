@@ -4,8 +4,9 @@
 //! commits for a quarter of a second, the queue read every round), runs the
 //! pure planner and hands the plans to the committer. The committer is the only task that inserts
 //! reservations: it batches plans for a few milliseconds and commits each
-//! batch in one store transaction that re-checks every node's fit against
-//! the reservation rows (Nomad's plan applier). Nothing here checks capacity
+//! batch in store transactions of at most `commit_max_batch` placements,
+//! each re-checking every node's fit against the reservation rows (Nomad's
+//! plan applier). Nothing here checks capacity
 //! and then awaits before writing: the check happens inside the commit.
 
 use std::sync::Arc;
