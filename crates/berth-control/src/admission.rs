@@ -215,7 +215,7 @@ impl Worker for QueueWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_core::{MemMib, NewEvent, NodeId, PortRange, Server, ServerId, ServerStatus};
+    use berth_core::{MemMib, NewEvent, NodeId, PortRange};
     use berth_store::{NodeRegistration, SqliteStore};
 
     /// A store with one node of 4 GiB and `n` queued servers of 128 MiB,
@@ -235,32 +235,7 @@ mod tests {
         let node = store.register_node(&reg, &NodeId("node_0000000000000001".into()), 1).await.unwrap();
         let mut plans = Vec::new();
         for i in 0..n {
-            let s = Server {
-                id: ServerId(format!("srv_{i:016x}")),
-                tenant: "default".into(),
-                name: format!("s{i}"),
-                template: "fakegame".into(),
-                memory_mib: MemMib(128),
-                config: Default::default(),
-                status: ServerStatus::Stopped,
-                node_id: None,
-                generation: 0,
-                port: None,
-                last_exit: None,
-                queued_at: None,
-                attempts: 0,
-                next_attempt_at: None,
-                last_error: None,
-                used_mib: None,
-                stop_after_ms: 300_000,
-                stateless: true,
-                plan: "standard".into(),
-                price_per_gib_hour: 100,
-                home_node: None,
-                restart_policy: Default::default(),
-                created_at: 1,
-                updated_at: 1,
-            };
+            let s = berth_testkit::stopped_server(&format!("s{i}"), 128);
             let ev = NewEvent { kind: "server_created", server_id: None, node_id: None, message: "created".into() };
             store.insert_server(&s, &ev).await.unwrap();
             let s = store.request_start(&s.id, 10, false).await.unwrap();

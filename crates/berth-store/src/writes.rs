@@ -349,11 +349,12 @@ pub(crate) async fn commit_placements(e: E<'_>, plans: &[Placement], now: Millis
     // then updated as plans are accepted, so every plan is checked against
     // everything committed before it.
     let mut caps: HashMap<NodeId, NodeCapacity> = HashMap::new();
+    // Each query is built once for the batch.
     let totals = format!("SELECT {} FROM reservations WHERE node_id = ?", totals_sql(&e.string_agg("port")));
+    let server_sql = format!("SELECT name, status, generation FROM servers WHERE id = ?{}", e.lock());
     let mut out = Vec::with_capacity(plans.len());
     for p in plans {
-        let sql = format!("SELECT name, status, generation FROM servers WHERE id = ?{}", e.lock());
-        let Some(server) = e.row(&sql, args![&p.server_id.0]).await? else {
+        let Some(server) = e.row(&server_sql, args![&p.server_id.0]).await? else {
             out.push(PlacementOutcome::Stale);
             continue;
         };

@@ -4,6 +4,8 @@
 //! timeouts, and cleans up every process it caused by pid: the berth
 //! processes it spawned and the instance process groups recorded in pid
 //! records under the data dirs it was given. It never kills by name.
+//! It also holds the plain server rows that store and committer tests
+//! insert directly.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -688,5 +690,37 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A stopped server row named `name` of `mib` MiB, its id derived from the
+/// name, for tests that insert servers into a store directly.
+pub fn stopped_server(name: &str, mib: u64) -> berth_core::Server {
+    use berth_core::{MemMib, Server, ServerId, ServerStatus};
+    Server {
+        id: ServerId(format!("srv_{:016x}", name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3)))),
+        tenant: "default".into(),
+        name: name.into(),
+        template: "fakegame".into(),
+        memory_mib: MemMib(mib),
+        config: Default::default(),
+        status: ServerStatus::Stopped,
+        node_id: None,
+        generation: 0,
+        port: None,
+        last_exit: None,
+        queued_at: None,
+        attempts: 0,
+        next_attempt_at: None,
+        last_error: None,
+        used_mib: None,
+        stop_after_ms: 300_000,
+        stateless: false,
+        plan: "standard".into(),
+        price_per_gib_hour: 100,
+        home_node: None,
+        restart_policy: Default::default(),
+        created_at: 1,
+        updated_at: 1,
     }
 }

@@ -495,29 +495,13 @@ fn driver_spec(server: &str, port: u16) -> berth_core::template::InstanceSpec {
     let t = templates.get("fakegame").unwrap();
     let s = berth_core::Server {
         id: berth_core::ServerId(server.into()),
-        tenant: "default".into(),
-        name: server.into(),
-        template: "fakegame".into(),
-        memory_mib: berth_core::MemMib(128),
         config: t.validate_config(None).unwrap(),
         status: berth_core::ServerStatus::Starting,
-        node_id: None,
         generation: 1,
         port: Some(port),
-        last_exit: None,
-        queued_at: None,
-        attempts: 0,
-        next_attempt_at: None,
-        last_error: None,
-        used_mib: None,
-        stop_after_ms: 300_000,
-        stateless: false,
-        plan: "standard".into(),
-        price_per_gib_hour: 100,
-        home_node: None,
-        restart_policy: Default::default(),
         created_at: 0,
         updated_at: 0,
+        ..berth_testkit::stopped_server(server, 128)
     };
     t.render(&s, port).unwrap()
 }

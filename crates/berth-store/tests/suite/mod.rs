@@ -25,32 +25,7 @@ pub fn reg(name: &str, mib: u64) -> NodeRegistration {
 }
 
 pub fn server(name: &str, mib: u64) -> Server {
-    Server {
-        id: ServerId(format!("srv_{:016x}", name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3)))),
-        tenant: "default".into(),
-        name: name.into(),
-        template: "fakegame".into(),
-        memory_mib: MemMib(mib),
-        config: Default::default(),
-        status: ServerStatus::Stopped,
-        node_id: None,
-        generation: 0,
-        port: None,
-        last_exit: None,
-        queued_at: None,
-        attempts: 0,
-        next_attempt_at: None,
-        last_error: None,
-        used_mib: None,
-        stop_after_ms: 300_000,
-        stateless: false,
-        plan: "standard".into(),
-        price_per_gib_hour: 100,
-        home_node: None,
-        restart_policy: Default::default(),
-        created_at: 1,
-        updated_at: 1,
-    }
+    berth_testkit::stopped_server(name, mib)
 }
 
 pub fn sync_input(node: &NodeId, epoch: u64, seq: u64) -> SyncInput {
