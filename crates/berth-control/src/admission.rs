@@ -3,8 +3,9 @@
 //! The queue worker takes a snapshot (capacities carried across its own
 //! commits for a quarter of a second, the queue read every round), runs the
 //! pure planner and hands the plans to the committer. The committer is the only task that inserts
-//! reservations: it batches plans for a few milliseconds and commits each
-//! batch in store transactions of at most `commit_max_batch` placements,
+//! reservations: it takes the plans waiting for it (and, with a window
+//! above 0, those arriving within it) and commits them in store
+//! transactions of at most `commit_max_batch` placements,
 //! each re-checking every node's fit against the reservation rows (Nomad's
 //! plan applier). Nothing here checks capacity
 //! and then awaits before writing: the check happens inside the commit.
@@ -156,6 +157,7 @@ impl Worker for QueueWorker {
             self.carried = None;
             return Ok(WorkerState::Idle);
         }
+        let began = std::time::Instant::now();
         let (mut carried, queued, was_carried) = match self.carried.take() {
             Some(c) if c.read_at.elapsed() < CARRY_FOR => (c, self.store.queued().await?, true),
             _ => {
@@ -168,12 +170,15 @@ impl Worker for QueueWorker {
             self.carried = Some(carried);
             return Ok(WorkerState::Idle);
         }
+        let read = began.elapsed();
         let plans = plan(&carried.capacities, &queued, self.clock.now_ms(), self.cfg.planner);
+        let planned_at = began.elapsed();
         if plans.is_empty() {
             let (_, next) = after_round(was_carried, 0, 0, false);
             return Ok(next);
         }
         let outcomes = self.committer.submit(plans.clone()).await?;
+        let committed_at = began.elapsed();
         let mut committed = 0;
         let mut rejected = false;
         let mut woken = std::collections::HashSet::new();
@@ -198,7 +203,17 @@ impl Worker for QueueWorker {
         if keep {
             self.carried = Some(carried);
         }
-        tracing::debug!(committed, planned = outcomes.len(), carried = was_carried, "admission round");
+        tracing::debug!(
+            committed,
+            planned = outcomes.len(),
+            queued = queued.len(),
+            carried = was_carried,
+            read_ms = read.as_secs_f64() * 1e3,
+            plan_ms = (planned_at - read).as_secs_f64() * 1e3,
+            commit_ms = (committed_at - planned_at).as_secs_f64() * 1e3,
+            total_ms = began.elapsed().as_secs_f64() * 1e3,
+            "admission round"
+        );
         Ok(next)
     }
 

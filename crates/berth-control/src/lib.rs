@@ -44,7 +44,10 @@ pub struct ControlConfig {
     pub long_poll_max_ms: u64,
     pub planner: PlannerConfig,
     pub retry: RetryPolicy,
-    /// How long the committer gathers plans before one transaction.
+    /// How long the committer waits for more plans before its transaction.
+    /// 0 (the default) takes only those already waiting: the one queue
+    /// worker awaits each submission, so nothing else can arrive, and a
+    /// window only delayed every round (2.4 ms a round at 2 ms, measured).
     pub commit_window: Duration,
     pub commit_max_batch: usize,
     /// Added to the lease TTL before the control plane judges a node.
@@ -79,7 +82,7 @@ impl Default for ControlConfig {
             long_poll_max_ms: 30_000,
             planner: PlannerConfig::default(),
             retry: RetryPolicy::default(),
-            commit_window: Duration::from_millis(2),
+            commit_window: Duration::from_millis(0),
             commit_max_batch: 512,
             lease_grace_ms: 5_000,
             disk_pressure_percent: 90,

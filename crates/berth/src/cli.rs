@@ -207,8 +207,8 @@ pub struct ControlFlags {
     /// Most writes committed together in one SQLite transaction (one fsync); 1 turns group commit off
     #[arg(long, default_value_t = 256)]
     group_commit_max: usize,
-    /// Milliseconds the admission committer gathers plans before its transaction
-    #[arg(long, default_value_t = 2)]
+    /// Milliseconds the admission committer waits for more plans before its transaction (0: only those already waiting)
+    #[arg(long, default_value_t = 0)]
     commit_window_ms: u64,
     /// Most placements in one admission commit
     #[arg(long, default_value_t = 512)]
