@@ -286,6 +286,20 @@ mod tests {
         assert_eq!(commits, 1);
     }
 
+    #[tokio::test]
+    async fn with_no_window_the_committer_still_takes_every_submission_already_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut plans) = queued_plans(dir.path(), 4).await;
+        let second = plans.split_off(2);
+        let counted = AdmissionCommits::default();
+        let committer = Committer::spawn(store.clone(), Arc::new(crate::clock::SystemClock), Duration::ZERO, 512, counted.clone());
+        // Both are sent before the committer's task runs (one thread).
+        let (a, b) = tokio::join!(committer.submit(plans), committer.submit(second));
+        let committed = |o: &Vec<PlacementOutcome>| o.iter().filter(|o| matches!(o, PlacementOutcome::Committed { .. })).count();
+        assert_eq!((committed(&a.unwrap()), committed(&b.unwrap())), (2, 2));
+        assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 1, "both submissions in one admission transaction");
+    }
+
     #[test]
     fn a_round_on_a_carried_copy_that_plans_nothing_runs_again_on_fresh_rows() {
         assert!(matches!(after_round(true, 0, 0, false), (false, WorkerState::Busy)));
