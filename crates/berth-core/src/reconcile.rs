@@ -243,29 +243,12 @@ mod tests {
     fn server(id: &str, status: ServerStatus, gen: Generation) -> Server {
         Server {
             id: ServerId(id.into()),
-            tenant: "t".into(),
             name: id.into(),
-            template: "fakegame".into(),
-            memory_mib: MemMib(100),
-            config: Default::default(),
             status,
             node_id: Some(NodeId("n1".into())),
             generation: gen,
             port: Some(30000),
-            last_exit: None,
-            queued_at: Some(0),
-            attempts: 0,
-            next_attempt_at: None,
-            last_error: None,
-            used_mib: None,
-        stop_after_ms: 300_000,
-        stateless: false,
-        plan: "standard".into(),
-        price_per_gib_hour: 100,
-        home_node: None,
-            restart_policy: Default::default(),
-            created_at: 0,
-            updated_at: 0,
+            ..crate::reconcile_test_server()
         }
     }
 
