@@ -231,6 +231,9 @@ pub struct ControlFlags {
     email_to: Option<String>,
 }
 
+/// The longest wait the admission committer may be told to make for more plans.
+const MAX_COMMIT_WINDOW_MS: u64 = 1_000;
+
 impl ControlFlags {
     fn opts(&self) -> Result<ControlOpts> {
         let mut cfg = ControlConfig {
@@ -248,6 +251,10 @@ impl ControlFlags {
         }
         if self.group_commit_max == 0 || self.commit_max_batch == 0 {
             bail!("--group-commit-max and --commit-max-batch must be at least 1");
+        }
+        if self.commit_window_ms > MAX_COMMIT_WINDOW_MS {
+            // Every start in a round would wait that long for its answer.
+            bail!("--commit-window-ms must be at most {MAX_COMMIT_WINDOW_MS}, got {}", self.commit_window_ms);
         }
         cfg.commit_window = Duration::from_millis(self.commit_window_ms);
         cfg.commit_max_batch = self.commit_max_batch;
@@ -1161,5 +1168,30 @@ async fn events(a: EventsArgs) -> Result<()> {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        control: ControlFlags,
+    }
+
+    fn opts(args: &[&str]) -> Result<ControlOpts> {
+        Flags::try_parse_from(std::iter::once("berth").chain(args.iter().copied())).expect("flags parse").control.opts()
+    }
+
+    #[test]
+    fn a_commit_window_beyond_a_second_is_refused_with_its_flag_named() {
+        assert!(opts(&[]).is_ok());
+        assert!(opts(&["--commit-window-ms", "1000"]).is_ok());
+        let err = opts(&["--commit-window-ms", "18446744073709551615"]).err().expect("refused").to_string();
+        assert!(err.contains("--commit-window-ms must be at most 1000"), "{err}");
+        let err = opts(&["--commit-max-batch", "0"]).err().expect("refused").to_string();
+        assert!(err.contains("--commit-max-batch"), "{err}");
     }
 }
