@@ -343,7 +343,7 @@ pub struct NodeFlags {
 pub struct SimFlags {
     /// sim driver: milliseconds from start to ready, MIN-MAX (uniform)
     #[arg(long, default_value = "200-800")]
-    sim_start_ms: String,
+    sim_start_ms: MsRange,
     /// sim driver: share of its reservation a running instance uses (0 to 1)
     #[arg(long, default_value_t = 0.8)]
     sim_memory_use: f64,
@@ -365,12 +365,9 @@ impl SimFlags {
     /// The sim driver's settings; the simulated host has `memory_mib` for
     /// instances plus the agent's system reserve.
     pub fn config(&self, memory_mib: Option<u64>) -> Result<berth_agent::SimConfig> {
-        let (lo, hi) = self.sim_start_ms.split_once('-').unwrap_or((&self.sim_start_ms, &self.sim_start_ms));
-        let lo: u64 = lo.trim().parse().with_context(|| format!("--sim-start-ms wants MIN-MAX milliseconds, got {:?}", self.sim_start_ms))?;
-        let hi: u64 = hi.trim().parse().with_context(|| format!("--sim-start-ms wants MIN-MAX milliseconds, got {:?}", self.sim_start_ms))?;
         let cfg = berth_agent::SimConfig {
             host_total_mib: memory_mib.map(|m| m + 512).unwrap_or(16 * 1024),
-            start_latency_ms: (lo, hi),
+            start_latency_ms: (self.sim_start_ms.min, self.sim_start_ms.max),
             memory_use: self.sim_memory_use,
             start_failure_rate: self.sim_failure_rate,
             crashes_per_hour: self.sim_crashes_per_hour,
@@ -379,6 +376,40 @@ impl SimFlags {
         };
         cfg.validate().map_err(|e| anyhow::anyhow!("sim driver: {e}"))?;
         Ok(cfg)
+    }
+}
+
+/// The longest simulated start `--sim-start-ms` takes: ten minutes.
+pub const MAX_SIM_START_MS: u64 = 600_000;
+
+/// `--sim-start-ms`: milliseconds MIN-MAX, uniform (one number means both).
+/// Refused while the flags are parsed, before anything starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsRange {
+    pub min: u64,
+    pub max: u64,
+}
+
+impl std::str::FromStr for MsRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<MsRange, String> {
+        let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+        let ms = |v: &str| v.trim().parse::<u64>().map_err(|_| format!("wants MIN-MAX milliseconds, got {s:?}"));
+        let (min, max) = (ms(lo)?, ms(hi)?);
+        if min > max {
+            return Err(format!("the range {min}-{max} is empty"));
+        }
+        if max > MAX_SIM_START_MS {
+            return Err(format!("must be at most {MAX_SIM_START_MS} ms, got {max}"));
+        }
+        Ok(MsRange { min, max })
+    }
+}
+
+impl std::fmt::Display for MsRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
     }
 }
 
@@ -1193,5 +1224,19 @@ mod tests {
         assert!(err.contains("--commit-window-ms must be at most 1000"), "{err}");
         let err = opts(&["--commit-max-batch", "0"]).err().expect("refused").to_string();
         assert!(err.contains("--commit-max-batch"), "{err}");
+    }
+
+    #[test]
+    fn a_sim_start_range_parses_or_is_refused_with_the_reason() {
+        assert_eq!("200-800".parse::<MsRange>(), Ok(MsRange { min: 200, max: 800 }));
+        assert_eq!(" 5 ".parse::<MsRange>(), Ok(MsRange { min: 5, max: 5 }));
+        assert_eq!("600000-600000".parse::<MsRange>(), Ok(MsRange { min: 600_000, max: 600_000 }));
+        assert_eq!(MsRange { min: 200, max: 800 }.to_string(), "200-800");
+        let err = |s: &str| s.parse::<MsRange>().expect_err(s);
+        assert!(err("800-200").contains("is empty"));
+        assert!(err("abc").contains("MIN-MAX"));
+        assert!(err("1-2-3").contains("MIN-MAX"));
+        assert!(err("-5").contains("MIN-MAX"));
+        assert!(err("0-600001").contains("at most 600000"));
     }
 }

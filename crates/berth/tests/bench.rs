@@ -54,8 +54,17 @@ fn num(v: &Value, key: &str) -> f64 {
 
 #[test]
 fn every_scenario_runs_and_finds_no_violation() {
-    let a = bench(&["admission", "--nodes", "4", "--node-mib", "4096", "--requests", "200", "--clients", "20", "--server-mib", "64"]);
+    // Instances ready 4 s after their start: the 200 starts (well under a
+    // second) are all answered before the fleet confirms one.
+    let a = bench(&[
+        "admission", "--nodes", "4", "--node-mib", "4096", "--requests", "200", "--clients", "20", "--server-mib", "64", "--sim-start-ms", "4000-4000",
+    ]);
     assert_eq!(a["scenario"], "admission");
+    assert_eq!(a["sim_start_ms"], serde_json::json!([4000, 4000]), "{a}");
+    // The fleet used the start latency it was given: the first start was
+    // sent at the burst's beginning and nothing ran 4 s before it.
+    assert!(num(&a, "burst_ms") + num(&a, "all_running_after_ms") >= 4000.0, "{a}");
+    assert!(num(&a, "running_at_burst_end") <= 200.0, "{a}");
     assert_eq!(num(&a, "violations"), 0.0, "{a}");
     assert!(num(&a, "invariant_samples") >= 2.0, "{a}");
     assert!(num(&a, "placements_per_sec") > 0.0 && num(&a, "baseline_placements_per_sec") > 0.0, "{a}");

@@ -15,10 +15,11 @@ use clap::Args;
 use serde_json::json;
 
 use super::harness::{
-    cores, create_servers, metrics, percentiles, round1, round2, start_all_placed, violations, wait_running, ControlProc, FleetSpec, Percentiles,
+    cores, create_servers, metrics, percentiles, round1, round2, start_all_placed, status_count, violations, wait_running, ControlProc, FleetSpec, Percentiles,
     Sampler, SimFleet,
 };
 use super::Report;
+use crate::cli::MsRange;
 
 #[derive(Args, Clone)]
 pub struct AdmissionArgs {
@@ -40,6 +41,10 @@ pub struct AdmissionArgs {
     /// Skip the naive path
     #[arg(long)]
     no_baseline: bool,
+    /// Milliseconds from a simulated instance's start to ready, MIN-MAX
+    /// (uniform): when the fleet's confirmations reach the control plane
+    #[arg(long, default_value = "200-800")]
+    sim_start_ms: MsRange,
 }
 
 /// The flags that turn group commit off: one transaction per write and
@@ -67,6 +72,10 @@ struct Measured {
     cpu_ms_per_placement: f64,
     /// Share of a core the control plane used with every server running.
     idle_cpu: f64,
+    /// Servers already confirmed running when the last start was answered.
+    running_at_burst_end: u64,
+    /// From the last start answered to every server confirmed running.
+    all_running_after: Duration,
 }
 
 async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> Result<Measured> {
@@ -79,7 +88,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
         nodes: a.nodes,
         node_mib: a.node_mib,
         ports: PortRange { min: 20000, max: 20000 + (per_node as u16).max(1000) },
-        sim: SimConfig::default(),
+        sim: SimConfig { start_latency_ms: (a.sim_start_ms.min, a.sim_start_ms.max), ..SimConfig::default() },
         sync_interval: Duration::from_secs(2),
     };
     let fleet = SimFleet::start(&cp.url, &agent_token, &spec);
@@ -90,6 +99,9 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     let sampler = Sampler::start(cp.client(), Duration::from_secs(2));
     let (latencies, wall) = start_all_placed(&cp.url, &cp.token, &ids, a.clients, &format!("starting ({label})")).await?;
     let cpu_burst = cp.cpu_time().zip(cpu_before).map(|(a, b)| a - b);
+    // Servers the fleet confirmed running while the burst lasted: their
+    // syncs competed with the starts for the control plane.
+    let running_at_burst_end = status_count(&client, "running").await?;
     let (samples, sampled) = sampler.finish().await;
     let after = metrics(&client).await?;
     // A counter's growth over the burst.
@@ -107,7 +119,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     let mut seen = sampled + violations(&client).await?;
     // The fleet confirms them running: billing opens, reservations turn
     // active; the checker looks once more with everything settled.
-    wait_running(&client, a.requests as u64, Duration::from_secs(300)).await?;
+    let settled = wait_running(&client, a.requests as u64, Duration::from_secs(300) + Duration::from_millis(a.sim_start_ms.max)).await?;
     seen += violations(&client).await?;
     // What the fleet costs the control plane when nothing changes: lease
     // renewals of every node.
@@ -128,6 +140,8 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
         wall,
         cpu_ms_per_placement: cpu_burst.map(|c| c.as_secs_f64() * 1000.0 / a.requests as f64).unwrap_or(0.0),
         idle_cpu,
+        running_at_burst_end,
+        all_running_after: settled,
     })
 }
 
@@ -141,6 +155,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
     let mut rows = vec![
         ("nodes × MiB".to_string(), format!("{} × {}", a.nodes, a.node_mib)),
         ("start requests / clients".into(), format!("{} / {}", a.requests, a.clients)),
+        ("sim start to ready ms".into(), a.sim_start_ms.to_string()),
         ("placements/s (group commit)".into(), format!("{:.0}", grouped.placements_per_sec)),
         ("admission p50 / p99 / max ms".into(), format!("{:.1} / {:.1} / {:.1}", grouped.latency.p50, grouped.latency.p99, grouped.latency.max)),
         ("writes per commit".into(), format!("{:.1}", grouped.writes_per_commit)),
@@ -149,6 +164,8 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         ("changed-set syncs carrying only the change".into(), format!("{:.0} %", grouped.delta_sync_share * 100.0)),
         ("write batches run again".into(), format!("{:.0}", grouped.reruns)),
         ("burst wall time s".into(), format!("{:.2}", grouped.wall.as_secs_f64())),
+        ("confirmed running by the burst's end".into(), format!("{} of {}", grouped.running_at_burst_end, a.requests)),
+        ("all running after the burst s".into(), format!("{:.2}", grouped.all_running_after.as_secs_f64())),
         ("control-plane CPU ms per placement".into(), format!("{:.2}", grouped.cpu_ms_per_placement)),
         ("control-plane CPU, all running and idle".into(), format!("{:.0} % of a core", grouped.idle_cpu * 100.0)),
     ];
@@ -172,6 +189,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         "requests": a.requests,
         "clients": a.clients,
         "server_mib": a.server_mib,
+        "sim_start_ms": [a.sim_start_ms.min, a.sim_start_ms.max],
         "placements_per_sec": round1(grouped.placements_per_sec),
         "baseline_placements_per_sec": naive.as_ref().map(|n| round1(n.placements_per_sec)),
         "speedup": ratio.map(round2),
@@ -189,6 +207,9 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         "batch_reruns": grouped.reruns,
         "cpu_ms_per_placement": round2(grouped.cpu_ms_per_placement),
         "idle_cpu_share": round2(grouped.idle_cpu),
+        "burst_ms": round1(grouped.wall.as_secs_f64() * 1000.0),
+        "running_at_burst_end": grouped.running_at_burst_end,
+        "all_running_after_ms": round1(grouped.all_running_after.as_secs_f64() * 1000.0),
         "violations": violations,
         "invariant_samples": samples,
         "cores": cores(),
