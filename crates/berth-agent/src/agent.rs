@@ -119,6 +119,13 @@ pub struct Agent {
     finished: Mutex<HashSet<Key>>,
     changed: Notify,
     lease: Mutex<Lease>,
+    /// Host memory read by the supervisor's last look, right after it
+    /// measured every instance. A sync reports this with those
+    /// measurements: the control plane compares host and instance figures
+    /// of one moment. (A live host figure beside measurements up to a tick
+    /// old made a burst of instances going ready look like memory used
+    /// outside berth: a false memory drift alarm.)
+    host_seen: Mutex<Option<berth_api::HostStats>>,
 }
 
 /// The agent's view of its lease, counted from when it *sent* the last
@@ -155,6 +162,7 @@ impl Agent {
             finished: Mutex::new(HashSet::new()),
             changed: Notify::new(),
             lease: Mutex::new(Lease::default()),
+            host_seen: Mutex::new(None),
         })
     }
 
@@ -261,6 +269,13 @@ impl Agent {
         }
     }
 
+    /// The host memory a sync reports: the supervisor's last reading (see
+    /// `host_seen`), or a live one before its first look.
+    fn host_report(&self) -> berth_api::HostStats {
+        let seen = self.host_seen.lock().expect("host lock").clone();
+        seen.unwrap_or_else(|| self.driver.host_memory())
+    }
+
     fn report(&self) -> Vec<berth_core::reconcile::InstanceReport> {
         let inst = self.instances.lock().expect("instances lock");
         let mut r: Vec<_> = inst.values().map(Instance::report).collect();
@@ -282,7 +297,7 @@ impl Agent {
                 epoch,
                 seq,
                 instances: self.report(),
-                host: self.driver.host_memory(),
+                host: self.host_report(),
                 disk: self.cfg.data_dir.as_deref().and_then(host::disk),
                 volumes: self.cfg.data_dir.as_deref().map(list_volumes),
                 wait_ms: self.poll_ms(),
@@ -602,6 +617,7 @@ impl Agent {
             let snapshot: Vec<(Key, Instance)> =
                 self.instances.lock().expect("instances lock").iter().filter(|(_, i)| i.is_live()).map(|(k, i)| (k.clone(), i.clone())).collect();
             let observed = self.driver.observe_all().await;
+            let host = self.driver.host_memory();
             for (key, inst) in snapshot {
                 match observed.get(&key) {
                     Some(Observed::Exited(exit)) => {
@@ -667,6 +683,7 @@ impl Agent {
                     }
                 }
             }
+            *self.host_seen.lock().expect("host lock") = Some(host);
             if changed {
                 self.changed.notify_one();
             }

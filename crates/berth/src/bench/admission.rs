@@ -76,6 +76,8 @@ struct Measured {
     running_at_burst_end: u64,
     /// From the last start answered to every server confirmed running.
     all_running_after: Duration,
+    /// Memory drift events from the burst's start until every server ran.
+    drift_alarms: f64,
 }
 
 async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> Result<Measured> {
@@ -121,6 +123,9 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     // active; the checker looks once more with everything settled.
     let settled = wait_running(&client, a.requests as u64, Duration::from_secs(300) + Duration::from_millis(a.sim_start_ms.max)).await?;
     seen += violations(&client).await?;
+    // The sim fleet runs nothing beside its instances: any memory drift
+    // event is a false alarm.
+    let drift_alarms = metrics(&client).await?.get("berth_memory_drift_total").copied().unwrap_or(0.0) - before.get("berth_memory_drift_total").copied().unwrap_or(0.0);
     // What the fleet costs the control plane when nothing changes: lease
     // renewals of every node.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -142,6 +147,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
         idle_cpu,
         running_at_burst_end,
         all_running_after: settled,
+        drift_alarms,
     })
 }
 
@@ -166,6 +172,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         ("burst wall time s".into(), format!("{:.2}", grouped.wall.as_secs_f64())),
         ("confirmed running by the burst's end".into(), format!("{} of {}", grouped.running_at_burst_end, a.requests)),
         ("all running after the burst s".into(), format!("{:.2}", grouped.all_running_after.as_secs_f64())),
+        ("memory drift events (none is real on sim)".into(), format!("{:.0}", grouped.drift_alarms)),
         ("control-plane CPU ms per placement".into(), format!("{:.2}", grouped.cpu_ms_per_placement)),
         ("control-plane CPU, all running and idle".into(), format!("{:.0} % of a core", grouped.idle_cpu * 100.0)),
     ];
@@ -210,6 +217,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         "burst_ms": round1(grouped.wall.as_secs_f64() * 1000.0),
         "running_at_burst_end": grouped.running_at_burst_end,
         "all_running_after_ms": round1(grouped.all_running_after.as_secs_f64() * 1000.0),
+        "memory_drift_events": grouped.drift_alarms + naive.as_ref().map(|n| n.drift_alarms).unwrap_or(0.0),
         "violations": violations,
         "invariant_samples": samples,
         "cores": cores(),
