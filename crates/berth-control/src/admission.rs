@@ -25,7 +25,11 @@ use crate::waker::{NodeWaker, PlacedFacts, PlacementWaiters};
 use crate::worker::{Worker, WorkerState};
 use crate::ControlConfig;
 
-type Reply = oneshot::Sender<Result<Vec<PlacementOutcome>, ControlError>>;
+/// A submission's answer: the outcomes of a prefix of its plans, in order,
+/// and the failure that stopped the rest, if one did.
+pub type Submitted = (Vec<PlacementOutcome>, Option<ControlError>);
+
+type Reply = oneshot::Sender<Submitted>;
 
 #[derive(Clone)]
 pub struct Committer {
@@ -58,23 +62,26 @@ impl Committer {
                 let mut rest = outcomes.into_iter();
                 for (plans, reply) in batch {
                     let mine: Vec<_> = rest.by_ref().take(plans.len()).collect();
-                    // A submission is answered with its outcomes only if
-                    // every one of its plans got one.
-                    let answer = match &failed {
-                        Some(msg) if mine.len() < plans.len() => Err(ControlError::Internal(msg.clone())),
-                        _ => Ok(mine),
+                    // Plans committed before a failure are answered as
+                    // committed (their starts are woken at once); the
+                    // failure goes with the plans that got no outcome.
+                    let failure = match &failed {
+                        Some(msg) if mine.len() < plans.len() => Some(ControlError::Internal(msg.clone())),
+                        _ => None,
                     };
-                    let _ = reply.send(answer);
+                    let _ = reply.send((mine, failure));
                 }
             }
         });
         Committer { tx }
     }
 
-    pub async fn submit(&self, plans: Vec<Placement>) -> Result<Vec<PlacementOutcome>, ControlError> {
+    pub async fn submit(&self, plans: Vec<Placement>) -> Submitted {
         let (reply, rx) = oneshot::channel();
-        self.tx.send((plans, reply)).await.map_err(|_| ControlError::Internal("the committer has stopped".into()))?;
-        rx.await.map_err(|_| ControlError::Internal("the committer dropped a batch".into()))?
+        if self.tx.send((plans, reply)).await.is_err() {
+            return (Vec::new(), Some(ControlError::Internal("the committer has stopped".into())));
+        }
+        rx.await.unwrap_or_else(|_| (Vec::new(), Some(ControlError::Internal("the committer dropped a batch".into()))))
     }
 }
 
@@ -177,7 +184,7 @@ impl Worker for QueueWorker {
             let (_, next) = after_round(was_carried, 0, 0, false);
             return Ok(next);
         }
-        let outcomes = self.committer.submit(plans.clone()).await?;
+        let (outcomes, failed) = self.committer.submit(plans.clone()).await;
         let committed_at = began.elapsed();
         let mut committed = 0;
         let mut rejected = false;
@@ -198,6 +205,11 @@ impl Worker for QueueWorker {
                 // The server changed (stopped, deleted): nothing about capacity.
                 PlacementOutcome::Stale => {}
             }
+        }
+        if let Some(e) = failed {
+            // What committed before the failure was woken above. The copy
+            // is dropped: the next round reads the rows.
+            return Err(e);
         }
         let (keep, next) = after_round(was_carried, plans.len(), committed, rejected);
         if keep {
@@ -265,7 +277,8 @@ mod tests {
         let counted = AdmissionCommits::default();
         let committer = Committer::spawn(store.clone(), Arc::new(crate::clock::SystemClock), Duration::from_millis(0), max_batch, counted.clone());
         let before = store.write_stats().unwrap().commits;
-        let outcomes = committer.submit(plans).await.unwrap();
+        let (outcomes, failed) = committer.submit(plans).await;
+        assert!(failed.is_none(), "{failed:?}");
         let commits = store.write_stats().unwrap().commits - before;
         // The counter /metrics shows counts the same transactions.
         assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), commits);
@@ -295,9 +308,31 @@ mod tests {
         let committer = Committer::spawn(store.clone(), Arc::new(crate::clock::SystemClock), Duration::ZERO, 512, counted.clone());
         // Both are sent before the committer's task runs (one thread).
         let (a, b) = tokio::join!(committer.submit(plans), committer.submit(second));
+        assert!(a.1.is_none() && b.1.is_none(), "{a:?} {b:?}");
         let committed = |o: &Vec<PlacementOutcome>| o.iter().filter(|o| matches!(o, PlacementOutcome::Committed { .. })).count();
-        assert_eq!((committed(&a.unwrap()), committed(&b.unwrap())), (2, 2));
+        assert_eq!((committed(&a.0), committed(&b.0)), (2, 2));
         assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 1, "both submissions in one admission transaction");
+    }
+
+    #[tokio::test]
+    async fn plans_committed_before_a_failed_transaction_are_answered_as_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut plans) = queued_plans(dir.path(), 4).await;
+        // The second transaction's first plan breaks a CHECK constraint
+        // (memory above 0): that transaction fails as a whole.
+        plans[2].memory_mib = MemMib(0);
+        let committer = Committer::spawn(store.clone(), Arc::new(crate::clock::SystemClock), Duration::ZERO, 2, AdmissionCommits::default());
+        let (outcomes, failed) = committer.submit(plans.clone()).await;
+        assert!(failed.is_some(), "the failed transaction is reported");
+        assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+        assert!(outcomes.iter().all(|o| matches!(o, PlacementOutcome::Committed { .. })), "{outcomes:?}");
+        // They are committed: the answer is true.
+        for p in &plans[..2] {
+            assert_eq!(store.get_server(&p.server_id.0).await.unwrap().unwrap().status, berth_core::ServerStatus::Starting);
+        }
+        for p in &plans[2..] {
+            assert_eq!(store.get_server(&p.server_id.0).await.unwrap().unwrap().status, berth_core::ServerStatus::Queued);
+        }
     }
 
     #[test]
