@@ -380,7 +380,7 @@ impl SimFlags {
 }
 
 /// The longest simulated start `--sim-start-ms` takes: ten minutes.
-pub const MAX_SIM_START_MS: u64 = 600_000;
+const MAX_SIM_START_MS: u64 = 600_000;
 
 /// `--sim-start-ms`: milliseconds MIN-MAX, uniform (one number means both).
 /// Refused while the flags are parsed, before anything starts.

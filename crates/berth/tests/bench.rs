@@ -64,9 +64,12 @@ fn every_scenario_runs_and_finds_no_violation() {
     // The fleet used the start latency it was given: the first start was
     // sent at the burst's beginning and nothing ran 4 s before it.
     assert!(num(&a, "burst_ms") + num(&a, "all_running_after_ms") >= 4000.0, "{a}");
-    assert!(num(&a, "running_at_burst_end") <= 200.0, "{a}");
-    // 50 starts a node within a second: the host counts their memory
-    // before their reports carry it, and that is not drift.
+    if num(&a, "burst_ms") < 4000.0 {
+        assert_eq!(num(&a, "running_at_burst_end"), 0.0, "none was ready before the burst ended: {a}");
+    }
+    // 50 instances a node go ready together, 4 s in: the host and the
+    // instances' reports must be read together, or the jump looks like
+    // memory used outside berth.
     assert_eq!(num(&a, "memory_drift_events"), 0.0, "{a}");
     assert_eq!(num(&a, "violations"), 0.0, "{a}");
     assert!(num(&a, "invariant_samples") >= 2.0, "{a}");

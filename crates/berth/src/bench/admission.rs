@@ -106,8 +106,9 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     let running_at_burst_end = status_count(&client, "running").await?;
     let (samples, sampled) = sampler.finish().await;
     let after = metrics(&client).await?;
-    // A counter's growth over the burst.
-    let delta = |name: &str| after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0);
+    // A counter's growth since the burst began, up to `now`.
+    let grew = |now: &std::collections::BTreeMap<String, f64>, name: &str| now.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0);
+    let delta = |name: &str| grew(&after, name);
     let placed = delta("berth_placements_total");
     if placed as usize != a.requests {
         bail!("{label}: {placed} placements committed for {} start requests", a.requests);
@@ -125,7 +126,7 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     seen += violations(&client).await?;
     // The sim fleet runs nothing beside its instances: any memory drift
     // event is a false alarm.
-    let drift_alarms = metrics(&client).await?.get("berth_memory_drift_total").copied().unwrap_or(0.0) - before.get("berth_memory_drift_total").copied().unwrap_or(0.0);
+    let drift_alarms = grew(&metrics(&client).await?, "berth_memory_drift_total");
     // What the fleet costs the control plane when nothing changes: lease
     // renewals of every node.
     tokio::time::sleep(Duration::from_secs(3)).await;
