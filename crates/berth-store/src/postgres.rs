@@ -25,6 +25,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/postgres/0003_fencing_billing.sql")),
     (4, include_str!("../migrations/postgres/0004_operations.sql")),
     (5, include_str!("../migrations/postgres/0005_volumes.sql")),
+    (6, include_str!("../migrations/postgres/0006_reservations_key.sql")),
 ];
 
 pub struct PostgresBackend {

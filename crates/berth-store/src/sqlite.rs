@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/sqlite/0003_fencing_billing.sql")),
     (4, include_str!("../migrations/sqlite/0004_operations.sql")),
     (5, include_str!("../migrations/sqlite/0005_volumes.sql")),
+    (6, include_str!("../migrations/sqlite/0006_reservations_key.sql")),
 ];
 
 /// How a `SqliteStore` writes.
@@ -194,5 +195,67 @@ impl Backend for SqliteBackend {
 
     fn one_writer(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Applies migrations up to and including `version`, as an older
+    /// berth would have left the database.
+    fn migrate_to(conn: &mut rusqlite::Connection, version: i64) {
+        conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)").unwrap();
+        for (v, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= version) {
+            conn.execute_batch(sql).unwrap();
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (?)", [v]).unwrap();
+        }
+    }
+
+    #[test]
+    fn reservations_rekeyed_by_server_keep_their_rows_and_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = connect(&dir.path().join("berth.db")).unwrap();
+        migrate_to(&mut conn, 5);
+        conn.execute_batch(
+            "INSERT INTO nodes (id, name, address, driver, total_mib, system_reserved_mib, cpu_cores, status, max_concurrent_starts, port_min, \
+             port_max, epoch, sync_seq, registered_at) VALUES ('n1', 'node-1', '10.0.0.1', 'sim', 4096, 0, 2, 'ready', 4, 20000, 20010, 1, 0, 0);
+             INSERT INTO servers (id, tenant, name, template, memory_mib, config, status, node_id, generation, port, created_at, updated_at) \
+             VALUES ('s1', 't', 'one', 'x', 512, '{}', 'running', 'n1', 3, 20001, 0, 0), ('s2', 't', 'two', 'x', 256, '{}', 'queued', NULL, 0, NULL, 0, 0);
+             INSERT INTO reservations (server_id, generation, node_id, memory_mib, port, state, created_at) VALUES ('s1', 3, 'n1', 512, 20001, 'active', 7);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+
+        let row: (i64, String, i64, i64, String, i64) = conn
+            .query_row("SELECT generation, node_id, memory_mib, port, state, created_at FROM reservations WHERE server_id = 's1'", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })
+            .unwrap();
+        assert_eq!(row, (3, "n1".into(), 512, 20001, "active".into(), 7));
+        let insert = |server: &str, generation: i64, port: i64| {
+            conn.execute(
+                "INSERT INTO reservations (server_id, generation, node_id, memory_mib, port, state, created_at) VALUES (?, ?, 'n1', 256, ?, 'pending', 8)",
+                rusqlite::params![server, generation, port],
+            )
+        };
+        // One reservation per server, whatever its generation (L2).
+        assert!(insert("s1", 4, 20002).is_err(), "a second reservation of one server was accepted");
+        // One server per port of a node.
+        assert!(insert("s2", 1, 20001).is_err(), "two reservations of one port were accepted");
+        // A server that is not there has no reservation.
+        assert!(insert("ghost", 1, 20003).is_err(), "a reservation of a missing server was accepted");
+        insert("s2", 1, 20002).unwrap();
+        let indexes: Vec<(String, String)> = conn
+            .prepare("SELECT origin, name FROM pragma_index_list('reservations') ORDER BY origin")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        // The node's ports and the key: nothing written twice.
+        assert_eq!(indexes.len(), 2, "{indexes:?}");
+        assert_eq!(indexes[0], ("c".to_string(), "reservations_node_port".to_string()));
+        assert_eq!(indexes[1].0, "pk");
     }
 }
