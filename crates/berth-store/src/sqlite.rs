@@ -87,6 +87,12 @@ pub(crate) fn run_cached(conn: &rusqlite::Connection, sql: &str) -> rusqlite::Re
 }
 
 fn migrate(conn: &mut rusqlite::Connection) -> Result<(), StoreError> {
+    migrate_through(conn, i64::MAX)
+}
+
+/// Applies every missing migration up to and including `through` (a test
+/// stops short of the latest to build the database an older berth left).
+fn migrate_through(conn: &mut rusqlite::Connection, through: i64) -> Result<(), StoreError> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")?;
     // Every missing version is applied, not only those above the highest:
     // migrations developed side by side may land out of order.
@@ -101,7 +107,7 @@ fn migrate(conn: &mut rusqlite::Connection) -> Result<(), StoreError> {
             return Err(StoreError::Corrupt(format!("database schema version {current} is newer than this berth ({latest}); refusing to run")));
         }
     }
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| !applied.contains(v)) {
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= through && !applied.contains(v)) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.execute("INSERT INTO schema_migrations (version) VALUES (?)", [version])?;
@@ -202,21 +208,11 @@ impl Backend for SqliteBackend {
 mod tests {
     use super::*;
 
-    /// Applies migrations up to and including `version`, as an older
-    /// berth would have left the database.
-    fn migrate_to(conn: &mut rusqlite::Connection, version: i64) {
-        conn.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)").unwrap();
-        for (v, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= version) {
-            conn.execute_batch(sql).unwrap();
-            conn.execute("INSERT INTO schema_migrations (version) VALUES (?)", [v]).unwrap();
-        }
-    }
-
     #[test]
     fn reservations_rekeyed_by_server_keep_their_rows_and_rules() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = connect(&dir.path().join("berth.db")).unwrap();
-        migrate_to(&mut conn, 5);
+        migrate_through(&mut conn, 5).unwrap();
         conn.execute_batch(
             "INSERT INTO nodes (id, name, address, driver, total_mib, system_reserved_mib, cpu_cores, status, max_concurrent_starts, port_min, \
              port_max, epoch, sync_seq, registered_at) VALUES ('n1', 'node-1', '10.0.0.1', 'sim', 4096, 0, 2, 'ready', 4, 20000, 20010, 1, 0, 0);
