@@ -315,8 +315,7 @@ impl Agent {
             match resp {
                 Ok(resp) => {
                     retry_delay = Self::FIRST_RETRY;
-                    *self.lease.lock().expect("lease lock") =
-                        Lease { renewed_at: Some(sent), renewed_mono_ms: sent_mono, ttl_ms: resp.lease_ttl_ms as i64 };
+                    *self.lease.lock().expect("lease lock") = Lease { renewed_at: Some(sent), renewed_mono_ms: sent_mono, ttl_ms: resp.lease_ttl_ms as i64 };
                     let killed = self.kill_ordered(&resp.kill).await;
                     let desired = match (resp.unchanged, &last_desired) {
                         (true, Some((_, cached))) => cached.clone(),
@@ -397,12 +396,7 @@ impl Agent {
                 })
                 .collect()
         };
-        let state = watchdog::LeaseState {
-            renewed_mono_ms: lease.renewed_mono_ms,
-            ttl_ms: lease.ttl_ms,
-            instances,
-            agent_pid: std::process::id() as i32,
-        };
+        let state = watchdog::LeaseState { renewed_mono_ms: lease.renewed_mono_ms, ttl_ms: lease.ttl_ms, instances, agent_pid: std::process::id() as i32 };
         if let Err(e) = watchdog::write_lease(dir, &state) {
             tracing::warn!(error = %e, "cannot publish the lease to the watchdog");
         }
@@ -626,8 +620,7 @@ impl Agent {
                             exit.reason = if inst.killed { "killed".into() } else { "stopped".into() };
                         }
                         tracing::info!(server = %key.0, generation = key.1, reason = %exit.reason, code = ?exit.code, "instance ended");
-                        let permanent = inst.state == InstanceState::Starting
-                            && exit.code.is_some_and(|c| inst.spec.permanent_exit_codes.contains(&c));
+                        let permanent = inst.state == InstanceState::Starting && exit.code.is_some_and(|c| inst.spec.permanent_exit_codes.contains(&c));
                         self.update(&key, |i| {
                             if permanent {
                                 // It will never start: fail it rather than
@@ -664,11 +657,10 @@ impl Agent {
                                     let _ = self.driver.kill(&key, "ready_timeout").await;
                                 }
                             }
-                            InstanceState::Stopping
-                                if inst.stop_deadline.is_some_and(|d| Instant::now() > d) => {
-                                    tracing::warn!(server = %key.0, "graceful stop timed out; killing");
-                                    let _ = self.driver.kill(&key, "stopped").await;
-                                }
+                            InstanceState::Stopping if inst.stop_deadline.is_some_and(|d| Instant::now() > d) => {
+                                tracing::warn!(server = %key.0, "graceful stop timed out; killing");
+                                let _ = self.driver.kill(&key, "stopped").await;
+                            }
                             _ => {}
                         }
                     }
@@ -732,7 +724,10 @@ mod tests {
     #[test]
     fn a_delta_removes_and_adds_to_the_held_set() {
         let held: Vec<Arc<InstanceSpec>> = [("a", 1), ("b", 1), ("c", 2)].iter().map(|(id, g)| Arc::new(spec(id, *g, 128, 27000))).collect();
-        let removed = [InstanceKey { server_id: berth_core::ServerId("b".into()), generation: 1 }, InstanceKey { server_id: berth_core::ServerId("c".into()), generation: 1 }];
+        let removed = [
+            InstanceKey { server_id: berth_core::ServerId("b".into()), generation: 1 },
+            InstanceKey { server_id: berth_core::ServerId("c".into()), generation: 1 },
+        ];
         let set = apply_delta(&held, &removed, vec![spec("b", 2, 128, 27001), spec("0", 1, 128, 27002)]);
         let keys: Vec<(&str, u64)> = set.iter().map(|s| (s.server_id.0.as_str(), s.generation)).collect();
         // b's old generation left; c generation 1 was never held, so c 2 stays.

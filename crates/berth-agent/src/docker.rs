@@ -28,12 +28,10 @@ use berth_core::template::{InstanceSpec, ReadyCheck};
 use berth_core::{LastExit, ServerId};
 use bollard::errors::Error as EngineError;
 use bollard::models::{
-    ContainerCreateBody, ContainerMemoryStats, ContainerSummary, ContainerSummaryStateEnum, HostConfig, PortBinding,
-    RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerMemoryStats, ContainerSummary, ContainerSummaryStateEnum, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
-    StatsOptions,
+    CreateContainerOptions, InspectContainerOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions, StatsOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -101,8 +99,7 @@ pub fn parse_api_version(v: &str) -> Option<(u32, u32)> {
 /// Refuses an engine older than `MIN_API_VERSION`, naming both versions.
 pub fn check_api_version(reported: Option<&str>) -> Result<(u32, u32), DriverError> {
     let reported = reported.unwrap_or("");
-    let v = parse_api_version(reported)
-        .ok_or_else(|| DriverError::Permanent(format!("docker engine reported no usable API version ({reported:?})")))?;
+    let v = parse_api_version(reported).ok_or_else(|| DriverError::Permanent(format!("docker engine reported no usable API version ({reported:?})")))?;
     if v < MIN_API_VERSION {
         return Err(DriverError::Permanent(format!(
             "docker engine API {}.{} is older than {}.{}, the minimum berth supports; upgrade the engine",
@@ -146,9 +143,10 @@ fn spec_from_labels(labels: &HashMap<String, String>) -> Option<InstanceSpec> {
 
 /// The container to create for `spec`, its data dir at `host_dir`.
 pub fn container_body(spec: &InstanceSpec, node: &str, host_dir: &str) -> Result<ContainerCreateBody, DriverError> {
-    let d = spec.docker.as_ref().ok_or_else(|| {
-        DriverError::Permanent(format!("template {} has no [docker] section, so it cannot run on a docker node", spec.template))
-    })?;
+    let d = spec
+        .docker
+        .as_ref()
+        .ok_or_else(|| DriverError::Permanent(format!("template {} has no [docker] section, so it cannot run on a docker node", spec.template)))?;
     let resolve = |s: &str| s.replace("{data_dir}", &d.data_mount);
     let mut env: Vec<String> = d.env.iter().map(|(k, v)| format!("{k}={}", resolve(v))).collect();
     env.extend([
@@ -160,10 +158,7 @@ pub fn container_body(spec: &InstanceSpec, node: &str, host_dir: &str) -> Result
     ]);
     let bytes = (spec.memory_mib.0 * 1024 * 1024) as i64;
     let ports = [format!("{}/tcp", spec.port), format!("{}/udp", spec.port)];
-    let bindings = ports
-        .iter()
-        .map(|p| (p.clone(), Some(vec![PortBinding { host_ip: None, host_port: Some(spec.port.to_string()) }])))
-        .collect();
+    let bindings = ports.iter().map(|p| (p.clone(), Some(vec![PortBinding { host_ip: None, host_port: Some(spec.port.to_string()) }]))).collect();
     Ok(ContainerCreateBody {
         image: Some(d.image.clone()),
         entrypoint: (!d.entrypoint.is_empty()).then(|| d.entrypoint.iter().map(|a| resolve(a)).collect()),
@@ -258,8 +253,8 @@ impl DockerDriver {
     pub async fn connect(socket: &str, node: &str, root: PathBuf) -> Result<DockerDriver, DriverError> {
         let path = socket.trim_start_matches("unix://");
         let client_version = bollard::ClientVersion { major_version: MIN_API_VERSION.0 as usize, minor_version: MIN_API_VERSION.1 as usize };
-        let docker = Docker::connect_with_unix(path, 60, &client_version)
-            .map_err(|e| DriverError::Permanent(format!("cannot use docker socket {path}: {e}")))?;
+        let docker =
+            Docker::connect_with_unix(path, 60, &client_version).map_err(|e| DriverError::Permanent(format!("cannot use docker socket {path}: {e}")))?;
         let version = docker.version().await.map_err(|e| DriverError::Transient(format!("docker engine at {path} does not answer: {e}")))?;
         let api = check_api_version(version.api_version.as_deref())?;
         std::fs::create_dir_all(&root).map_err(|e| DriverError::Permanent(format!("cannot create {}: {e}", root.display())))?;
@@ -365,14 +360,18 @@ impl Driver for DockerDriver {
                 continue;
             };
             let key: Key = (spec.server_id.clone(), spec.generation);
-            let running = matches!(c.state, Some(ContainerSummaryStateEnum::RUNNING | ContainerSummaryStateEnum::RESTARTING | ContainerSummaryStateEnum::PAUSED));
+            let running =
+                matches!(c.state, Some(ContainerSummaryStateEnum::RUNNING | ContainerSummaryStateEnum::RESTARTING | ContainerSummaryStateEnum::PAUSED));
             let exited = if running { None } else { Some(self.inspect_exit(&id, None).await) };
             let pid = if running { self.pid_of(&id).await } else { None };
             tracing::info!(server = %key.0, generation = key.1, container = %id, running, "adopted container");
-            out.push((spec, match &exited {
-                Some(e) => Observed::Exited(e.clone()),
-                None => Observed::Alive { used_mib: None },
-            }));
+            out.push((
+                spec,
+                match &exited {
+                    Some(e) => Observed::Exited(e.clone()),
+                    None => Observed::Alive { used_mib: None },
+                },
+            ));
             self.inner.state.lock().expect("state lock").containers.insert(key, Container { id, pid, kill_reason: None, exited });
         }
         Ok(out)
@@ -393,11 +392,7 @@ impl Driver for DockerDriver {
         self.inner.state.lock().expect("state lock").starting.insert(key.clone());
         let name = container_name(&key);
         let result = async {
-            let created = match self
-                .inner
-                .docker
-                .create_container(Some(CreateContainerOptions { name: Some(name.clone()), ..Default::default() }), body)
-                .await
+            let created = match self.inner.docker.create_container(Some(CreateContainerOptions { name: Some(name.clone()), ..Default::default() }), body).await
             {
                 Ok(c) => c,
                 Err(e) => {
@@ -460,10 +455,13 @@ impl Driver for DockerDriver {
                 // The engine did not answer: what was alive is not known to
                 // be dead, so it stays alive until the engine says otherwise.
                 for (key, c) in &st.containers {
-                    out.insert(key.clone(), match &c.exited {
-                        Some(e) => Observed::Exited(e.clone()),
-                        None => Observed::Alive { used_mib: None },
-                    });
+                    out.insert(
+                        key.clone(),
+                        match &c.exited {
+                            Some(e) => Observed::Exited(e.clone()),
+                            None => Observed::Alive { used_mib: None },
+                        },
+                    );
                 }
                 return out;
             };
@@ -710,11 +708,7 @@ mod tests {
 
     #[test]
     fn usage_excludes_reclaimable_page_cache() {
-        let m = ContainerMemoryStats {
-            usage: Some(300 << 20),
-            stats: Some([("total_inactive_file".to_string(), 100u64 << 20)].into()),
-            ..Default::default()
-        };
+        let m = ContainerMemoryStats { usage: Some(300 << 20), stats: Some([("total_inactive_file".to_string(), 100u64 << 20)].into()), ..Default::default() };
         assert_eq!(used_bytes(&m), Some(200 << 20));
         let v2 = ContainerMemoryStats { usage: Some(50), stats: Some([("inactive_file".to_string(), 80u64)].into()), ..Default::default() };
         assert_eq!(used_bytes(&v2), Some(0));

@@ -18,8 +18,7 @@ pub fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
 }
 
 pub fn memory() -> HostStats {
-    let (total_mib, available_mib) =
-        std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| parse_meminfo(&t)).unwrap_or((0, 0));
+    let (total_mib, available_mib) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| parse_meminfo(&t)).unwrap_or((0, 0));
     HostStats { total_mib, available_mib }
 }
 

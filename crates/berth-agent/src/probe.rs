@@ -37,15 +37,9 @@ const TCP_STATE_LISTEN: u8 = 0x0A;
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("connect to {addr} failed: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Connect { addr: SocketAddr, source: std::io::Error },
     #[error("timed out after {after:?} while {stage}")]
-    Timeout {
-        stage: &'static str,
-        after: Duration,
-    },
+    Timeout { stage: &'static str, after: Duration },
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
     #[error("connection closed by peer")]
@@ -92,19 +86,9 @@ pub async fn minecraft_ping(addr: SocketAddr, timeout: Duration) -> Result<PingS
     write_varint(&mut handshake, NEXT_STATE_STATUS);
     let mut request = minecraft_frame(0x00, &handshake);
     request.extend_from_slice(&minecraft_frame(STATUS_PACKET_ID, &[]));
-    within(
-        timeout,
-        "sending status request",
-        stream.write_all(&request),
-    )
-    .await??;
+    within(timeout, "sending status request", stream.write_all(&request)).await??;
 
-    let (packet_id, payload) = within(
-        timeout,
-        "reading status response",
-        read_minecraft_packet(&mut stream),
-    )
-    .await??;
+    let (packet_id, payload) = within(timeout, "reading status response", read_minecraft_packet(&mut stream)).await??;
     if packet_id != STATUS_PACKET_ID {
         return Err(ProbeError::UnexpectedPacket(packet_id));
     }
@@ -116,8 +100,7 @@ pub async fn minecraft_ping(addr: SocketAddr, timeout: Duration) -> Result<PingS
     let sent_at = Instant::now();
     let ping = minecraft_frame(PING_PACKET_ID, &payload.to_be_bytes());
     within(timeout, "sending ping", stream.write_all(&ping)).await??;
-    let (packet_id, pong) =
-        within(timeout, "reading pong", read_minecraft_packet(&mut stream)).await??;
+    let (packet_id, pong) = within(timeout, "reading pong", read_minecraft_packet(&mut stream)).await??;
     let latency = sent_at.elapsed();
     if packet_id != PING_PACKET_ID {
         return Err(ProbeError::UnexpectedPacket(packet_id));
@@ -126,30 +109,16 @@ pub async fn minecraft_ping(addr: SocketAddr, timeout: Duration) -> Result<PingS
         return Err(ProbeError::PongMismatch);
     }
 
-    Ok(PingStatus {
-        latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
-        ..status
-    })
+    Ok(PingStatus { latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX), ..status })
 }
 
 /// Extracts the fields we use; `latency_ms` is left 0 for the caller.
 fn parse_status_json(json: &str) -> Result<PingStatus, ProbeError> {
     let value: serde_json::Value = serde_json::from_str(json)?;
-    let field = |pointer: &'static str| {
-        value
-            .pointer(pointer)
-            .ok_or(ProbeError::StatusField(pointer))
-    };
-    let integer = |pointer: &'static str| {
-        field(pointer)?
-            .as_i64()
-            .ok_or(ProbeError::StatusField(pointer))
-    };
+    let field = |pointer: &'static str| value.pointer(pointer).ok_or(ProbeError::StatusField(pointer));
+    let integer = |pointer: &'static str| field(pointer)?.as_i64().ok_or(ProbeError::StatusField(pointer));
     Ok(PingStatus {
-        version_name: field("/version/name")?
-            .as_str()
-            .ok_or(ProbeError::StatusField("/version/name"))?
-            .to_string(),
+        version_name: field("/version/name")?.as_str().ok_or(ProbeError::StatusField("/version/name"))?.to_string(),
         protocol: integer("/version/protocol")?,
         max_players: integer("/players/max")?,
         online_players: integer("/players/online")?,
@@ -168,17 +137,9 @@ pub struct RconClient {
 impl RconClient {
     /// Connects and logs in; `timeout` bounds each step here and in later
     /// commands.
-    pub async fn connect(
-        addr: SocketAddr,
-        password: &str,
-        timeout: Duration,
-    ) -> Result<RconClient, ProbeError> {
+    pub async fn connect(addr: SocketAddr, password: &str, timeout: Duration) -> Result<RconClient, ProbeError> {
         let stream = connect(addr, timeout).await?;
-        let mut client = RconClient {
-            stream,
-            timeout,
-            last_request_id: 0,
-        };
+        let mut client = RconClient { stream, timeout, last_request_id: 0 };
         let id = client.send(RCON_TYPE_LOGIN, password).await?;
         loop {
             let reply = client.read_reply("reading rcon login response").await?;
@@ -236,12 +197,7 @@ impl RconClient {
         self.last_request_id = self.last_request_id.checked_add(1).unwrap_or(1);
         let id = self.last_request_id;
         let frame = rcon_frame(id, kind, body.as_bytes())?;
-        within(
-            self.timeout,
-            "sending rcon request",
-            self.stream.write_all(&frame),
-        )
-        .await??;
+        within(self.timeout, "sending rcon request", self.stream.write_all(&frame)).await??;
         Ok(id)
     }
 
@@ -252,41 +208,30 @@ impl RconClient {
 
 /// True if a TCP connection to `addr` is accepted within `timeout`.
 pub async fn tcp_ready(addr: SocketAddr, timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, TcpStream::connect(addr)).await,
-        Ok(Ok(_))
-    )
+    matches!(tokio::time::timeout(timeout, TcpStream::connect(addr)).await, Ok(Ok(_)))
 }
 
 /// True if any UDP socket (IPv4 or IPv6) is bound to local port `port`.
 pub fn udp_port_bound(port: u16) -> bool {
-    ["/proc/net/udp", "/proc/net/udp6"]
-        .iter()
-        .any(|path| proc_net_table_has_port(&read_proc_table(path), port, None))
+    ["/proc/net/udp", "/proc/net/udp6"].iter().any(|path| proc_net_table_has_port(&read_proc_table(path), port, None))
 }
 
 /// True if a TCP socket (IPv4 or IPv6) listens on local port `port`.
 pub fn tcp_port_listening(port: u16) -> bool {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .any(|path| proc_net_table_has_port(&read_proc_table(path), port, Some(TCP_STATE_LISTEN)))
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|path| proc_net_table_has_port(&read_proc_table(path), port, Some(TCP_STATE_LISTEN)))
 }
 
 /// True if a UDP socket is bound to `port` in the network namespace of
 /// process `pid` (e.g. a container's init), read from /proc/<pid>/net.
 pub fn udp_port_bound_in(pid: i64, port: u16) -> bool {
-    ["udp", "udp6"]
-        .iter()
-        .any(|t| proc_net_table_has_port(&read_proc_table(&format!("/proc/{pid}/net/{t}")), port, None))
+    ["udp", "udp6"].iter().any(|t| proc_net_table_has_port(&read_proc_table(&format!("/proc/{pid}/net/{t}")), port, None))
 }
 
 /// True if a TCP socket listens on `port` in the network namespace of
 /// process `pid`. Unlike a connect through a published port, this is not
 /// fooled by the engine's proxy, which accepts before the server does.
 pub fn tcp_port_listening_in(pid: i64, port: u16) -> bool {
-    ["tcp", "tcp6"]
-        .iter()
-        .any(|t| proc_net_table_has_port(&read_proc_table(&format!("/proc/{pid}/net/{t}")), port, Some(TCP_STATE_LISTEN)))
+    ["tcp", "tcp6"].iter().any(|t| proc_net_table_has_port(&read_proc_table(&format!("/proc/{pid}/net/{t}")), port, Some(TCP_STATE_LISTEN)))
 }
 
 /// A missing table (e.g. IPv6 disabled) simply lists nothing.
@@ -302,12 +247,9 @@ fn proc_net_table_has_port(table: &str, port: u16, required_state: Option<u8>) -
         let mut columns = row.split_whitespace();
         let local_address = columns.nth(1);
         let state = columns.nth(1);
-        let local_port = local_address
-            .and_then(|address| address.rsplit_once(':'))
-            .and_then(|(_, hex_port)| u16::from_str_radix(hex_port, 16).ok());
+        let local_port = local_address.and_then(|address| address.rsplit_once(':')).and_then(|(_, hex_port)| u16::from_str_radix(hex_port, 16).ok());
         let state = state.and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        local_port == Some(port)
-            && required_state.map_or(state.is_some(), |wanted| state == Some(wanted))
+        local_port == Some(port) && required_state.map_or(state.is_some(), |wanted| state == Some(wanted))
     })
 }
 
@@ -316,23 +258,12 @@ fn proc_net_table_has_port(table: &str, port: u16, required_state: Option<u8>) -
 // ---------------------------------------------------------------------------
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProbeError> {
-    within(timeout, "connecting", TcpStream::connect(addr))
-        .await?
-        .map_err(|source| ProbeError::Connect { addr, source })
+    within(timeout, "connecting", TcpStream::connect(addr)).await?.map_err(|source| ProbeError::Connect { addr, source })
 }
 
 /// Bounds one step by `timeout`, naming the step in the error.
-async fn within<T>(
-    timeout: Duration,
-    stage: &'static str,
-    step: impl std::future::Future<Output = T>,
-) -> Result<T, ProbeError> {
-    tokio::time::timeout(timeout, step)
-        .await
-        .map_err(|_| ProbeError::Timeout {
-            stage,
-            after: timeout,
-        })
+async fn within<T>(timeout: Duration, stage: &'static str, step: impl std::future::Future<Output = T>) -> Result<T, ProbeError> {
+    tokio::time::timeout(timeout, step).await.map_err(|_| ProbeError::Timeout { stage, after: timeout })
 }
 
 /// EOF at a frame boundary means the server hung up on us.
@@ -345,10 +276,7 @@ fn eof_as_closed(err: std::io::Error) -> ProbeError {
 }
 
 fn checked_frame_length(length: i64) -> Result<usize, ProbeError> {
-    usize::try_from(length)
-        .ok()
-        .filter(|length| *length <= MAX_FRAME_BYTES)
-        .ok_or(ProbeError::FrameLength(length))
+    usize::try_from(length).ok().filter(|length| *length <= MAX_FRAME_BYTES).ok_or(ProbeError::FrameLength(length))
 }
 
 fn minecraft_frame(packet_id: i32, payload: &[u8]) -> Vec<u8> {
@@ -380,10 +308,7 @@ async fn read_minecraft_packet(stream: &mut TcpStream) -> Result<(i32, Vec<u8>),
         return Err(ProbeError::FrameLength(0));
     }
     let mut packet = vec![0u8; length];
-    stream
-        .read_exact(&mut packet)
-        .await
-        .map_err(eof_as_closed)?;
+    stream.read_exact(&mut packet).await.map_err(eof_as_closed)?;
     let mut body = packet.as_slice();
     let packet_id = read_varint(&mut body)?;
     Ok((packet_id, body.to_vec()))
@@ -407,9 +332,7 @@ fn write_varint(out: &mut Vec<u8>, value: i32) {
 fn read_varint(buffer: &mut &[u8]) -> Result<i32, ProbeError> {
     let mut value: u32 = 0;
     for index in 0..5 {
-        let (&byte, rest) = buffer
-            .split_first()
-            .ok_or(ProbeError::MalformedPacket("truncated varint"))?;
+        let (&byte, rest) = buffer.split_first().ok_or(ProbeError::MalformedPacket("truncated varint"))?;
         *buffer = rest;
         value |= u32::from(byte & 0x7f) << (7 * index);
         if byte & 0x80 == 0 {
@@ -431,8 +354,7 @@ fn read_string(buffer: &mut &[u8]) -> Result<String, ProbeError> {
     }
     let (bytes, rest) = buffer.split_at(length);
     *buffer = rest;
-    String::from_utf8(bytes.to_vec())
-        .map_err(|_| ProbeError::MalformedPacket("string is not utf-8"))
+    String::from_utf8(bytes.to_vec()).map_err(|_| ProbeError::MalformedPacket("string is not utf-8"))
 }
 
 struct RconPacket {
@@ -444,8 +366,7 @@ struct RconPacket {
 /// Frame: i32 LE length of the rest, i32 LE id, i32 LE type, body, NUL, NUL.
 fn rcon_frame(id: i32, kind: i32, body: &[u8]) -> Result<Vec<u8>, ProbeError> {
     let length = 4 + 4 + body.len() + 2;
-    let length_field = i32::try_from(checked_frame_length(length as i64)?)
-        .map_err(|_| ProbeError::FrameLength(length as i64))?;
+    let length_field = i32::try_from(checked_frame_length(length as i64)?).map_err(|_| ProbeError::FrameLength(length as i64))?;
     let mut frame = Vec::with_capacity(4 + length);
     frame.extend_from_slice(&length_field.to_le_bytes());
     frame.extend_from_slice(&id.to_le_bytes());
@@ -462,10 +383,7 @@ async fn read_rcon_packet(stream: &mut TcpStream) -> Result<RconPacket, ProbeErr
         return Err(ProbeError::FrameLength(length as i64));
     }
     let mut packet = vec![0u8; length];
-    stream
-        .read_exact(&mut packet)
-        .await
-        .map_err(eof_as_closed)?;
+    stream.read_exact(&mut packet).await.map_err(eof_as_closed)?;
     Ok(parse_rcon_packet(&packet))
 }
 
@@ -475,18 +393,11 @@ fn parse_rcon_packet(packet: &[u8]) -> RconPacket {
     let kind = i32::from_le_bytes([packet[4], packet[5], packet[6], packet[7]]);
     let body = &packet[8..];
     let body = &body[..body.iter().position(|&b| b == 0).unwrap_or(body.len())];
-    RconPacket {
-        id,
-        kind,
-        body: body.to_vec(),
-    }
+    RconPacket { id, kind, body: body.to_vec() }
 }
 
 fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -524,21 +435,13 @@ mod tests {
     #[test]
     fn finds_listening_tcp_port() {
         // 0x63DD = 25565
-        assert!(proc_net_table_has_port(
-            TCP_TABLE,
-            25565,
-            Some(TCP_STATE_LISTEN)
-        ));
+        assert!(proc_net_table_has_port(TCP_TABLE, 25565, Some(TCP_STATE_LISTEN)));
     }
 
     #[test]
     fn ignores_tcp_port_not_in_listen_state() {
         // 0x1F90 = 8080, but ESTABLISHED (01).
-        assert!(!proc_net_table_has_port(
-            TCP_TABLE,
-            8080,
-            Some(TCP_STATE_LISTEN)
-        ));
+        assert!(!proc_net_table_has_port(TCP_TABLE, 8080, Some(TCP_STATE_LISTEN)));
         assert!(proc_net_table_has_port(TCP_TABLE, 8080, None));
     }
 
@@ -551,16 +454,8 @@ mod tests {
     #[test]
     fn finds_listening_tcp6_port() {
         // 0x1F41 = 8001
-        assert!(proc_net_table_has_port(
-            TCP6_TABLE,
-            8001,
-            Some(TCP_STATE_LISTEN)
-        ));
-        assert!(!proc_net_table_has_port(
-            TCP6_TABLE,
-            8000,
-            Some(TCP_STATE_LISTEN)
-        ));
+        assert!(proc_net_table_has_port(TCP6_TABLE, 8001, Some(TCP_STATE_LISTEN)));
+        assert!(!proc_net_table_has_port(TCP6_TABLE, 8000, Some(TCP_STATE_LISTEN)));
     }
 
     #[test]
@@ -573,11 +468,7 @@ mod tests {
     #[test]
     fn header_and_garbage_rows_never_match() {
         assert!(!proc_net_table_has_port("", 0, None));
-        assert!(!proc_net_table_has_port(
-            "header\nnot a row\n   3: nocolon 0A\n",
-            0,
-            None
-        ));
+        assert!(!proc_net_table_has_port("header\nnot a row\n   3: nocolon 0A\n", 0, None));
     }
 
     #[test]
@@ -585,19 +476,13 @@ mod tests {
         let json = r#"{"version":{"name":"1.20.4","protocol":765},"players":{"max":20,"online":3,"sample":[]},"description":{"text":"hi"}}"#;
         let status = parse_status_json(json).unwrap();
         assert_eq!(status.version_name, "1.20.4");
-        assert_eq!(
-            (status.protocol, status.max_players, status.online_players),
-            (765, 20, 3)
-        );
+        assert_eq!((status.protocol, status.max_players, status.online_players), (765, 20, 3));
     }
 
     #[test]
     fn status_json_missing_players_is_an_error() {
         let json = r#"{"version":{"name":"x","protocol":1}}"#;
-        assert!(matches!(
-            parse_status_json(json),
-            Err(ProbeError::StatusField("/players/max"))
-        ));
+        assert!(matches!(parse_status_json(json), Err(ProbeError::StatusField("/players/max"))));
     }
 
     #[test]
@@ -613,14 +498,8 @@ mod tests {
 
     #[test]
     fn absurd_frame_length_is_rejected() {
-        assert!(matches!(
-            checked_frame_length(2 * 1024 * 1024),
-            Err(ProbeError::FrameLength(_))
-        ));
-        assert!(matches!(
-            checked_frame_length(-5),
-            Err(ProbeError::FrameLength(-5))
-        ));
+        assert!(matches!(checked_frame_length(2 * 1024 * 1024), Err(ProbeError::FrameLength(_))));
+        assert!(matches!(checked_frame_length(-5), Err(ProbeError::FrameLength(-5))));
         assert_eq!(checked_frame_length(1024).unwrap(), 1024);
     }
 
@@ -629,9 +508,6 @@ mod tests {
         let frame = rcon_frame(9, RCON_TYPE_COMMAND, b"list").unwrap();
         assert_eq!(&frame[..4], &14i32.to_le_bytes());
         let packet = parse_rcon_packet(&frame[4..]);
-        assert_eq!(
-            (packet.id, packet.kind, packet.body.as_slice()),
-            (9, 2, &b"list"[..])
-        );
+        assert_eq!((packet.id, packet.kind, packet.body.as_slice()), (9, 2, &b"list"[..]));
     }
 }

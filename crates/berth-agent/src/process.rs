@@ -240,10 +240,13 @@ impl Driver for ProcessDriver {
                 let is_alive = alive(rec.pid, rec.start_time);
                 let exited = (!is_alive).then(|| LastExit { reason: "exited".into(), code: None });
                 tracing::info!(server = %key.0, generation = key.1, pid = rec.pid, alive = is_alive, "adopted instance");
-                out.push((rec.spec.clone(), match &exited {
-                    Some(e) => Observed::Exited(e.clone()),
-                    None => Observed::Alive { used_mib: None },
-                }));
+                out.push((
+                    rec.spec.clone(),
+                    match &exited {
+                        Some(e) => Observed::Exited(e.clone()),
+                        None => Observed::Alive { used_mib: None },
+                    },
+                ));
                 procs.insert(key, Proc { pid: rec.pid, start_time: rec.start_time, child: None, record: path, cgroup: rec.cgroup, kill_reason: None, exited });
             }
         }
@@ -332,9 +335,7 @@ impl Driver for ProcessDriver {
             });
         }
         let child = cmd.spawn().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
-                DriverError::Permanent(format!("cannot run {program}: {e}"))
-            }
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => DriverError::Permanent(format!("cannot run {program}: {e}")),
             _ => DriverError::Transient(format!("cannot run {program}: {e}")),
         })?;
         let pid = child.id() as i32;
@@ -348,10 +349,7 @@ impl Driver for ProcessDriver {
             return Err(DriverError::Transient(format!("cannot write pid record {}: {e}", record.display())));
         }
         tracing::info!(server = %spec.server_id, generation = spec.generation, pid, program = %program, "started instance");
-        self.procs.lock().expect("procs lock").insert(
-            key,
-            Proc { pid, start_time, child: Some(child), record, cgroup, kill_reason: None, exited: None },
-        );
+        self.procs.lock().expect("procs lock").insert(key, Proc { pid, start_time, child: Some(child), record, cgroup, kill_reason: None, exited: None });
         Ok(())
     }
 

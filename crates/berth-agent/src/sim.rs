@@ -221,10 +221,7 @@ impl Driver for SimDriver {
         }
         let now = Instant::now();
         let ready_at = now + Duration::from_millis(latency);
-        inst.insert(
-            key,
-            SimInstance { spec: spec.clone(), ready_at, crash_at: crash_after.map(|d| ready_at + d), stop_at: None, exited: None },
-        );
+        inst.insert(key, SimInstance { spec: spec.clone(), ready_at, crash_at: crash_after.map(|d| ready_at + d), stop_at: None, exited: None });
         Ok(())
     }
 

@@ -74,11 +74,7 @@ pub fn write_lease(dir: &Path, state: &LeaseState) -> std::io::Result<()> {
 }
 
 pub fn read_fenced(dir: &Path) -> Vec<FenceRecord> {
-    std::fs::read_to_string(fenced_path(dir))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    std::fs::read_to_string(fenced_path(dir)).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 /// The instances whose window has passed at `now_mono`.
@@ -95,8 +91,7 @@ fn pid_alive(pid: i32) -> bool {
 /// or the latest one to publish a lease) is gone and nothing is left to
 /// guard.
 pub fn run(dir: &Path, started_by: i32) -> std::io::Result<()> {
-    let mut fenced: std::collections::HashSet<(ServerId, Generation)> =
-        read_fenced(dir).into_iter().map(|r| (r.server_id, r.generation)).collect();
+    let mut fenced: std::collections::HashSet<(ServerId, Generation)> = read_fenced(dir).into_iter().map(|r| (r.server_id, r.generation)).collect();
     loop {
         let state: Option<LeaseState> = std::fs::read(lease_path(dir)).ok().and_then(|b| serde_json::from_slice(&b).ok());
         if let Some(state) = &state {
@@ -146,7 +141,14 @@ pub fn ensure_running(exe: &Path, dir: &Path) -> std::io::Result<u32> {
     use std::os::unix::process::CommandExt;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("watchdog.log"))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("watchdog").arg("--dir").arg(dir).arg("--agent-pid").arg(std::process::id().to_string()).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.arg("watchdog")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--agent-pid")
+        .arg(std::process::id().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     // SAFETY: setsid between fork and exec is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -163,11 +165,7 @@ pub fn ensure_running(exe: &Path, dir: &Path) -> std::io::Result<u32> {
         let mut child = child;
         let _ = child.wait();
     });
-    let start = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|t| crate::process::parse_stat(&t))
-        .map(|s| s.start_time)
-        .unwrap_or(0);
+    let start = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|t| crate::process::parse_stat(&t)).map(|s| s.start_time).unwrap_or(0);
     std::fs::write(&pid_file, format!("{pid} {start}\n"))?;
     Ok(pid)
 }

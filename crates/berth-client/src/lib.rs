@@ -6,9 +6,8 @@
 use std::time::Duration;
 
 use berth_api::{
-    CreateServer, CreateToken, CreateWebhook, DeliveryList, ErrorBody, EventList, InvariantReport, NodeList, NodeView,
-    OperationList, RegisterRequest, RegisterResponse, ServerList, ServerView, SyncRequest, SyncResponse, TemplateList,
-    TokenCreated, WebhookList, WebhookView,
+    CreateServer, CreateToken, CreateWebhook, DeliveryList, ErrorBody, EventList, InvariantReport, NodeList, NodeView, OperationList, RegisterRequest,
+    RegisterResponse, ServerList, ServerView, SyncRequest, SyncResponse, TemplateList, TokenCreated, WebhookList, WebhookView,
 };
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -74,7 +73,13 @@ impl Client {
         &self.base
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&(impl Serialize + ?Sized)>, timeout: Option<Duration>) -> Result<T, ClientError> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+        timeout: Option<Duration>,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some(b) = body {

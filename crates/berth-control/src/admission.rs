@@ -89,7 +89,13 @@ impl Committer {
 /// after another (so `--commit-max-batch 1` is one transaction a placement,
 /// the naive path the benchmark compares against). Returns the outcomes of
 /// the plans committed before the first failure, and that failure.
-async fn commit_in_chunks(store: &dyn Store, clock: &dyn Clock, plans: &[Placement], max_batch: usize, commits: &AdmissionCommits) -> (Vec<PlacementOutcome>, Option<String>) {
+async fn commit_in_chunks(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    plans: &[Placement],
+    max_batch: usize,
+    commits: &AdmissionCommits,
+) -> (Vec<PlacementOutcome>, Option<String>) {
     let mut outcomes = Vec::with_capacity(plans.len());
     for chunk in plans.chunks(max_batch.max(1)) {
         match store.commit_placements(chunk, clock.now_ms()).await {
@@ -266,7 +272,13 @@ mod tests {
             let ev = NewEvent { kind: "server_created", server_id: None, node_id: None, message: "created".into() };
             store.insert_server(&s, &ev).await.unwrap();
             let s = store.request_start(&s.id, 10, false).await.unwrap();
-            plans.push(Placement { server_id: s.id, expected_generation: s.generation, node_id: node.id.clone(), memory_mib: s.memory_mib, port: 30000 + i as u16 });
+            plans.push(Placement {
+                server_id: s.id,
+                expected_generation: s.generation,
+                node_id: node.id.clone(),
+                memory_mib: s.memory_mib,
+                port: 30000 + i as u16,
+            });
         }
         (store, plans)
     }

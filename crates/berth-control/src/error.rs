@@ -62,8 +62,6 @@ impl From<StoreError> for ControlError {
     }
 }
 
-
-
 impl ControlError {
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
         ControlError::Invalid { code, message: message.into() }

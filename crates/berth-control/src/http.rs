@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use berth_api::{
-    CreateToken, CreateWebhook, DeliveryList, EventList, EventView, NodeList, OperationAccepted, OperationList, OperationView,
-    RegisterRequest, ServerList, ServerView, SyncRequest, TemplateList, WebhookList, WebhookView,
+    CreateToken, CreateWebhook, DeliveryList, EventList, EventView, NodeList, OperationAccepted, OperationList, OperationView, RegisterRequest, ServerList,
+    ServerView, SyncRequest, TemplateList, WebhookList, WebhookView,
 };
 use berth_core::operation::OpKind;
 use berth_core::NodeId;
@@ -233,7 +233,11 @@ fn operation_list(ops: Vec<berth_core::operation::Operation>, limit: u32) -> Ope
     OperationList { operations: ops.iter().map(OperationView::from).collect(), next_cursor }
 }
 
-async fn list_operations(State(app): AppState, headers: HeaderMap, query: Result<Query<OperationQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<OperationList>, ControlError> {
+async fn list_operations(
+    State(app): AppState,
+    headers: HeaderMap,
+    query: Result<Query<OperationQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<OperationList>, ControlError> {
     let c = caller(&app, &headers).await?;
     let Query(q) = query.map_err(query_error)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
@@ -241,7 +245,12 @@ async fn list_operations(State(app): AppState, headers: HeaderMap, query: Result
     Ok(Json(operation_list(ops, limit)))
 }
 
-async fn server_operations(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, query: Result<Query<OperationQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<OperationList>, ControlError> {
+async fn server_operations(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    query: Result<Query<OperationQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<OperationList>, ControlError> {
     let c = caller(&app, &headers).await?;
     let Query(q) = query.map_err(query_error)?;
     if q.server.is_some() {
@@ -292,7 +301,12 @@ struct DeliveryQuery {
     limit: Option<u32>,
 }
 
-async fn webhook_deliveries(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<DeliveryList>, ControlError> {
+async fn webhook_deliveries(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeliveryList>, ControlError> {
     let c = caller(&app, &headers).await?;
     let Query(q) = query.map_err(query_error)?;
     if q.channel.is_some() {
@@ -301,7 +315,11 @@ async fn webhook_deliveries(State(app): AppState, headers: HeaderMap, Path(id): 
     Ok(Json(DeliveryList { deliveries: app.webhook_deliveries(&c, &id, q.limit.unwrap_or(100)).await? }))
 }
 
-async fn list_deliveries(State(app): AppState, headers: HeaderMap, query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<DeliveryList>, ControlError> {
+async fn list_deliveries(
+    State(app): AppState,
+    headers: HeaderMap,
+    query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeliveryList>, ControlError> {
     let c = caller(&app, &headers).await?;
     let Query(q) = query.map_err(query_error)?;
     Ok(Json(DeliveryList { deliveries: app.deliveries(&c, q.channel, q.limit.unwrap_or(100)).await? }))
@@ -351,7 +369,6 @@ async fn usage(
     Ok(Json(app.usage(&c, q.tenant, &q.month).await?))
 }
 
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventQuery {
@@ -373,7 +390,11 @@ fn parse_since(s: &str) -> Result<i64, ControlError> {
     Ok(t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
 }
 
-async fn list_events(State(app): AppState, headers: HeaderMap, query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<EventList>, ControlError> {
+async fn list_events(
+    State(app): AppState,
+    headers: HeaderMap,
+    query: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<EventList>, ControlError> {
     let c = caller(&app, &headers).await?;
     let Query(q) = query.map_err(query_error)?;
     let since = q.since.as_deref().map(parse_since).transpose()?;
@@ -423,4 +444,3 @@ async fn agent_sync(State(app): AppState, headers: HeaderMap, body: Bytes) -> Re
     let req: SyncRequest = parse(&body)?;
     Ok(Json(app.sync(&c, req).await?).into_response())
 }
-

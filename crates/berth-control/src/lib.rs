@@ -167,10 +167,7 @@ impl ControlPlane {
             },
             rx.clone(),
         );
-        worker::spawn(
-            monitor::BillingSweeper { store: store.clone(), clock: clock.clone(), cfg: cfg.clone(), leading: leading.clone() },
-            rx.clone(),
-        );
+        worker::spawn(monitor::BillingSweeper { store: store.clone(), clock: clock.clone(), cfg: cfg.clone(), leading: leading.clone() }, rx.clone());
         let ops_wake = Arc::new(Notify::new());
         worker::spawn(
             operations::OpsWorker {
@@ -191,18 +188,26 @@ impl ControlPlane {
             .build()
             .map_err(|e| ControlError::Startup(format!("cannot build the webhook client: {e}")))?;
         worker::spawn(
-            notify::NotifyWorker {
-                store: store.clone(),
-                clock: clock.clone(),
-                policy: cfg.delivery,
-                email,
-                http,
-                leading: leading.clone(),
-                wake: notify_wake,
-            },
+            notify::NotifyWorker { store: store.clone(), clock: clock.clone(), policy: cfg.delivery, email, http, leading: leading.clone(), wake: notify_wake },
             rx,
         );
-        let app = Arc::new(App { store, templates, clock, cfg, queue_wake, nodes, placed, replica, leading, drift: Default::default(), ops_wake, tokens: Default::default(), syncs: Default::default(), sent: Default::default(), admission_commits });
+        let app = Arc::new(App {
+            store,
+            templates,
+            clock,
+            cfg,
+            queue_wake,
+            nodes,
+            placed,
+            replica,
+            leading,
+            drift: Default::default(),
+            ops_wake,
+            tokens: Default::default(),
+            syncs: Default::default(),
+            sent: Default::default(),
+            admission_commits,
+        });
         // Servers may be waiting in the queue from before a restart.
         app.queue_wake.notify_one();
         Ok(ControlPlane { app, shutdown })

@@ -116,10 +116,7 @@ impl EmailSender {
             SmtpTls::Wrapper => Tls::Wrapper(params()?),
             SmtpTls::None => Tls::None,
         };
-        let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(cfg.host.as_str())
-            .port(cfg.port)
-            .tls(tls)
-            .timeout(Some(Duration::from_secs(10)));
+        let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(cfg.host.as_str()).port(cfg.port).tls(tls).timeout(Some(Duration::from_secs(10)));
         if let Some((user, password)) = &cfg.credentials {
             b = b.credentials(Credentials::new(user.clone(), password.clone()));
         }

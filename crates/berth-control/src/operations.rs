@@ -72,7 +72,13 @@ impl App {
     /// Starts a server and answers once its memory is reserved on a node
     /// (or the start ended, or `timeout` passed): the server as it is
     /// then. A client measures from request to committed reservation.
-    pub async fn start_and_wait_placed(&self, caller: &Caller, id_or_name: &str, fresh_world: bool, timeout: Duration) -> Result<(Operation, Server), ControlError> {
+    pub async fn start_and_wait_placed(
+        &self,
+        caller: &Caller,
+        id_or_name: &str,
+        fresh_world: bool,
+        timeout: Duration,
+    ) -> Result<(Operation, Server), ControlError> {
         let s = self.find_server_ref(caller, id_or_name).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         // Interest is registered before every look at the server, so a
@@ -100,10 +106,12 @@ impl App {
             let placed = current.generation > before.generation && current.status.holds_reservation();
             // While the server waits in the queue its start still runs;
             // only otherwise can the start have ended.
-            let done = placed || current.status == ServerStatus::Deleted || current.status != ServerStatus::Queued && {
-                let now = self.store.get_operation(&op.id).await?;
-                now.as_ref().is_none_or(|o| o.status.is_terminal())
-            };
+            let done = placed
+                || current.status == ServerStatus::Deleted
+                || current.status != ServerStatus::Queued && {
+                    let now = self.store.get_operation(&op.id).await?;
+                    now.as_ref().is_none_or(|o| o.status.is_terminal())
+                };
             if done || tokio::time::Instant::now() >= deadline {
                 drop(notified);
                 self.placed.release(&s.id, &wake);
@@ -160,7 +168,14 @@ impl App {
 
     /// Operations, oldest first; `server` narrows to one server (required
     /// for tenant tokens).
-    pub async fn list_operations(&self, caller: &Caller, server: Option<&str>, active_only: bool, after: Option<i64>, limit: u32) -> Result<Vec<Operation>, ControlError> {
+    pub async fn list_operations(
+        &self,
+        caller: &Caller,
+        server: Option<&str>,
+        active_only: bool,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Operation>, ControlError> {
         caller.require_user()?;
         let server_id = match server {
             Some(s) => Some(self.find_server(caller, s).await?.id),
@@ -226,12 +241,7 @@ impl Worker for OpsWorker {
         for q in timed_out(&work.queued, now, self.cfg.queue_timeout_ms) {
             let Some(s) = self.store.get_server(&q.server_id.0).await? else { continue };
             let message = no_capacity_message(self.cfg.queue_timeout_ms);
-            let ev = NewEvent {
-                kind: "start_failed",
-                server_id: Some(s.id.clone()),
-                node_id: None,
-                message: format!("start of {} failed: {message}", s.name),
-            };
+            let ev = NewEvent { kind: "start_failed", server_id: Some(s.id.clone()), node_id: None, message: format!("start of {} failed: {message}", s.name) };
             if self.store.fail_server(&s.id, q.generation, ServerStatus::Queued, &message, &ev, now).await? {
                 tracing::warn!(server = %s.name, "queue timeout: failed with no_capacity");
                 self.store.advance_operations(&s.id, now).await?;
@@ -243,10 +253,7 @@ impl Worker for OpsWorker {
             match self.cfg.restart.decide(s.restart_policy, s.updated_at, *restarts, restart_jitter(s, *restarts)) {
                 RestartDecision::Never => {}
                 RestartDecision::GiveUp { restarts } => {
-                    let message = format!(
-                        "crash loop: restarted {restarts} times within {}s and crashed again",
-                        self.cfg.restart.window_ms / 1000
-                    );
+                    let message = format!("crash loop: restarted {restarts} times within {}s and crashed again", self.cfg.restart.window_ms / 1000);
                     let ev = NewEvent {
                         kind: "restart_limit_reached",
                         server_id: Some(s.id.clone()),

@@ -9,13 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_api::{
-    CreateToken, InstanceKey, InvariantReport, KillOrder, NodeView, RegisterRequest, RegisterResponse, SyncRequest, SyncResponse, TemplateView,
-    TokenCreated,
+    CreateToken, InstanceKey, InvariantReport, KillOrder, NodeView, RegisterRequest, RegisterResponse, SyncRequest, SyncResponse, TemplateView, TokenCreated,
 };
 use berth_core::drift::MemoryFacts;
 use berth_core::operation::OpKind;
-use berth_core::restart::RestartPolicy;
 use berth_core::reconcile::{reconcile, Change, InstanceState};
+use berth_core::restart::RestartPolicy;
 use berth_core::template::InstanceSpec;
 use berth_core::{validate, Event, MemMib, NewEvent, NodeId, NodeStatus, Server, ServerId, ServerStatus, TokenKind};
 use berth_store::{DesiredView, EventFilter, NodeRegistration, Store, SyncInput, TokenRecord};
@@ -133,10 +132,7 @@ impl App {
             },
         };
         if memory.0 < template.min_memory_mib {
-            return Err(ControlError::invalid(
-                "invalid_memory",
-                format!("template {template_name} needs at least {} MiB", template.min_memory_mib),
-            ));
+            return Err(ControlError::invalid("invalid_memory", format!("template {template_name} needs at least {} MiB", template.min_memory_mib)));
         }
         if let Some(largest) = self.store.largest_allocatable().await? {
             if memory > largest {
@@ -151,12 +147,7 @@ impl App {
             None => DEFAULT_STOP_AFTER_S * 1000,
             Some(v) => match v.as_u64() {
                 Some(s) if s <= MAX_STOP_AFTER_S => s as i64 * 1000,
-                _ => {
-                    return Err(ControlError::invalid(
-                        "invalid_request",
-                        format!("stop_after_s must be an integer from 0 to {MAX_STOP_AFTER_S}, got {v}"),
-                    ))
-                }
+                _ => return Err(ControlError::invalid("invalid_request", format!("stop_after_s must be an integer from 0 to {MAX_STOP_AFTER_S}, got {v}"))),
             },
         };
         let stateless = match field(obj, "stateless") {
@@ -173,14 +164,13 @@ impl App {
         })?;
         let restart_policy = match field(obj, "restart_policy") {
             None => RestartPolicy::Never,
-            Some(v) => v.as_str().and_then(RestartPolicy::parse).ok_or_else(|| {
-                ControlError::invalid("invalid_request", format!("restart_policy must be \"never\" or \"on-failure\", got {v}"))
-            })?,
+            Some(v) => v
+                .as_str()
+                .and_then(RestartPolicy::parse)
+                .ok_or_else(|| ControlError::invalid("invalid_request", format!("restart_policy must be \"never\" or \"on-failure\", got {v}")))?,
         };
         let tenant = match (caller.kind, field(obj, "tenant")) {
-            (TokenKind::Tenant, Some(_)) => {
-                return Err(ControlError::Forbidden("tenant tokens create servers for their own tenant only".into()))
-            }
+            (TokenKind::Tenant, Some(_)) => return Err(ControlError::Forbidden("tenant tokens create servers for their own tenant only".into())),
             (TokenKind::Tenant, None) => caller.tenant.clone().unwrap_or_default(),
             (_, Some(t)) => {
                 let t = t.as_str().ok_or_else(|| ControlError::invalid("invalid_request", "tenant must be a string"))?;
@@ -285,10 +275,7 @@ impl App {
         caller.require_admin()?;
         let node = self.store.get_node(id_or_name).await?.ok_or_else(|| ControlError::NotFound(format!("node {id_or_name:?}")))?;
         if !matches!(node.status, NodeStatus::Ready | NodeStatus::Draining) {
-            return Err(ControlError::Conflict(format!(
-                "node {} is {}; only ready and draining nodes change drain state",
-                node.name, node.status
-            )));
+            return Err(ControlError::Conflict(format!("node {} is {}; only ready and draining nodes change drain state", node.name, node.status)));
         }
         if deadline_s.is_some_and(|d| d > 30 * 24 * 3600) {
             return Err(ControlError::invalid("invalid_request", "deadline_s must be at most 30 days"));
@@ -298,7 +285,10 @@ impl App {
         let to = node.status;
         let kind = if draining { "node_draining" } else { "node_undrained" };
         self.store
-            .insert_events(&[NewEvent { kind, server_id: None, node_id: Some(node.id.clone()), message: format!("node {} is {to}", node.name) }], self.clock.now_ms())
+            .insert_events(
+                &[NewEvent { kind, server_id: None, node_id: Some(node.id.clone()), message: format!("node {} is {to}", node.name) }],
+                self.clock.now_ms(),
+            )
             .await?;
         if !draining {
             self.queue_wake.notify_one();
@@ -479,10 +469,7 @@ impl App {
             "berth_node_memory_reserved_bytes",
             "Sum of the node's reservation rows.",
             "gauge",
-            nodes
-                .iter()
-                .map(|n| (node_label(n), (usage.iter().find(|u| u.node_id == n.id).map(|u| u.reserved.0).unwrap_or(0) * MIB) as f64))
-                .collect(),
+            nodes.iter().map(|n| (node_label(n), (usage.iter().find(|u| u.node_id == n.id).map(|u| u.reserved.0).unwrap_or(0) * MIB) as f64)).collect(),
         );
         gauge(
             "berth_node_memory_used_bytes",
@@ -506,20 +493,13 @@ impl App {
             "berth_nodes",
             "Nodes by status.",
             "gauge",
-            berth_core::NodeStatus::ALL
-                .iter()
-                .map(|st| (format!("{{status=\"{st}\"}}"), nodes.iter().filter(|n| n.status == *st).count() as f64))
-                .collect(),
+            berth_core::NodeStatus::ALL.iter().map(|st| (format!("{{status=\"{st}\"}}"), nodes.iter().filter(|n| n.status == *st).count() as f64)).collect(),
         );
         gauge(
             "berth_servers",
             "Servers by status.",
             "gauge",
-            ServerStatus::ALL
-                .iter()
-                .filter(|st| **st != ServerStatus::Deleted)
-                .map(|st| (format!("{{status=\"{st}\"}}"), servers_in(*st) as f64))
-                .collect(),
+            ServerStatus::ALL.iter().filter(|st| **st != ServerStatus::Deleted).map(|st| (format!("{{status=\"{st}\"}}"), servers_in(*st) as f64)).collect(),
         );
         let queued = servers_in(ServerStatus::Queued);
         gauge("berth_queue_depth", "Servers waiting for a placement.", "gauge", vec![(String::new(), queued as f64)]);
@@ -612,12 +592,7 @@ impl App {
         };
         let node = self.store.register_node(&reg, &NodeId::from_random(rand::random()), self.clock.now_ms()).await?;
         self.queue_wake.notify_one();
-        Ok(RegisterResponse {
-            node_id: node.id.0,
-            epoch: node.epoch,
-            sync_interval_ms: self.cfg.sync_interval_ms,
-            lease_ttl_ms: self.cfg.lease_ttl_ms,
-        })
+        Ok(RegisterResponse { node_id: node.id.0, epoch: node.epoch, sync_interval_ms: self.cfg.sync_interval_ms, lease_ttl_ms: self.cfg.lease_ttl_ms })
     }
 
     pub async fn sync(&self, caller: &Caller, req: SyncRequest) -> Result<SyncResponse, ControlError> {
@@ -769,9 +744,5 @@ fn nothing_to_do(desired: &[(ServerId, u64)], kill: &[(ServerId, u64)], req: &Sy
     let want: BTreeSet<(&str, u64)> = desired.iter().map(|(id, generation)| (id.0.as_str(), *generation)).collect();
     let have: BTreeSet<(&str, u64)> = req.instances.iter().map(|i| (i.server_id.0.as_str(), i.generation)).collect();
     want.is_subset(&have)
-        && req
-            .instances
-            .iter()
-            .filter(|i| !want.contains(&(i.server_id.0.as_str(), i.generation)))
-            .all(|i| matches!(i.state, InstanceState::Stopping))
+        && req.instances.iter().filter(|i| !want.contains(&(i.server_id.0.as_str(), i.generation))).all(|i| matches!(i.state, InstanceState::Stopping))
 }

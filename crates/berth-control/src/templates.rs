@@ -36,13 +36,11 @@ impl Templates {
             by_name.insert(t.name.clone(), t);
         }
         if let Some(dir) = operator_dir {
-            let entries = std::fs::read_dir(dir)
-                .map_err(|e| ControlError::Startup(format!("cannot read template directory {}: {e}", dir.display())))?;
+            let entries = std::fs::read_dir(dir).map_err(|e| ControlError::Startup(format!("cannot read template directory {}: {e}", dir.display())))?;
             let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
             paths.sort();
             for path in paths.into_iter().filter(|p| p.extension().is_some_and(|e| e == "toml")) {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| ControlError::Startup(format!("cannot read template {}: {e}", path.display())))?;
+                let text = std::fs::read_to_string(&path).map_err(|e| ControlError::Startup(format!("cannot read template {}: {e}", path.display())))?;
                 let t = parse(&path.display().to_string(), &text)?;
                 by_name.insert(t.name.clone(), t);
             }
@@ -79,11 +77,7 @@ mod tests {
     #[test]
     fn operator_templates_override_and_broken_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("echo.toml"),
-            "name = \"echo\"\n[process]\ncommand = \"/bin/echo\"\nready = \"alive\"\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("echo.toml"), "name = \"echo\"\n[process]\ncommand = \"/bin/echo\"\nready = \"alive\"\n").unwrap();
         let t = Templates::load(Some(dir.path())).unwrap();
         assert!(t.get("echo").is_some());
         std::fs::write(dir.path().join("bad.toml"), "name = \"bad\"\n[process]\ncommand = 3\n").unwrap();

@@ -250,7 +250,12 @@ async fn a_server_that_cannot_fit_fails_with_no_capacity_after_the_queue_timeout
     assert!(s.last_error.as_deref().unwrap().starts_with("no_capacity"), "{s:?}");
     let o = h.wait_op(&op).await;
     assert_eq!((o.status.as_str(), o.error_code.as_deref()), ("failed", Some("no_capacity")));
-    let failed = h.cp.app.store.list_events(&berth_store::EventFilter { server_id: Some(s.id.clone()), kind: Some("start_failed".into()), limit: 10, ..Default::default() }).await.unwrap();
+    let failed =
+        h.cp.app
+            .store
+            .list_events(&berth_store::EventFilter { server_id: Some(s.id.clone()), kind: Some("start_failed".into()), limit: 10, ..Default::default() })
+            .await
+            .unwrap();
     assert_eq!(failed.len(), 1);
     assert_eq!(h.server("a").await.status, ServerStatus::Running, "the running server is untouched");
 }
@@ -287,7 +292,8 @@ async fn on_failure_restarts_a_crash_loop_with_backoff_then_fails_it() {
     h.report("c", InstanceState::Exited, None, Some(3)).await;
     let s = h.wait("c", "failed", |s| s.status == ServerStatus::Failed).await;
     assert!(s.last_error.as_deref().unwrap().contains("crash loop"), "{s:?}");
-    let ev = h.cp.app.store.list_events(&berth_store::EventFilter { kind: Some("restart_limit_reached".into()), limit: 10, ..Default::default() }).await.unwrap();
+    let ev =
+        h.cp.app.store.list_events(&berth_store::EventFilter { kind: Some("restart_limit_reached".into()), limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(ev.len(), 1);
 
     // Policy never: still crashed long after.

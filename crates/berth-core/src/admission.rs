@@ -184,13 +184,7 @@ mod tests {
     }
 
     fn plan(server: &str, node: &str, mem: u64, port: u16) -> Placement {
-        Placement {
-            server_id: ServerId(server.into()),
-            expected_generation: 0,
-            node_id: NodeId(node.into()),
-            memory_mib: MemMib(mem),
-            port,
-        }
+        Placement { server_id: ServerId(server.into()), expected_generation: 0, node_id: NodeId(node.into()), memory_mib: MemMib(mem), port }
     }
 
     #[test]

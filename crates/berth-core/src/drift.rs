@@ -59,10 +59,7 @@ impl Drift {
             ));
         }
         if self.unmanaged_excess_mib > 0 {
-            parts.push(format!(
-                "processes berth does not manage use {} MiB, {} MiB beyond the system reserve",
-                self.unmanaged_mib, self.unmanaged_excess_mib
-            ));
+            parts.push(format!("processes berth does not manage use {} MiB, {} MiB beyond the system reserve", self.unmanaged_mib, self.unmanaged_excess_mib));
         }
         format!("memory drift on node {node}: {}", parts.join("; "))
     }

@@ -67,8 +67,7 @@ pub fn judge(nodes: &[Node], placed: &[Server], now: Millis, judging_from: Milli
         return out;
     }
     for node in nodes {
-        let on_node: Vec<&Server> =
-            placed.iter().filter(|s| s.node_id.as_ref() == Some(&node.id) && s.status.holds_reservation()).collect();
+        let on_node: Vec<&Server> = placed.iter().filter(|s| s.node_id.as_ref() == Some(&node.id) && s.status.holds_reservation()).collect();
         let last = effective_last_seen(node, judging_from);
         let last_alive = node.last_sync_at.unwrap_or(node.registered_at);
         let expired = now > last + cfg.lease_ttl_ms + cfg.lease_grace_ms;
@@ -81,24 +80,18 @@ pub fn judge(nodes: &[Node], placed: &[Server], now: Millis, judging_from: Milli
                     }
                 }
             }
-            NodeStatus::Draining
-                if node.drain_deadline.is_some_and(|d| now >= d) => {
-                    for s in &on_node {
-                        if matches!(s.status, ServerStatus::Starting | ServerStatus::Running) {
-                            out.push(Verdict::DrainDeadline { server_id: s.id.clone(), generation: s.generation });
-                        }
+            NodeStatus::Draining if node.drain_deadline.is_some_and(|d| now >= d) => {
+                for s in &on_node {
+                    if matches!(s.status, ServerStatus::Starting | ServerStatus::Running) {
+                        out.push(Verdict::DrainDeadline { server_id: s.id.clone(), generation: s.generation });
                     }
                 }
+            }
             NodeStatus::Unreachable | NodeStatus::Lost => {
                 let mut remaining = 0;
                 for s in &on_node {
                     if now > last + cfg.lease_ttl_ms + cfg.lease_grace_ms + s.stop_after_ms {
-                        out.push(Verdict::ServerLost {
-                            server_id: s.id.clone(),
-                            generation: s.generation,
-                            node_id: node.id.clone(),
-                            last_alive,
-                        });
+                        out.push(Verdict::ServerLost { server_id: s.id.clone(), generation: s.generation, node_id: node.id.clone(), last_alive });
                     } else {
                         remaining += 1;
                     }

@@ -80,10 +80,7 @@ pub fn check(nodes: &[Node], servers: &[Server], reservations: &[Reservation], l
             None => out.push(Violation::L2 { server_id: r.server_id.clone(), detail: "reservation of an unknown server".into() }),
             Some(s) => {
                 if !s.status.holds_reservation() {
-                    out.push(Violation::L2 {
-                        server_id: s.id.clone(),
-                        detail: format!("reservation held by a server that is {}", s.status),
-                    });
+                    out.push(Violation::L2 { server_id: s.id.clone(), detail: format!("reservation held by a server that is {}", s.status) });
                 }
                 if s.generation != r.generation || s.node_id.as_ref() != Some(&r.node_id) {
                     out.push(Violation::L2 {
@@ -108,10 +105,7 @@ pub fn check(nodes: &[Node], servers: &[Server], reservations: &[Reservation], l
         // L5: the record agrees with the state machine.
         let placed = s.node_id.is_some();
         if s.status.holds_reservation() != placed {
-            out.push(Violation::L5 {
-                server_id: s.id.clone(),
-                detail: format!("{} server {} a node", s.status, if placed { "has" } else { "has no" }),
-            });
+            out.push(Violation::L5 { server_id: s.id.clone(), detail: format!("{} server {} a node", s.status, if placed { "has" } else { "has no" }) });
         }
         if s.status == ServerStatus::Queued && s.queued_at.is_none() {
             out.push(Violation::L5 { server_id: s.id.clone(), detail: "queued server without a queue time".into() });

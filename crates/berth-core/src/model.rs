@@ -66,9 +66,7 @@ macro_rules! string_id {
 
             /// True if `s` has the shape of an id of this kind.
             pub fn looks_like(s: &str) -> bool {
-                s.len() == $prefix.len() + 16
-                    && s.starts_with($prefix)
-                    && s[$prefix.len()..].bytes().all(|b| b.is_ascii_hexdigit())
+                s.len() == $prefix.len() + 16 && s.starts_with($prefix) && s[$prefix.len()..].bytes().all(|b| b.is_ascii_hexdigit())
             }
         }
 
@@ -97,13 +95,7 @@ pub enum NodeStatus {
 }
 
 impl NodeStatus {
-    pub const ALL: [NodeStatus; 5] = [
-        NodeStatus::Ready,
-        NodeStatus::Draining,
-        NodeStatus::Unreachable,
-        NodeStatus::Lost,
-        NodeStatus::Removed,
-    ];
+    pub const ALL: [NodeStatus; 5] = [NodeStatus::Ready, NodeStatus::Draining, NodeStatus::Unreachable, NodeStatus::Lost, NodeStatus::Removed];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -271,10 +263,7 @@ impl ServerStatus {
     }
 
     pub fn can_delete(self) -> bool {
-        matches!(
-            self,
-            ServerStatus::Stopped | ServerStatus::Crashed | ServerStatus::Failed | ServerStatus::Queued
-        )
+        matches!(self, ServerStatus::Stopped | ServerStatus::Crashed | ServerStatus::Failed | ServerStatus::Queued)
     }
 
     /// The status a start request moves the server to.
@@ -475,10 +464,7 @@ mod tests {
                 assert!(s.on_delete().is_err(), "{s}");
             }
         }
-        assert_eq!(
-            ServerStatus::Running.on_delete().unwrap_err().to_string(),
-            "cannot delete a server that is running"
-        );
+        assert_eq!(ServerStatus::Running.on_delete().unwrap_err().to_string(), "cannot delete a server that is running");
     }
 
     #[test]

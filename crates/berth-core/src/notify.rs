@@ -13,15 +13,7 @@ use crate::model::Event;
 use crate::retry::RetryPolicy;
 
 /// Events worth waking someone for: by default webhooks and email get these.
-pub const ALERT_KINDS: &[&str] = &[
-    "server_crashed",
-    "start_failed",
-    "restart_limit_reached",
-    "node_lost",
-    "server_lost",
-    "backup_failed",
-    "webhook_disabled",
-];
+pub const ALERT_KINDS: &[&str] = &["server_crashed", "start_failed", "restart_limit_reached", "node_lost", "server_lost", "backup_failed", "webhook_disabled"];
 
 /// Kinds email is sent for (crashed, failed, node lost, backup failed).
 pub const EMAIL_KINDS: &[&str] = &["server_crashed", "start_failed", "restart_limit_reached", "node_lost", "server_lost", "backup_failed"];

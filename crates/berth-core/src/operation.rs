@@ -317,10 +317,9 @@ pub fn applicable(kind: OpKind, status: ServerStatus) -> Result<(), CoreError> {
     let ok = match kind {
         OpKind::Start => status.can_start(),
         OpKind::Stop | OpKind::Kill => matches!(status, ServerStatus::Queued | ServerStatus::Starting | ServerStatus::Running | ServerStatus::Stopping),
-        OpKind::Restart => matches!(
-            status,
-            ServerStatus::Running | ServerStatus::Starting | ServerStatus::Stopped | ServerStatus::Crashed | ServerStatus::Failed
-        ),
+        OpKind::Restart => {
+            matches!(status, ServerStatus::Running | ServerStatus::Starting | ServerStatus::Stopped | ServerStatus::Crashed | ServerStatus::Failed)
+        }
         OpKind::Delete => status.can_delete(),
         _ => false,
     };
@@ -344,9 +343,7 @@ pub fn admit(status: ServerStatus, active: &[Operation], requested: OpKind) -> R
     let mut waits_for_any = false;
     for op in active {
         match guard(op.kind, requested) {
-            Verdict::Refuse => {
-                return Err(Refusal::InProgress { blocking: op.kind, blocking_status: op.status, blocking_id: op.id.clone() })
-            }
+            Verdict::Refuse => return Err(Refusal::InProgress { blocking: op.kind, blocking_status: op.status, blocking_id: op.id.clone() }),
             Verdict::Preempt => cancel.push(op.id.clone()),
             Verdict::Wait => waits_for_any = true,
             Verdict::Alongside => {}
@@ -356,11 +353,7 @@ pub fn admit(status: ServerStatus, active: &[Operation], requested: OpKind) -> R
     // stays ahead of it, else the current one. A cancelled start leaves the
     // server where it is; the preempting stop moves it itself.
     let remaining: Vec<&Operation> = active.iter().filter(|o| !cancel.contains(&o.id)).collect();
-    let meets = if requested == OpKind::Kill {
-        status
-    } else {
-        remaining.iter().fold(status, |s, o| intended_status(o.kind, s))
-    };
+    let meets = if requested == OpKind::Kill { status } else { remaining.iter().fold(status, |s, o| intended_status(o.kind, s)) };
     applicable(requested, meets).map_err(Refusal::InvalidState)?;
     Ok(Admission { cancel, begin_now: requested == OpKind::Kill || !waits_for_any })
 }
@@ -403,9 +396,15 @@ pub enum Settle {
     /// Still on its way.
     Continue,
     /// Move on to the next phase by moving the server to `to`.
-    Next { to: ServerStatus, phase: OpPhase },
+    Next {
+        to: ServerStatus,
+        phase: OpPhase,
+    },
     Succeeded,
-    Failed { code: &'static str, message: String },
+    Failed {
+        code: &'static str,
+        message: String,
+    },
 }
 
 /// `status` is the server's current status, `None` if it was deleted;
@@ -468,8 +467,7 @@ pub fn needs_advance(server: Option<&ServerFacts>, ops: &[Operation]) -> bool {
     }
     running.any(|op| match settle(op.kind, op.phase, server.map(|s| s.status), server.and_then(|s| s.last_error.as_deref())) {
         Settle::Continue => {
-            matches!(op.kind, OpKind::Start | OpKind::Restart)
-                && server.is_some_and(|s| s.attempts != op.attempts || s.next_attempt_at != op.next_attempt_at)
+            matches!(op.kind, OpKind::Start | OpKind::Restart) && server.is_some_and(|s| s.attempts != op.attempts || s.next_attempt_at != op.next_attempt_at)
         }
         _ => true,
     })

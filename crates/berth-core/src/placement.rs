@@ -80,10 +80,7 @@ pub fn best_fit(nodes: &[NodeCapacity], memory: MemMib, home: Option<&NodeId>) -
             .filter(|(i, n)| !no_port.contains(i) && home.is_none_or(|h| &n.node_id == h))
             .filter(|(_, n)| n.fits_memory(memory).is_ok())
             .min_by(|(_, a), (_, b)| {
-                (a.free().0 - memory.0)
-                    .cmp(&(b.free().0 - memory.0))
-                    .then(a.pending_starts.cmp(&b.pending_starts))
-                    .then_with(|| a.node_id.cmp(&b.node_id))
+                (a.free().0 - memory.0).cmp(&(b.free().0 - memory.0)).then(a.pending_starts.cmp(&b.pending_starts)).then_with(|| a.node_id.cmp(&b.node_id))
             })?;
         match n.first_free_port() {
             Some(port) => return Some((i, port)),
@@ -98,12 +95,7 @@ pub fn plan(nodes: &[NodeCapacity], queue: &[QueuedServer], now: Millis, cfg: Pl
     let mut nodes = nodes.to_vec();
     let mut queue = queue.to_vec();
     queue_order(&mut queue);
-    let largest_node = nodes
-        .iter()
-        .filter(|n| n.accepts_placements())
-        .map(|n| n.allocatable)
-        .max()
-        .unwrap_or(MemMib(0));
+    let largest_node = nodes.iter().filter(|n| n.accepts_placements()).map(|n| n.allocatable).max().unwrap_or(MemMib(0));
     let mut out = Vec::new();
     for q in &queue {
         if q.next_attempt_at.is_some_and(|t| t > now) {

@@ -55,20 +55,46 @@ pub struct InstanceReport {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// Starting → running; the reservation becomes active.
-    Confirmed { server_id: ServerId, generation: Generation },
+    Confirmed {
+        server_id: ServerId,
+        generation: Generation,
+    },
     /// The instance is gone: the server moves to `to` and its reservation
     /// is released; its billing session closes at `billed_until` (the last
     /// time it was confirmed alive, or the confirmed stop).
-    Ended { server_id: ServerId, generation: Generation, to: ServerStatus, exit: LastExit, billed_until: Millis },
+    Ended {
+        server_id: ServerId,
+        generation: Generation,
+        to: ServerStatus,
+        exit: LastExit,
+        billed_until: Millis,
+    },
     /// An unknown server's node came back within the window and the
     /// instance still runs: running again, billing backfilled from where it
     /// stopped.
-    Reconnected { server_id: ServerId, generation: Generation },
+    Reconnected {
+        server_id: ServerId,
+        generation: Generation,
+    },
     /// A transient start failure: reservation released, back to the queue.
-    Requeue { server_id: ServerId, generation: Generation, attempts: u32, next_attempt_at: Millis, error: String },
+    Requeue {
+        server_id: ServerId,
+        generation: Generation,
+        attempts: u32,
+        next_attempt_at: Millis,
+        error: String,
+    },
     /// A permanent start failure or retries exhausted.
-    Fail { server_id: ServerId, generation: Generation, error: String },
-    Usage { server_id: ServerId, generation: Generation, used_mib: MemMib },
+    Fail {
+        server_id: ServerId,
+        generation: Generation,
+        error: String,
+    },
+    Usage {
+        server_id: ServerId,
+        generation: Generation,
+        used_mib: MemMib,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -121,17 +147,9 @@ pub fn usage_changed(recorded: Option<MemMib>, reported: MemMib) -> bool {
 /// status holds a reservation; `last_alive` is when the node last renewed
 /// before this report (an instance reported ended now was last confirmed
 /// alive then); `random` feeds retry jitter.
-pub fn reconcile(
-    placed: &[Placed],
-    report: &[InstanceReport],
-    now: Millis,
-    last_alive: Millis,
-    retry: &RetryPolicy,
-    random: u64,
-) -> Reconciled {
+pub fn reconcile(placed: &[Placed], report: &[InstanceReport], now: Millis, last_alive: Millis, retry: &RetryPolicy, random: u64) -> Reconciled {
     let mut out = Reconciled::default();
-    let by_key: std::collections::HashMap<(&ServerId, Generation), &InstanceReport> =
-        report.iter().map(|r| ((&r.server_id, r.generation), r)).collect();
+    let by_key: std::collections::HashMap<(&ServerId, Generation), &InstanceReport> = report.iter().map(|r| ((&r.server_id, r.generation), r)).collect();
     for s in placed {
         let r = by_key.get(&(&s.id, s.generation)).copied();
         let mut status = s.status;
@@ -142,12 +160,7 @@ pub fn reconcile(
                 }
             }
         }
-        let ev = |kind: &'static str, message: String| NewEvent {
-            kind,
-            server_id: Some(s.id.clone()),
-            node_id: s.node_id.clone(),
-            message,
-        };
+        let ev = |kind: &'static str, message: String| NewEvent { kind, server_id: Some(s.id.clone()), node_id: s.node_id.clone(), message };
         match (s.status, r.map(|r| r.state)) {
             (ServerStatus::Starting, Some(InstanceState::Running)) => {
                 out.changes.push(Change::Confirmed { server_id: s.id.clone(), generation: s.generation });
@@ -213,13 +226,7 @@ pub fn reconcile(
                 let code = r.and_then(|r| r.exit.as_ref()).and_then(|e| e.code);
                 let exit = LastExit { reason: "stopped".into(), code };
                 out.events.push(ev("server_stopped", format!("server {} stopped", s.name)));
-                out.changes.push(Change::Ended {
-                    server_id: s.id.clone(),
-                    generation: s.generation,
-                    to: ServerStatus::Stopped,
-                    exit,
-                    billed_until: now,
-                });
+                out.changes.push(Change::Ended { server_id: s.id.clone(), generation: s.generation, to: ServerStatus::Stopped, exit, billed_until: now });
                 status = ServerStatus::Stopped;
             }
             _ => {}

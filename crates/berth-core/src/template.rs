@@ -257,13 +257,10 @@ impl Template {
         for (key, field) in &self.config {
             match obj.get(key).filter(|v| !v.is_null()).or(field.default.as_ref()) {
                 Some(v) => {
-                    check_field(key, field, v)
-                        .map_err(|message| CoreError::InvalidConfig { path: format!("config.{key}"), message })?;
+                    check_field(key, field, v).map_err(|message| CoreError::InvalidConfig { path: format!("config.{key}"), message })?;
                     out.insert(key.clone(), v.clone());
                 }
-                None if field.required => {
-                    return Err(CoreError::InvalidConfig { path: format!("config.{key}"), message: "is required".into() })
-                }
+                None if field.required => return Err(CoreError::InvalidConfig { path: format!("config.{key}"), message: "is required".into() }),
                 None => {}
             }
         }
@@ -291,10 +288,7 @@ impl Template {
     /// `{memory_mib}`, `{workload_mib}`, `{name}` and `{config.KEY}` are
     /// substituted here.
     pub fn render(&self, server: &Server, port: u16) -> Result<InstanceSpec, CoreError> {
-        let p = self.process.as_ref().ok_or_else(|| CoreError::InvalidTemplate {
-            name: self.name.clone(),
-            message: "no [process] section".into(),
-        })?;
+        let p = self.process.as_ref().ok_or_else(|| CoreError::InvalidTemplate { name: self.name.clone(), message: "no [process] section".into() })?;
         let workload = self.workload_mib(server.memory_mib);
         let subst = |s: &str| substitute(s, server, port, workload);
         Ok(InstanceSpec {

@@ -52,15 +52,19 @@ impl StoreError {
             StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_)) => true,
             // PostgreSQL: connection exceptions (class 08) and operator or
             // crash shutdowns (57P01..57P03) mean "come back later".
-            StoreError::Database(sqlx::Error::Database(d)) => {
-                d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P"))
-            }
+            StoreError::Database(sqlx::Error::Database(d)) => d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
             StoreError::Database(sqlx::Error::Protocol(m)) => m.contains("connection"),
             StoreError::NotCommitted(_) | StoreError::Unavailable(_) => true,
             // The writer's own connection: a full disk or an I/O error is
             // worth retrying; a bad statement is not.
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
-                matches!(f.code, rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                matches!(
+                    f.code,
+                    rusqlite::ErrorCode::DiskFull
+                        | rusqlite::ErrorCode::SystemIoFailure
+                        | rusqlite::ErrorCode::DatabaseBusy
+                        | rusqlite::ErrorCode::DatabaseLocked
+                )
             }
             _ => false,
         }

@@ -490,8 +490,10 @@ fn flusher(rx: std::sync::mpsc::Receiver<Flush>, mut flush: FlushLog, durability
             if let Err(e) = flush() {
                 tracing::error!(error = %e, "the store's log could not be flushed to disk; every write and read fails until the control plane restarts");
                 failed = Some(
-                    format!("the store's log could not be flushed to disk ({e}): whether the last writes survive is known only after the control plane restarts")
-                        .into(),
+                    format!(
+                        "the store's log could not be flushed to disk ({e}): whether the last writes survive is known only after the control plane restarts"
+                    )
+                    .into(),
                 );
             }
         }

@@ -20,17 +20,14 @@ mod writes;
 
 use async_trait::async_trait;
 use berth_core::admission::{Misfit, NodeCapacity};
-use berth_core::placement::{Placement, QueuedServer};
 use berth_core::health::Verdict;
-pub use berth_core::operation::Refusal;
 use berth_core::notify::Webhook;
+pub use berth_core::operation::Refusal;
 use berth_core::operation::{OpKind, OpOrigin, Operation, ServerFacts};
+use berth_core::placement::{Placement, QueuedServer};
 use berth_core::reconcile::{Placed, Reconciled};
 use berth_core::retry::RetryPolicy;
-use berth_core::{
-    Event, Generation, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, PortRange, Reservation, Server, ServerId, ServerStatus,
-    TokenKind,
-};
+use berth_core::{Event, Generation, MemMib, Millis, NewEvent, Node, NodeId, NodeStatus, PortRange, Reservation, Server, ServerId, ServerStatus, TokenKind};
 
 pub use error::StoreError;
 pub use postgres::{PostgresBackend, PostgresStore};
@@ -246,10 +243,17 @@ pub struct DeliveryJob {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeliveryOutcome {
-    Delivered { status: Option<u16> },
-    Failed { status: Option<u16>, error: String },
+    Delivered {
+        status: Option<u16>,
+    },
+    Failed {
+        status: Option<u16>,
+        error: String,
+    },
     /// Stop trying (the webhook is gone or disabled).
-    Abandon { error: String },
+    Abandon {
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -422,7 +426,15 @@ pub trait Store: Send + Sync + 'static {
     async fn ops_work(&self, window_start: Millis, with_active: bool) -> Result<OpsWork, StoreError>;
     /// Fails a server that holds no reservation (queued past its timeout,
     /// crashed too often), if it still has `generation` and `from`.
-    async fn fail_server(&self, id: &ServerId, generation: Generation, from: ServerStatus, error: &str, event: &NewEvent, now: Millis) -> Result<bool, StoreError>;
+    async fn fail_server(
+        &self,
+        id: &ServerId,
+        generation: Generation,
+        from: ServerStatus,
+        error: &str,
+        event: &NewEvent,
+        now: Millis,
+    ) -> Result<bool, StoreError>;
     /// Records when a crashed server will be restarted (shown to users).
     async fn set_restart_at(&self, id: &ServerId, generation: Generation, at: Millis) -> Result<(), StoreError>;
     /// Instances on the node whose kill was requested and that are not yet

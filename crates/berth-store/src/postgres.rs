@@ -41,17 +41,11 @@ impl StoreOn<PostgresBackend> {
     pub async fn open(url: &str) -> Result<PostgresStore, StoreError> {
         // Safety nets: a session left idle inside a transaction is ended, and
         // no statement waits for a lock forever.
-        let opts = sqlx::postgres::PgConnectOptions::from_str(url)?
-            .options([("idle_in_transaction_session_timeout", "10000"), ("lock_timeout", "10000")]);
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect_with(opts)
-            .await?;
+        let opts = sqlx::postgres::PgConnectOptions::from_str(url)?.options([("idle_in_transaction_session_timeout", "10000"), ("lock_timeout", "10000")]);
+        let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(3)).connect_with(opts).await?;
         migrate(&pool).await?;
         Ok(StoreOn::new(PostgresBackend { pool }))
     }
-
 }
 
 #[async_trait]
@@ -164,9 +158,7 @@ async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<(), StoreError>
     let current = applied.iter().copied().max().unwrap_or(0);
     if let Some((latest, _)) = MIGRATIONS.last() {
         if current > *latest {
-            return Err(StoreError::Corrupt(format!(
-                "database schema version {current} is newer than this berth ({latest}); refusing to run"
-            )));
+            return Err(StoreError::Corrupt(format!("database schema version {current} is newer than this berth ({latest}); refusing to run")));
         }
     }
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| !applied.contains(v)) {
@@ -178,17 +170,6 @@ async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<(), StoreError>
     }
     Ok(())
 }
-
-
-
-
-
-
-
-
-
-
-
 
 /// Rewrites `?` placeholders as `$1`, `$2`, … (the SQL of `reads` and
 /// `writes` has no `?` inside a literal).

@@ -12,7 +12,7 @@ use crate::exec::{Arg, Exec};
 use crate::rows::*;
 use crate::writes::{marks, placed_sql, PreDecided};
 use crate::{
-    ActiveOps, BillingSession, Decide, Delivery, DesiredView, DeliveryFilter, DeliveryJob, EventFilter, LeaderLease, LedgerEntry, NodeUsage, OpFilter, OpsWork,
+    ActiveOps, BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, DesiredView, EventFilter, LeaderLease, LedgerEntry, NodeUsage, OpFilter, OpsWork,
     QueueSnapshot, ReplicaInfo, ServerRef, Snapshot, StoreError, SyncInput, TokenRecord,
 };
 
@@ -120,7 +120,11 @@ pub(crate) async fn desired_keys(e: E<'_>, node_id: &NodeId) -> Result<Vec<(Serv
 /// lacks. The ids are listed a few hundred per statement: a node's servers
 /// are bounded only by its port range, and SQLite binds at most 32,766
 /// values to one statement.
-pub(crate) async fn desired_delta(e: E<'_>, node_id: &NodeId, base: &[(ServerId, Generation)]) -> Result<(Vec<(ServerId, Generation)>, Vec<Server>), StoreError> {
+pub(crate) async fn desired_delta(
+    e: E<'_>,
+    node_id: &NodeId,
+    base: &[(ServerId, Generation)],
+) -> Result<(Vec<(ServerId, Generation)>, Vec<Server>), StoreError> {
     let keys = desired_keys(e, node_id).await?;
     let added: Vec<&ServerId> = keys.iter().filter(|k| base.binary_search(k).is_err()).map(|(id, _)| id).collect();
     if added.is_empty() {
@@ -227,9 +231,8 @@ pub(crate) async fn ledger_of(e: E<'_>, server: &ServerId) -> Result<Vec<LedgerE
 /// Events with `seq > after` by kind, and the highest `seq` among them
 /// (`after` if none): a range of the primary key, not the whole log.
 pub(crate) async fn count_events_after(e: E<'_>, after: i64) -> Result<(Vec<(String, i64)>, i64), StoreError> {
-    let rows = e
-        .rows("SELECT kind, COUNT(*) AS n, CAST(MAX(seq) AS BIGINT) AS last FROM events WHERE seq > ? GROUP BY kind ORDER BY kind", args![after])
-        .await?;
+    let rows =
+        e.rows("SELECT kind, COUNT(*) AS n, CAST(MAX(seq) AS BIGINT) AS last FROM events WHERE seq > ? GROUP BY kind ORDER BY kind", args![after]).await?;
     let mut last = after;
     let mut counts = Vec::with_capacity(rows.len());
     for r in &rows {
@@ -313,7 +316,8 @@ pub(crate) async fn ops_work(e: E<'_>, window_start: Millis, with_active: bool) 
         active_ops.last_mut().expect("pushed above").ops.push(op);
     }
     let active: std::collections::HashSet<&str> = active_ops.iter().map(|a| a.server_id.0.as_str()).collect();
-    let crashed_rows = e.rows(&format!("SELECT {SERVER_COLS} FROM servers WHERE status = 'crashed' AND restart_policy = 'on-failure' ORDER BY id"), args![]).await?;
+    let crashed_rows =
+        e.rows(&format!("SELECT {SERVER_COLS} FROM servers WHERE status = 'crashed' AND restart_policy = 'on-failure' ORDER BY id"), args![]).await?;
     let mut crashed = Vec::new();
     for r in &crashed_rows {
         let s = server_from_row(r)?;

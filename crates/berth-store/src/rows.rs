@@ -223,11 +223,7 @@ pub(crate) fn delivery_from_row(r: &Row) -> Result<Delivery, StoreError> {
 /// Columns of the queue read: a node's rows summed up (memory,
 /// pending count, ports as text `p1,p2,…`, built by `$ports_agg`).
 pub(crate) fn queue_snapshot_sql(ports_agg: &str) -> (String, String, &'static str) {
-    (
-        format!("SELECT {NODE_COLS} FROM nodes"),
-        format!("SELECT node_id, {} FROM reservations GROUP BY node_id", totals_sql(ports_agg)),
-        QUEUED_SQL,
-    )
+    (format!("SELECT {NODE_COLS} FROM nodes"), format!("SELECT node_id, {} FROM reservations GROUP BY node_id", totals_sql(ports_agg)), QUEUED_SQL)
 }
 
 /// Reservation rows summed up by the database: their memory, how many are

@@ -16,7 +16,7 @@ use crate::exec::Exec;
 use crate::group::BoxFuture;
 use crate::{reads, writes};
 use crate::{
-    BillingSession, Decide, Delivery, DeliveryFilter, DesiredView, DeliveryJob, DeliveryOutcome, DeliveryPolicy, EventFilter, LeaderLease, LedgerEntry,
+    BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, DeliveryOutcome, DeliveryPolicy, DesiredView, EventFilter, LeaderLease, LedgerEntry,
     NodeRegistration, NodeUsage, OpFilter, OpRequest, OpsWork, PlacementOutcome, QueueSnapshot, ReplicaInfo, ServerRef, Snapshot, Store, StoreError, SyncInput,
     TokenRecord, WriteStats,
 };
@@ -295,7 +295,15 @@ impl<B: Backend> Store for StoreOn<B> {
         self.b.read(move |e| Box::pin(async move { reads::ops_work(e, window_start, with_active).await })).await
     }
 
-    async fn fail_server(&self, id: &ServerId, generation: Generation, from: ServerStatus, error: &str, event: &NewEvent, now: Millis) -> Result<bool, StoreError> {
+    async fn fail_server(
+        &self,
+        id: &ServerId,
+        generation: Generation,
+        from: ServerStatus,
+        error: &str,
+        event: &NewEvent,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
         let (id, error, event) = (id.clone(), error.to_string(), event.clone());
         self.b.write((id, error, event), move |e, (id, error, event)| Box::pin(writes::fail_server(e, id, generation, from, error, event, now))).await
     }
@@ -375,7 +383,11 @@ impl<B: Backend> Store for StoreOn<B> {
             None
         };
         let input = input.clone();
-        self.b.write((input, decide, std::sync::Mutex::new(pre)), move |e, (input, decide, pre)| Box::pin(writes::sync_node(e, input, now, decide, pre.lock().expect("pre lock").take()))).await
+        self.b
+            .write((input, decide, std::sync::Mutex::new(pre)), move |e, (input, decide, pre)| {
+                Box::pin(writes::sync_node(e, input, now, decide, pre.lock().expect("pre lock").take()))
+            })
+            .await
     }
 
     fn set_fence(&self, fence: Option<(String, u64)>) {

@@ -26,8 +26,8 @@ use berth_core::{Generation, LastExit, Millis, NewEvent, Node, NodeId, NodeStatu
 use crate::exec::{Arg, Exec};
 use crate::rows::*;
 use crate::{
-    BillingSession, Decide, DeliveryOutcome, DeliveryPolicy, LeaderLease, NodeRegistration, OpRequest, PlacementOutcome, ReplicaInfo, StoreError,
-    SyncInput, TokenRecord,
+    BillingSession, Decide, DeliveryOutcome, DeliveryPolicy, LeaderLease, NodeRegistration, OpRequest, PlacementOutcome, ReplicaInfo, StoreError, SyncInput,
+    TokenRecord,
 };
 
 type E<'a> = &'a mut dyn Exec;
@@ -85,17 +85,12 @@ async fn transition(e: E<'_>, id: &ServerId, generation: u64, from: ServerStatus
 
 async fn release(e: E<'_>, id: &ServerId, generation: u64) -> Result<(), StoreError> {
     e.exec("DELETE FROM reservations WHERE server_id = ? AND generation = ?", args![&id.0, generation as i64]).await?;
-    e.exec("UPDATE servers SET node_id = NULL, port = NULL, used_mib = NULL WHERE id = ? AND generation = ?", args![&id.0, generation as i64])
-        .await?;
+    e.exec("UPDATE servers SET node_id = NULL, port = NULL, used_mib = NULL WHERE id = ? AND generation = ?", args![&id.0, generation as i64]).await?;
     Ok(())
 }
 
 async fn ledger(e: E<'_>, at: Millis, kind: &str, session_id: i64, server: &ServerId, detail: &str) -> Result<(), StoreError> {
-    e.exec(
-        "INSERT INTO ledger (at, kind, session_id, server_id, detail) VALUES (?, ?, ?, ?, ?)",
-        args![at, kind, session_id, &server.0, detail],
-    )
-    .await?;
+    e.exec("INSERT INTO ledger (at, kind, session_id, server_id, detail) VALUES (?, ?, ?, ?, ?)", args![at, kind, session_id, &server.0, detail]).await?;
     Ok(())
 }
 
@@ -158,12 +153,9 @@ fn ended_reason(to: ServerStatus) -> EndReason {
 // ---- tokens, nodes, servers ----
 
 pub(crate) async fn insert_token(e: E<'_>, t: &TokenRecord) -> Result<(), StoreError> {
-    e.exec(
-        "INSERT INTO tokens (id, hash, kind, tenant, created_at) VALUES (?, ?, ?, ?, ?)",
-        args![&t.id, &t.hash, t.kind.as_str(), &t.tenant, t.created_at],
-    )
-    .await
-    .map_err(|err| if err.is_unique_violation() { StoreError::Conflict(format!("token {} exists", t.id)) } else { err })?;
+    e.exec("INSERT INTO tokens (id, hash, kind, tenant, created_at) VALUES (?, ?, ?, ?, ?)", args![&t.id, &t.hash, t.kind.as_str(), &t.tenant, t.created_at])
+        .await
+        .map_err(|err| if err.is_unique_violation() { StoreError::Conflict(format!("token {} exists", t.id)) } else { err })?;
     Ok(())
 }
 
@@ -248,9 +240,7 @@ pub(crate) async fn set_drain(e: E<'_>, id: &NodeId, draining: bool, deadline: O
 
 pub(crate) async fn insert_server(e: E<'_>, s: &Server, event: &NewEvent) -> Result<(), StoreError> {
     e.exec(
-        &format!(
-            "INSERT INTO servers ({SERVER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL, NULL, NULL, 0, NULL, NULL, NULL, ?, ?, ?, ?, ?, ?, NULL, ?)"
-        ),
+        &format!("INSERT INTO servers ({SERVER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL, NULL, NULL, 0, NULL, NULL, NULL, ?, ?, ?, ?, ?, ?, NULL, ?)"),
         args![
             &s.id.0,
             &s.tenant,
@@ -459,8 +449,7 @@ async fn apply_change(e: E<'_>, change: &Change, placed: &HashMap<&ServerId, &Pl
                 == 1;
             if ok {
                 open_session(e, server_id, *generation, now, "opened").await?;
-                e.exec("UPDATE reservations SET state = 'active' WHERE server_id = ? AND generation = ?", args![&server_id.0, *generation as i64])
-                    .await?;
+                e.exec("UPDATE reservations SET state = 'active' WHERE server_id = ? AND generation = ?", args![&server_id.0, *generation as i64]).await?;
             }
             ok
         }
@@ -504,8 +493,7 @@ async fn apply_change(e: E<'_>, change: &Change, placed: &HashMap<&ServerId, &Pl
             ok
         }
         Change::Usage { server_id, generation, used_mib } => {
-            e.exec("UPDATE servers SET used_mib = ? WHERE id = ? AND generation = ?", args![used_mib.0 as i64, &server_id.0, *generation as i64])
-                .await?;
+            e.exec("UPDATE servers SET used_mib = ? WHERE id = ? AND generation = ?", args![used_mib.0 as i64, &server_id.0, *generation as i64]).await?;
             true
         }
     })
@@ -603,7 +591,12 @@ async fn apply_verdict(e: E<'_>, v: &Verdict, now: Millis) -> Result<Option<NewE
                     args![&node_id.0, *last_sync_at],
                 )
                 .await?;
-            (n == 1).then(|| NewEvent { kind: "node_unreachable", server_id: None, node_id: Some(node_id.clone()), message: format!("node {node_id} stopped renewing its lease") })
+            (n == 1).then(|| NewEvent {
+                kind: "node_unreachable",
+                server_id: None,
+                node_id: Some(node_id.clone()),
+                message: format!("node {node_id} stopped renewing its lease"),
+            })
         }
         Verdict::ServerUnknown { server_id, generation, last_alive } => {
             let n = e
@@ -627,7 +620,8 @@ async fn apply_verdict(e: E<'_>, v: &Verdict, now: Millis) -> Result<Option<NewE
             if still_gone.is_none() {
                 return Ok(None);
             }
-            let Some(row) = e.row("SELECT status, stateless, name FROM servers WHERE id = ? AND generation = ?", args![&server_id.0, *generation as i64]).await?
+            let Some(row) =
+                e.row("SELECT status, stateless, name FROM servers WHERE id = ? AND generation = ?", args![&server_id.0, *generation as i64]).await?
             else {
                 return Ok(None);
             };
@@ -774,7 +768,18 @@ pub(crate) async fn insert_session(e: E<'_>, s: &BillingSession) -> Result<i64, 
         .one(
             "INSERT INTO billing_sessions (server_id, tenant, node_id, generation, memory_mib, plan, price_per_gib_hour, started_at, ended_at, end_reason) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            args![&s.server_id.0, &s.tenant, &s.node_id.0, s.generation as i64, s.memory_mib.0 as i64, &s.plan, s.price_per_gib_hour, s.started_at, s.ended_at, &s.end_reason],
+            args![
+                &s.server_id.0,
+                &s.tenant,
+                &s.node_id.0,
+                s.generation as i64,
+                s.memory_mib.0 as i64,
+                &s.plan,
+                s.price_per_gib_hour,
+                s.started_at,
+                s.ended_at,
+                &s.end_reason
+            ],
         )
         .await
         .map_err(|err| if err.is_unique_violation() { StoreError::Conflict(format!("server {} already has an open session", s.server_id)) } else { err })?;
@@ -827,7 +832,15 @@ fn stored(op: &Operation) -> bool {
     op.seq != 0
 }
 
-async fn finish(e: E<'_>, op: &mut Operation, status: OpStatus, code: Option<&str>, error: Option<String>, server: Option<&Server>, now: Millis) -> Result<(), StoreError> {
+async fn finish(
+    e: E<'_>,
+    op: &mut Operation,
+    status: OpStatus,
+    code: Option<&str>,
+    error: Option<String>,
+    server: Option<&Server>,
+    now: Millis,
+) -> Result<(), StoreError> {
     op.status = status;
     op.error_code = code.map(String::from);
     op.error = error;
@@ -1008,7 +1021,9 @@ pub(crate) async fn request_operation(e: E<'_>, req: &OpRequest, now: Millis) ->
         return Err(StoreError::NotFound { what: format!("server {}", req.server_id) });
     };
     let admission = admit(current.status, &ops, req.kind).map_err(|r| match r {
-        crate::Refusal::InProgress { blocking, blocking_status, blocking_id } => StoreError::OperationInProgress { blocking, status: blocking_status, id: blocking_id },
+        crate::Refusal::InProgress { blocking, blocking_status, blocking_id } => {
+            StoreError::OperationInProgress { blocking, status: blocking_status, id: blocking_id }
+        }
         crate::Refusal::InvalidState(err) => StoreError::Invalid(err),
     })?;
     for op in ops.iter_mut().filter(|o| admission.cancel.contains(&o.id)) {
@@ -1082,7 +1097,15 @@ pub(crate) async fn advance_operations(e: E<'_>, id: &ServerId, now: Millis) -> 
     converge(e, &mut server, &mut ops, now).await
 }
 
-pub(crate) async fn fail_server(e: E<'_>, id: &ServerId, generation: Generation, from: ServerStatus, error: &str, event: &NewEvent, now: Millis) -> Result<bool, StoreError> {
+pub(crate) async fn fail_server(
+    e: E<'_>,
+    id: &ServerId,
+    generation: Generation,
+    from: ServerStatus,
+    error: &str,
+    event: &NewEvent,
+    now: Millis,
+) -> Result<bool, StoreError> {
     if from.holds_reservation() {
         return Err(StoreError::Corrupt(format!("fail_server of a {from} server would leak its reservation")));
     }
@@ -1100,8 +1123,7 @@ pub(crate) async fn fail_server(e: E<'_>, id: &ServerId, generation: Generation,
 }
 
 pub(crate) async fn set_restart_at(e: E<'_>, id: &ServerId, generation: Generation, at: Millis) -> Result<(), StoreError> {
-    e.exec("UPDATE servers SET next_attempt_at = ? WHERE id = ? AND generation = ? AND status = 'crashed'", args![at, &id.0, generation as i64])
-        .await?;
+    e.exec("UPDATE servers SET next_attempt_at = ? WHERE id = ? AND generation = ? AND status = 'crashed'", args![at, &id.0, generation as i64]).await?;
     Ok(())
 }
 
@@ -1184,7 +1206,14 @@ pub(crate) async fn fan_out(e: E<'_>, email: bool, limit: u32, now: Millis) -> R
 }
 
 /// Records one delivery attempt (see `Store::record_delivery`).
-pub(crate) async fn record_delivery(e: E<'_>, id: &str, outcome: &DeliveryOutcome, policy: &DeliveryPolicy, random: u64, now: Millis) -> Result<(), StoreError> {
+pub(crate) async fn record_delivery(
+    e: E<'_>,
+    id: &str,
+    outcome: &DeliveryOutcome,
+    policy: &DeliveryPolicy,
+    random: u64,
+    now: Millis,
+) -> Result<(), StoreError> {
     let sql = format!("SELECT {DELIVERY_COLS} FROM deliveries d WHERE d.id = ?{}", e.lock());
     let d = delivery_from_row(&e.row(&sql, args![id]).await?.ok_or_else(|| StoreError::NotFound { what: format!("delivery {id}") })?)?;
     if d.status != "pending" {

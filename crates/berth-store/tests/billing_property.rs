@@ -152,10 +152,7 @@ async fn run(window: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
     // While still running, the open session is billed to now, which the
     // last report confirmed.
     let truth = if status == ServerStatus::Running { sim.t - confirmed_at } else { truth_end - confirmed_at };
-    prop_assert!(
-        (billed - truth).abs() <= SYNC * sessions.len() as i64,
-        "billed {billed} ms, confirmed {truth} ms, status {status:?}, sessions {sessions:?}"
-    );
+    prop_assert!((billed - truth).abs() <= SYNC * sessions.len() as i64, "billed {billed} ms, confirmed {truth} ms, status {status:?}, sessions {sessions:?}");
     let open = sessions.iter().filter(|b| b.ended_at.is_none()).count();
     prop_assert!(open <= 1);
     prop_assert_eq!(open == 1, status == ServerStatus::Running, "an open session exactly while running: {:?}", sessions);

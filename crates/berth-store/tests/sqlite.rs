@@ -108,7 +108,13 @@ async fn committed_pages_are_checkpointed_off_the_writer() {
     let before = db_len();
     // About 400 KB of rows: far below the writer's own threshold (40 MB).
     for i in 0..1000 {
-        store.insert_server(&suite::server(&format!("ckpt-{i:04}"), 100), &NewEvent { kind: "server_created", server_id: None, node_id: None, message: "x".repeat(100) }).await.unwrap();
+        store
+            .insert_server(
+                &suite::server(&format!("ckpt-{i:04}"), 100),
+                &NewEvent { kind: "server_created", server_id: None, node_id: None, message: "x".repeat(100) },
+            )
+            .await
+            .unwrap();
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while db_len() < before + 200 * 1024 && std::time::Instant::now() < deadline {

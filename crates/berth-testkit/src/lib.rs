@@ -241,11 +241,7 @@ pub struct Api {
 
 impl Api {
     pub fn new(url: &str, token: &str) -> Api {
-        Api {
-            url: url.to_string(),
-            token: token.to_string(),
-            http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
-        }
+        Api { url: url.to_string(), token: token.to_string(), http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap() }
     }
 
     pub fn with_token(&self, token: &str) -> Api {
@@ -455,7 +451,8 @@ impl PgServer {
     }
 
     fn log_tail(&self) -> String {
-        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path()).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
+        let mut logs: Vec<PathBuf> =
+            std::fs::read_dir(self.dir.path()).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
         logs.sort();
         logs.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect::<Vec<_>>().join("\n---\n")
     }
@@ -546,12 +543,7 @@ pub fn ensure_images(berth_bin: &Path, which: &[&str]) {
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-images");
     let out = Command::new(&script).args(&missing).env("BERTH_BIN", berth_bin).output().expect("run scripts/build-images");
-    assert!(
-        out.status.success(),
-        "scripts/build-images {missing:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "scripts/build-images {missing:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     done.extend(missing.iter().map(|s| s.to_string()));
 }
 
@@ -574,21 +566,18 @@ pub struct ContainerInfo {
 /// Containers labelled `berth.node=<node>`, running or not.
 pub fn node_containers(node: &str) -> Vec<ContainerInfo> {
     let filter = format!("label=berth.node={node}");
-    docker(&[
-        "ps", "-a", "--no-trunc", "--filter", &filter, "--format",
-        "{{.ID}} {{.State}} {{.Label \"berth.server\"}} {{.Label \"berth.generation\"}}",
-    ])
-    .lines()
-    .filter_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        Some(ContainerInfo {
-            id: f.first()?.to_string(),
-            state: f.get(1)?.to_string(),
-            server: f.get(2).unwrap_or(&"").to_string(),
-            generation: f.get(3).unwrap_or(&"").to_string(),
+    docker(&["ps", "-a", "--no-trunc", "--filter", &filter, "--format", "{{.ID}} {{.State}} {{.Label \"berth.server\"}} {{.Label \"berth.generation\"}}"])
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(ContainerInfo {
+                id: f.first()?.to_string(),
+                state: f.get(1)?.to_string(),
+                server: f.get(2).unwrap_or(&"").to_string(),
+                generation: f.get(3).unwrap_or(&"").to_string(),
+            })
         })
-    })
-    .collect()
+        .collect()
 }
 
 /// Removes, on drop, every container labelled with one of the watched
@@ -651,12 +640,8 @@ impl NetNs {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let tag = (std::process::id() % 100_000) * 10 + n;
         let subnet = (std::process::id() * 7 + n * 13) % 250 + 1;
-        let ns = NetNs {
-            name: format!("berth-t{tag}"),
-            host_if: format!("bh{tag}"),
-            host_ip: format!("10.231.{subnet}.1"),
-            ns_ip: format!("10.231.{subnet}.2"),
-        };
+        let ns =
+            NetNs { name: format!("berth-t{tag}"), host_if: format!("bh{tag}"), host_ip: format!("10.231.{subnet}.1"), ns_ip: format!("10.231.{subnet}.2") };
         let peer = format!("bn{tag}");
         ip(&["netns", "add", &ns.name]);
         ip(&["link", "add", &ns.host_if, "type", "veth", "peer", "name", &peer]);

@@ -571,9 +571,13 @@ pub enum NodeCmd {
         deadline: Option<u64>,
     },
     /// Place servers on a node again
-    Undrain { id: String },
+    Undrain {
+        id: String,
+    },
     /// Server data dirs kept on a node, and which are recovery candidates
-    Volumes { id: String },
+    Volumes {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -600,12 +604,20 @@ pub enum WebhookCmd {
         tenant: Option<String>,
     },
     List,
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
     /// Enable again (after it was disabled by failures)
-    Enable { id: String },
-    Disable { id: String },
+    Enable {
+        id: String,
+    },
+    Disable {
+        id: String,
+    },
     /// The delivery log of a webhook
-    Deliveries { id: String },
+    Deliveries {
+        id: String,
+    },
 }
 
 #[derive(Args)]
@@ -747,7 +759,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let rows: Vec<Vec<String>> = costs
                     .sessions
                     .iter()
-                    .map(|s| vec![s.node_id.clone(), s.generation.to_string(), s.started_at.clone(), opt(&s.ended_at), opt(&s.end_reason), s.amount.to_string()])
+                    .map(|s| {
+                        vec![s.node_id.clone(), s.generation.to_string(), s.started_at.clone(), opt(&s.ended_at), opt(&s.end_reason), s.amount.to_string()]
+                    })
                     .collect();
                 print!("{}", table(&["NODE", "GEN", "STARTED", "ENDED", "REASON", "AMOUNT"], &rows));
                 println!("total: {}", costs.total);
@@ -762,7 +776,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                 println!("tenant,month,servers,sessions,billed_seconds,amount");
                 println!("{},{},{},{},{},{}", u.tenant.clone().unwrap_or_default(), u.month, u.servers, u.sessions, u.billed_seconds, u.amount);
             } else {
-                println!("{} {}: {} servers, {} sessions, {} s billed, amount {}", u.tenant.as_deref().unwrap_or("all tenants"), u.month, u.servers, u.sessions, u.billed_seconds, u.amount);
+                println!(
+                    "{} {}: {} servers, {} sessions, {} s billed, amount {}",
+                    u.tenant.as_deref().unwrap_or("all tenants"),
+                    u.month,
+                    u.servers,
+                    u.sessions,
+                    u.billed_seconds,
+                    u.amount
+                );
             }
             Ok(())
         }
@@ -1006,7 +1028,11 @@ async fn node(cmd: NodeCmd, conn: &Conn) -> Result<()> {
         }
         NodeCmd::Drain { id, deadline } => {
             let n = c.drain_node(&id, true, deadline).await?;
-            if conn.json { println!("{}", serde_json::to_string_pretty(&n)?) } else { println!("node {} {}", n.name, n.status) }
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&n)?)
+            } else {
+                println!("node {} {}", n.name, n.status)
+            }
         }
         NodeCmd::Volumes { id } => {
             let v = c.node_volumes(&id).await?;
@@ -1031,7 +1057,11 @@ async fn node(cmd: NodeCmd, conn: &Conn) -> Result<()> {
         }
         NodeCmd::Undrain { id } => {
             let n = c.drain_node(&id, false, None).await?;
-            if conn.json { println!("{}", serde_json::to_string_pretty(&n)?) } else { println!("node {} {}", n.name, n.status) }
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&n)?)
+            } else {
+                println!("node {} {}", n.name, n.status)
+            }
         }
     }
     Ok(())

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use berth_agent::{Agent, AgentConfig, DockerDriver, Driver, ProcessDriver, SimConfig, SimDriver};
-use berth_control::templates::Templates;
 use berth_control::leader::Replica;
 use berth_control::notify::EmailConfig;
+use berth_control::templates::Templates;
 use berth_control::{ensure_token_file, ControlConfig, ControlPlane, Extras};
 use berth_core::{PortRange, TokenKind};
 use berth_store::{PostgresStore, SqliteOptions, SqliteStore, Store};
@@ -98,9 +98,7 @@ pub async fn open_store(data_dir: &Path, database: Option<&str>, sqlite: SqliteO
         None => {
             std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
             Arc::new(
-                SqliteStore::open_with(&data_dir.join("berth.db"), sqlite)
-                    .await
-                    .with_context(|| format!("cannot open the store in {}", data_dir.display()))?,
+                SqliteStore::open_with(&data_dir.join("berth.db"), sqlite).await.with_context(|| format!("cannot open the store in {}", data_dir.display()))?,
             )
         }
     })
@@ -190,13 +188,9 @@ async fn start_agent(url: &str, token: &str, opts: &AgentOpts, shutdown: watch::
     let driver: Arc<dyn Driver> = match opts.driver {
         DriverKind::Process => {
             let exe = std::env::current_exe().context("cannot find the berth executable")?;
-            Arc::new(
-                ProcessDriver::new(instances, exe, opts.cgroups).with_context(|| format!("cannot prepare {}", opts.data_dir.display()))?,
-            )
+            Arc::new(ProcessDriver::new(instances, exe, opts.cgroups).with_context(|| format!("cannot prepare {}", opts.data_dir.display()))?)
         }
-        DriverKind::Docker => Arc::new(
-            DockerDriver::connect(&opts.docker_socket, &opts.name, instances).await.context("cannot use the docker driver")?,
-        ),
+        DriverKind::Docker => Arc::new(DockerDriver::connect(&opts.docker_socket, &opts.name, instances).await.context("cannot use the docker driver")?),
         DriverKind::Sim => Arc::new(SimDriver::new(opts.sim.clone())),
     };
     let mut cfg = AgentConfig::new(url, token, &opts.name);

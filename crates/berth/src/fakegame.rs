@@ -79,9 +79,7 @@ pub fn run(args: FakegameArgs) -> io::Result<i32> {
     install_stop_signal_handlers()?;
     {
         let world = Arc::clone(&world);
-        thread::Builder::new()
-            .name("fakegame-signals".into())
-            .spawn(move || watch_for_stop_signal(&world))?;
+        thread::Builder::new().name("fakegame-signals".into()).spawn(move || watch_for_stop_signal(&world))?;
     }
 
     thread::sleep(Duration::from_millis(args.start_delay_ms));
@@ -98,13 +96,11 @@ pub fn run(args: FakegameArgs) -> io::Result<i32> {
 
     if args.crash_after_ms > 0 {
         let crash_after = Duration::from_millis(args.crash_after_ms);
-        thread::Builder::new()
-            .name("fakegame-crash".into())
-            .spawn(move || {
-                thread::sleep(crash_after);
-                eprintln!("fakegame: crashing as configured");
-                exit_process(EXIT_CRASHED);
-            })?;
+        thread::Builder::new().name("fakegame-crash".into()).spawn(move || {
+            thread::sleep(crash_after);
+            eprintln!("fakegame: crashing as configured");
+            exit_process(EXIT_CRASHED);
+        })?;
     }
 
     // Printed with the port actually bound so callers may pass port 0.
@@ -112,11 +108,7 @@ pub fn run(args: FakegameArgs) -> io::Result<i32> {
     writeln!(stdout, "fakegame listening on {bound_port}")?;
     stdout.flush()?;
 
-    let server = Arc::new(ServerInfo {
-        max_players: args.max_players,
-        rcon_password: args.rcon_password,
-        world,
-    });
+    let server = Arc::new(ServerInfo { max_players: args.max_players, rcon_password: args.rcon_password, world });
     loop {
         // Keeps the ballast observable, so it is neither optimized away nor
         // dropped: this loop never ends.
@@ -124,9 +116,7 @@ pub fn run(args: FakegameArgs) -> io::Result<i32> {
         match listener.accept() {
             Ok((stream, _)) => {
                 let server = Arc::clone(&server);
-                let spawned = thread::Builder::new()
-                    .name("fakegame-conn".into())
-                    .spawn(move || handle_connection(stream, &server));
+                let spawned = thread::Builder::new().name("fakegame-conn".into()).spawn(move || handle_connection(stream, &server));
                 if let Err(err) = spawned {
                     eprintln!("fakegame: cannot spawn connection thread: {err}");
                 }
@@ -173,15 +163,9 @@ impl World {
     /// Rewrites level.dat with a fresh `saved_at`, keeping everything else
     /// (notably `created_at`, which tests use to detect a recreated world).
     fn save(&self) -> io::Result<()> {
-        let _guard = SAVE_LOCK
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = SAVE_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let previous = fs::read_to_string(&self.level_dat).unwrap_or_default();
-        let mut contents: String = previous
-            .lines()
-            .filter(|line| !line.starts_with("saved_at="))
-            .map(|line| format!("{line}\n"))
-            .collect();
+        let mut contents: String = previous.lines().filter(|line| !line.starts_with("saved_at=")).map(|line| format!("{line}\n")).collect();
         contents.push_str(&format!("saved_at={}\n", unix_ms()));
 
         // Write-then-rename so a crash mid-save never leaves a torn file.
@@ -204,18 +188,13 @@ fn write_if_missing(path: &Path, contents: &[u8]) -> io::Result<()> {
 
 /// Deterministic filler so two freshly created worlds are byte-identical.
 fn region_bytes() -> Vec<u8> {
-    (0..REGION_FILE_BYTES as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect()
+    (0..REGION_FILE_BYTES as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect()
 }
 
 /// One line per start; tests count lines to prove a single start.
 fn append_start_record(data_dir: &Path) -> io::Result<()> {
     let line = format!("{} {}\n", unix_ms(), std::process::id());
-    let mut log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(data_dir.join("starts.log"))?;
+    let mut log = OpenOptions::new().create(true).append(true).open(data_dir.join("starts.log"))?;
     // A single write on an O_APPEND file keeps lines whole.
     log.write_all(line.as_bytes())
 }
@@ -228,9 +207,7 @@ fn allocate_resident_ballast(mib: u64) -> io::Result<Vec<u8>> {
         .and_then(|mib| mib.checked_mul(1024 * 1024))
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "alloc_mib too large"))?;
     let mut ballast = Vec::new();
-    ballast
-        .try_reserve_exact(bytes)
-        .map_err(|err| io::Error::new(io::ErrorKind::OutOfMemory, err))?;
+    ballast.try_reserve_exact(bytes).map_err(|err| io::Error::new(io::ErrorKind::OutOfMemory, err))?;
     ballast.resize(bytes, 0);
     for byte in ballast.iter_mut().step_by(4096) {
         *byte = 1;
@@ -240,10 +217,7 @@ fn allocate_resident_ballast(mib: u64) -> io::Result<Vec<u8>> {
 }
 
 fn unix_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis()).unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------
@@ -283,9 +257,7 @@ fn watch_for_stop_signal(world: &World) {
 
 /// The graceful stop shared by signals and RCON `stop`.
 fn save_and_exit(world: &World) -> ! {
-    let _exiting = EXIT_LOCK
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _exiting = EXIT_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Err(err) = world.save() {
         eprintln!("fakegame: save failed while stopping: {err}");
         exit_holding_lock(1);
@@ -296,9 +268,7 @@ fn save_and_exit(world: &World) -> ! {
 }
 
 fn exit_process(code: i32) -> ! {
-    let _exiting = EXIT_LOCK
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _exiting = EXIT_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     exit_holding_lock(code);
 }
 
@@ -318,10 +288,7 @@ enum ClientProtocol {
 }
 
 fn handle_connection(stream: TcpStream, server: &ServerInfo) {
-    let peer = stream
-        .peer_addr()
-        .map(|addr| addr.to_string())
-        .unwrap_or_else(|_| "unknown peer".into());
+    let peer = stream.peer_addr().map(|addr| addr.to_string()).unwrap_or_else(|_| "unknown peer".into());
     let result = match sniff_protocol(&stream) {
         Ok(Some(ClientProtocol::MinecraftPing)) => serve_minecraft_ping(stream, server),
         Ok(Some(ClientProtocol::Rcon)) => serve_rcon(stream, server),
@@ -331,13 +298,7 @@ fn handle_connection(stream: TcpStream, server: &ServerInfo) {
     match result {
         Ok(()) => {}
         // Clients hanging up mid-conversation is normal (probes, port scans).
-        Err(err)
-            if matches!(
-                err.kind(),
-                io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::BrokenPipe
-            ) => {}
+        Err(err) if matches!(err.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {}
         Err(err) => eprintln!("fakegame: connection from {peer}: {err}"),
     }
 }
@@ -360,23 +321,12 @@ fn sniff_protocol(stream: &TcpStream) -> io::Result<Option<ClientProtocol>> {
             Ok(n) if n >= first.len() => break,
             // peek returns whatever has arrived so far; wait for the rest.
             Ok(_) => thread::sleep(Duration::from_millis(10)),
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Ok(None)
-            }
+            Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => return Err(err),
         }
     }
-    Ok(Some(if first[2] == 0 && first[3] == 0 {
-        ClientProtocol::Rcon
-    } else {
-        ClientProtocol::MinecraftPing
-    }))
+    Ok(Some(if first[2] == 0 && first[3] == 0 { ClientProtocol::Rcon } else { ClientProtocol::MinecraftPing }))
 }
 
 // ---------------------------------------------------------------------------
@@ -394,9 +344,7 @@ fn serve_minecraft_ping(mut stream: TcpStream, server: &ServerInfo) -> io::Resul
 
     let (packet_id, handshake) = read_minecraft_packet(&mut stream)?;
     if packet_id != HANDSHAKE_PACKET_ID {
-        return Err(invalid_data(format!(
-            "expected handshake, got packet {packet_id:#x}"
-        )));
+        return Err(invalid_data(format!("expected handshake, got packet {packet_id:#x}")));
     }
     let mut fields = handshake.as_slice();
     let _protocol_version = read_varint(&mut fields)?;
@@ -458,11 +406,7 @@ fn read_minecraft_packet(stream: &mut impl Read) -> io::Result<(i32, Vec<u8>)> {
 }
 
 /// Writes a whole packet with one `write_all` so it leaves in one segment.
-fn write_minecraft_packet(
-    stream: &mut impl Write,
-    packet_id: i32,
-    payload: &[u8],
-) -> io::Result<()> {
+fn write_minecraft_packet(stream: &mut impl Write, packet_id: i32, payload: &[u8]) -> io::Result<()> {
     let mut body = Vec::with_capacity(payload.len() + 5);
     write_varint(&mut body, packet_id);
     body.extend_from_slice(payload);
@@ -556,20 +500,11 @@ fn serve_rcon(mut stream: TcpStream, server: &ServerInfo) -> io::Result<()> {
                     None => true,
                     Some(password) => *password == request.body,
                 };
-                let id = if authenticated {
-                    request.id
-                } else {
-                    RCON_AUTH_FAILED_ID
-                };
+                let id = if authenticated { request.id } else { RCON_AUTH_FAILED_ID };
                 write_rcon_packet(&mut stream, id, RCON_TYPE_AUTH_RESPONSE, "")?;
             }
             RCON_TYPE_COMMAND if !authenticated => {
-                write_rcon_packet(
-                    &mut stream,
-                    RCON_AUTH_FAILED_ID,
-                    RCON_TYPE_AUTH_RESPONSE,
-                    "",
-                )?;
+                write_rcon_packet(&mut stream, RCON_AUTH_FAILED_ID, RCON_TYPE_AUTH_RESPONSE, "")?;
             }
             RCON_TYPE_COMMAND => {
                 let (reply, after) = run_rcon_command(&request.body, server)?;
@@ -593,17 +528,9 @@ fn serve_rcon(mut stream: TcpStream, server: &ServerInfo) -> io::Result<()> {
 fn run_rcon_command(command: &str, server: &ServerInfo) -> io::Result<(String, AfterCommand)> {
     // Minecraft accepts commands with or without the leading slash, and
     // extra arguments (`save-all flush`) don't change what we do.
-    let name = command
-        .trim()
-        .trim_start_matches('/')
-        .split_whitespace()
-        .next()
-        .unwrap_or("");
+    let name = command.trim().trim_start_matches('/').split_whitespace().next().unwrap_or("");
     let reply = match name {
-        "list" => format!(
-            "There are 0 of a max of {} players online: ",
-            server.max_players
-        ),
+        "list" => format!("There are 0 of a max of {} players online: ", server.max_players),
         "save-all" => {
             server.world.save()?;
             "Saved the game".to_string()
@@ -632,11 +559,7 @@ fn read_rcon_request(stream: &mut impl Read) -> io::Result<RconRequest> {
     // The body ends at the first NUL; be lenient about the padding after it.
     let body = &packet[8..];
     let body = &body[..body.iter().position(|&b| b == 0).unwrap_or(body.len())];
-    Ok(RconRequest {
-        id,
-        kind,
-        body: String::from_utf8_lossy(body).into_owned(),
-    })
+    Ok(RconRequest { id, kind, body: String::from_utf8_lossy(body).into_owned() })
 }
 
 fn write_rcon_packet(stream: &mut impl Write, id: i32, kind: i32, body: &str) -> io::Result<()> {
@@ -679,19 +602,7 @@ mod tests {
 
     #[test]
     fn varint_round_trips() {
-        for value in [
-            0,
-            1,
-            127,
-            128,
-            300,
-            765,
-            25565,
-            i32::MAX,
-            -1,
-            -765,
-            i32::MIN,
-        ] {
+        for value in [0, 1, 127, 128, 300, 765, 25565, i32::MAX, -1, -765, i32::MIN] {
             let bytes = encoded(value);
             let mut reader = bytes.as_slice();
             assert_eq!(read_varint(&mut reader).unwrap(), value);
@@ -736,10 +647,7 @@ mod tests {
         write_rcon_packet(&mut frame, 7, RCON_TYPE_COMMAND, "list").unwrap();
         assert_eq!(&frame[..4], &14i32.to_le_bytes());
         let request = read_rcon_request(&mut frame.as_slice()).unwrap();
-        assert_eq!(
-            (request.id, request.kind, request.body.as_str()),
-            (7, 2, "list")
-        );
+        assert_eq!((request.id, request.kind, request.body.as_str()), (7, 2, "list"));
     }
 
     #[test]

@@ -81,7 +81,14 @@ fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     expect(api.call("POST", "/v1/tokens", Some(&json!({"kind": "tenant"}))), 422, "invalid_request", "tenant token without tenant");
 
     // Unknown ids and names.
-    for (m, p) in [("GET", "/v1/servers/nosuch"), ("POST", "/v1/servers/nosuch/start"), ("POST", "/v1/servers/nosuch/stop"), ("DELETE", "/v1/servers/nosuch"), ("GET", "/v1/servers/srv_0000000000000000"), ("GET", "/v1/servers/a%2Fb")] {
+    for (m, p) in [
+        ("GET", "/v1/servers/nosuch"),
+        ("POST", "/v1/servers/nosuch/start"),
+        ("POST", "/v1/servers/nosuch/stop"),
+        ("DELETE", "/v1/servers/nosuch"),
+        ("GET", "/v1/servers/srv_0000000000000000"),
+        ("GET", "/v1/servers/a%2Fb"),
+    ] {
         expect(api.call(m, p, None), 404, "not_found", &format!("{m} {p}"));
     }
     expect(api.call("POST", "/v1/nodes/nosuch/drain", None), 404, "not_found", "unknown node");

@@ -19,14 +19,8 @@ fn bin() -> PathBuf {
 /// last line, parsed.
 fn bench(args: &[&str]) -> Value {
     let started = Instant::now();
-    let mut child = Command::new(bin())
-        .arg("bench")
-        .args(args)
-        .arg("--json")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new(bin()).arg("bench").args(args).arg("--json").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::inherit()).spawn().unwrap();
     let pid = child.id();
     let deadline = Duration::from_secs(300);
     loop {
@@ -57,7 +51,19 @@ fn every_scenario_runs_and_finds_no_violation() {
     // Instances ready 4 s after their start: the 200 starts (well under a
     // second) are all answered before the fleet confirms one.
     let a = bench(&[
-        "admission", "--nodes", "4", "--node-mib", "4096", "--requests", "200", "--clients", "20", "--server-mib", "64", "--sim-start-ms", "4000-4000",
+        "admission",
+        "--nodes",
+        "4",
+        "--node-mib",
+        "4096",
+        "--requests",
+        "200",
+        "--clients",
+        "20",
+        "--server-mib",
+        "64",
+        "--sim-start-ms",
+        "4000-4000",
     ]);
     assert_eq!(a["scenario"], "admission");
     assert_eq!(a["sim_start_ms"], serde_json::json!([4000, 4000]), "{a}");

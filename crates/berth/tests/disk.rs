@@ -62,8 +62,22 @@ fn a_full_data_volume_stops_placements_until_space_returns() {
     let mut reaper = InstanceReaper::default();
     reaper.watch(&volume);
     let args: Vec<String> = [
-        "agent", "--control-plane", &url, "--token", &agent_token, "--name", "small", "--data-dir", &volume.display().to_string(),
-        "--memory-mib", "2048", "--ports", "28500-28549", "--sync-interval", "1", "--no-cgroups",
+        "agent",
+        "--control-plane",
+        &url,
+        "--token",
+        &agent_token,
+        "--name",
+        "small",
+        "--data-dir",
+        &volume.display().to_string(),
+        "--memory-mib",
+        "2048",
+        "--ports",
+        "28500-28549",
+        "--sync-interval",
+        "1",
+        "--no-cgroups",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use berth_testkit::{
-    docker, docker_available, ensure_images, minetest_installed, node_containers, require_or_skip, start_control,
-    unique_node_name, wait_until, Api, ContainerReaper, Proc,
+    docker, docker_available, ensure_images, minetest_installed, node_containers, require_or_skip, start_control, unique_node_name, wait_until, Api,
+    ContainerReaper, Proc,
 };
 use serde_json::{json, Value};
 
@@ -47,8 +47,7 @@ fn dev(tmp: &tempfile::TempDir, extra: &[&str]) -> Dev {
     let mut reaper = ContainerReaper::default();
     reaper.watch(&node);
     let data = tmp.path().join("d");
-    let mut args: Vec<String> =
-        ["--driver", "docker", "--node-name", &node, "--sync-interval", "1"].iter().map(|s| s.to_string()).collect();
+    let mut args: Vec<String> = ["--driver", "docker", "--node-name", &node, "--sync-interval", "1"].iter().map(|s| s.to_string()).collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let (proc_, url, token) = start_control(&bin(), "dev", &data, &a);
@@ -136,9 +135,7 @@ fn a_container_is_limited_labelled_published_and_reports_its_usage() {
     assert_eq!(starts(&d.agent_dir(), &id), 1);
 
     // The engine's per-container usage reaches the server record.
-    let used = wait_until(Duration::from_secs(20), "usage from the engine", || {
-        d.api.server("lim")["used_mib"].as_u64().filter(|u| *u >= 120)
-    });
+    let used = wait_until(Duration::from_secs(20), "usage from the engine", || d.api.server("lim")["used_mib"].as_u64().filter(|u| *u >= 120));
     assert!(used < 256, "usage {used} stays under the limit");
     d.api.ok("POST", "/v1/servers/lim/stop", None);
     let stopped = wait_status(&d.api, "lim", "stopped", 30);
@@ -282,10 +279,7 @@ fn hand_made_container(node: &str, server: &str, generation: u64) {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
-    assert!(
-        out.status.success() || err.contains("marked for removal") || err.contains("no such container"),
-        "docker run: {err}"
-    );
+    assert!(out.status.success() || err.contains("marked for removal") || err.contains("no such container"), "docker run: {err}");
 }
 
 #[test]
@@ -358,9 +352,7 @@ fn after_a_restart_a_stale_generation_is_adopted_then_stopped_and_removed_and_th
     let (_dev2, url2, token) = start_control(&bin(), "dev", &d.data, &a);
     let api = Api::new(&url2, &token);
     let t0 = Instant::now();
-    wait_until(Duration::from_secs(15), "the stale generation stopped and removed", || {
-        (!node_containers(&d.node).iter().any(|c| c.id == stale)).then_some(())
-    });
+    wait_until(Duration::from_secs(15), "the stale generation stopped and removed", || (!node_containers(&d.node).iter().any(|c| c.id == stale)).then_some(()));
     eprintln!("adopted stale generation removed {:?} after the restart", t0.elapsed());
     // The restarted dev's log is the one that names the stale container.
     let logs: Vec<String> = d

@@ -14,8 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_testkit::{
-    docker_available, ensure_images, node_containers, require_or_skip, spawn, start_control, unique_node_name, wait_until, Api,
-    ContainerReaper,
+    docker_available, ensure_images, node_containers, require_or_skip, spawn, start_control, unique_node_name, wait_until, Api, ContainerReaper,
 };
 use serde_json::json;
 
@@ -53,8 +52,20 @@ fn a_memory_hog_outside_berth_shows_as_drift_and_a_start_that_fits_only_on_paper
         "dev",
         &data,
         &[
-            "--driver", "docker", "--node-name", &node, "--sync-interval", "1", "--ports", "26700-26749",
-            "--memory-mib", &allocatable.to_string(), "--drift-margin-mib", "1024", "--retry-base-ms", "1500",
+            "--driver",
+            "docker",
+            "--node-name",
+            &node,
+            "--sync-interval",
+            "1",
+            "--ports",
+            "26700-26749",
+            "--memory-mib",
+            &allocatable.to_string(),
+            "--drift-margin-mib",
+            "1024",
+            "--retry-base-ms",
+            "1500",
         ],
     );
     let api = Api::new(&url, &token);

@@ -31,8 +31,22 @@ fn agent(tmp: &Path, url: &str, token: &str, name: &str, ports: &str) -> (Proc, 
     let dir = tmp.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let args: Vec<String> = [
-        "agent", "--control-plane", url, "--token", token, "--name", name, "--data-dir", &dir.display().to_string(), "--memory-mib", "2048",
-        "--ports", ports, "--sync-interval", &SYNC_S.to_string(), "--no-cgroups",
+        "agent",
+        "--control-plane",
+        url,
+        "--token",
+        token,
+        "--name",
+        name,
+        "--data-dir",
+        &dir.display().to_string(),
+        "--memory-mib",
+        "2048",
+        "--ports",
+        ports,
+        "--sync-interval",
+        &SYNC_S.to_string(),
+        "--no-cgroups",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -86,9 +100,7 @@ fn node_death_loses_servers_in_time_closes_billing_replaces_the_stateless_and_ke
     for name in ["w", "sl"] {
         api.ok("POST", &format!("/v1/servers/{name}/start"), None);
     }
-    wait_until(Duration::from_secs(30), "both running", || {
-        (api.server("w")["status"] == "running" && api.server("sl")["status"] == "running").then_some(())
-    });
+    wait_until(Duration::from_secs(30), "both running", || (api.server("w")["status"] == "running" && api.server("sl")["status"] == "running").then_some(()));
     let n1_id = api.server("w")["node_id"].clone();
     let (_a2, d2) = agent(tmp.path(), &url, &agent_token, "n2", "28050-28099");
     reaper.watch(&d2);
@@ -125,9 +137,7 @@ fn node_death_loses_servers_in_time_closes_billing_replaces_the_stateless_and_ke
         eprintln!("billing of {id} closed {error} ms before the real death");
         assert!((0..=(SYNC_S as i64 * 1000 + 300)).contains(&error), "billing error {error} ms");
     }
-    wait_until(Duration::from_secs(5), "n1 lost", || {
-        (api.nodes().into_iter().find(|n| n["name"] == "n1").unwrap()["status"] == "lost").then_some(())
-    });
+    wait_until(Duration::from_secs(5), "n1 lost", || (api.nodes().into_iter().find(|n| n["name"] == "n1").unwrap()["status"] == "lost").then_some(()));
     let (_, ev) = api.call("GET", "/v1/events?kind=server_lost", None);
     assert_eq!(ev["events"].as_array().unwrap().len(), 2);
 

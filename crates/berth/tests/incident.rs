@@ -125,8 +125,22 @@ fn agent_restart_readopts_instances_without_restarting_them() {
     let api = Api::new(&url, &token);
     let agent_token = api.create_token("agent", None);
     let agent_args: Vec<String> = [
-        "agent", "--control-plane", &url, "--token", &agent_token, "--name", "n1", "--data-dir",
-        &agent_dir.display().to_string(), "--memory-mib", "4096", "--ports", "21100-21199", "--sync-interval", "1", "--no-cgroups",
+        "agent",
+        "--control-plane",
+        &url,
+        "--token",
+        &agent_token,
+        "--name",
+        "n1",
+        "--data-dir",
+        &agent_dir.display().to_string(),
+        "--memory-mib",
+        "4096",
+        "--ports",
+        "21100-21199",
+        "--sync-interval",
+        "1",
+        "--no-cgroups",
     ]
     .iter()
     .map(|s| s.to_string())

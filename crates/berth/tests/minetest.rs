@@ -15,9 +15,9 @@ fn bin() -> PathBuf {
 /// True if a UDP socket is bound to `port` (minetest listens on [::]).
 fn udp_bound(port: u64) -> bool {
     let hex = format!(":{port:04X}");
-    ["/proc/net/udp", "/proc/net/udp6"].iter().any(|f| {
-        std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(&hex)))
-    })
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .any(|f| std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(&hex))))
 }
 
 #[test]
@@ -30,8 +30,7 @@ fn minetest_starts_binds_its_port_stops_gracefully_and_restarts_on_the_same_worl
     let agent_dir = data.join("agent");
     let mut reaper = InstanceReaper::default();
     reaper.watch(&agent_dir);
-    let (_dev, url, token) =
-        start_control(&bin(), "dev", &data, &["--memory-mib", "2048", "--sync-interval", "1", "--ports", "23000-23099"]);
+    let (_dev, url, token) = start_control(&bin(), "dev", &data, &["--memory-mib", "2048", "--sync-interval", "1", "--ports", "23000-23099"]);
     let api = Api::new(&url, &token);
     wait_until(Duration::from_secs(20), "the local node", || (api.nodes().len() == 1).then_some(()));
     let s = api.create_server("mt", "minetest", 512, json!({"game": "minetest_game"}));

@@ -33,11 +33,8 @@ fn assert_consistent(api: &Api, agent_dirs: &[&Path]) {
     for s in &servers {
         assert!(REST_STATES.contains(&s["status"].as_str().unwrap()), "not at rest: {s}");
     }
-    let want: BTreeSet<(String, u64)> = servers
-        .iter()
-        .filter(|s| s["status"] == "running")
-        .map(|s| (s["id"].as_str().unwrap().to_string(), s["generation"].as_u64().unwrap()))
-        .collect();
+    let want: BTreeSet<(String, u64)> =
+        servers.iter().filter(|s| s["status"] == "running").map(|s| (s["id"].as_str().unwrap().to_string(), s["generation"].as_u64().unwrap())).collect();
     // An instance that was just stopped may take a moment to be reaped.
     let live = wait_until(Duration::from_secs(10), "live instances to match running servers", || {
         let live: BTreeSet<(String, u64)> = agent_dirs.iter().flat_map(|d| live_instances(d)).collect();
@@ -57,8 +54,7 @@ fn active_operations(api: &Api) -> Vec<Value> {
 
 fn wait_quiet(api: &Api, secs: u64) {
     wait_until(Duration::from_secs(secs), "every operation to end and every server to rest", || {
-        let quiet = active_operations(api).is_empty()
-            && api.servers().iter().all(|s| REST_STATES.contains(&s["status"].as_str().unwrap()));
+        let quiet = active_operations(api).is_empty() && api.servers().iter().all(|s| REST_STATES.contains(&s["status"].as_str().unwrap()));
         quiet.then_some(())
     });
 }
@@ -82,8 +78,22 @@ fn cluster(tmp: &Path, ports: &str, extra: &[&str]) -> Cluster {
     std::fs::create_dir_all(&agent_dir).unwrap();
     reaper.watch(&agent_dir);
     let agent_args: Vec<String> = [
-        "agent", "--control-plane", &url, "--token", &agent_token, "--name", "n1", "--data-dir", &agent_dir.display().to_string(),
-        "--memory-mib", "8192", "--ports", ports, "--sync-interval", "1", "--no-cgroups",
+        "agent",
+        "--control-plane",
+        &url,
+        "--token",
+        &agent_token,
+        "--name",
+        "n1",
+        "--data-dir",
+        &agent_dir.display().to_string(),
+        "--memory-mib",
+        "8192",
+        "--ports",
+        ports,
+        "--sync-interval",
+        "1",
+        "--no-cgroups",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -269,7 +279,11 @@ fn permanent_errors_fail_at_once_and_the_queue_times_out() {
         "broken",
         "name = \"broken\"\n[process]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"exit 78\"]\nready = \"tcp\"\npermanent_exit_codes = [78]\n",
     );
-    write_template(&templates, "flaky", "name = \"flaky\"\n[process]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"exit 1\"]\nready = \"tcp\"\npermanent_exit_codes = [78]\n");
+    write_template(
+        &templates,
+        "flaky",
+        "name = \"flaky\"\n[process]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"exit 1\"]\nready = \"tcp\"\npermanent_exit_codes = [78]\n",
+    );
     let dir = templates.display().to_string();
     let c = cluster(tmp.path(), "26100-26199", &["--templates-dir", &dir, "--queue-timeout-s", "3", "--retry-base-ms", "500"]);
     let api = &c.api;

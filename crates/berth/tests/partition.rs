@@ -18,8 +18,22 @@ fn now_ms() -> i64 {
 
 fn agent_args(url: &str, token: &str, name: &str, dir: &Path, ports: &str) -> Vec<String> {
     [
-        "agent", "--control-plane", url, "--token", token, "--name", name, "--data-dir", &dir.display().to_string(), "--memory-mib", "2048",
-        "--ports", ports, "--sync-interval", "1", "--no-cgroups",
+        "agent",
+        "--control-plane",
+        url,
+        "--token",
+        token,
+        "--name",
+        name,
+        "--data-dir",
+        &dir.display().to_string(),
+        "--memory-mib",
+        "2048",
+        "--ports",
+        ports,
+        "--sync-interval",
+        "1",
+        "--no-cgroups",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -36,10 +36,11 @@ fn replica(tmp: &Path, name: &str, db: &str) -> (Proc, String, PathBuf) {
 fn start_control_with_db(dir: &Path, db: &str, ttl: &str) -> (Proc, String, ()) {
     std::fs::create_dir_all(dir).unwrap();
     let _ = std::fs::remove_file(dir.join("addr"));
-    let args: Vec<String> = ["control-plane", "--data-dir", &dir.display().to_string(), "--listen", "127.0.0.1:0", "--database", db, "--lease-ttl", ttl, "--sync-interval", "1"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> =
+        ["control-plane", "--data-dir", &dir.display().to_string(), "--listen", "127.0.0.1:0", "--database", db, "--lease-ttl", ttl, "--sync-interval", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     let mut p = spawn(&bin(), &args, &dir.join("control-plane.log"), &[]);
     let url = berth_testkit::wait_for_addr(dir, &mut p, Duration::from_secs(30));
     (p, url, ())
@@ -63,8 +64,22 @@ fn cluster(tmp: &Path, db: &str, agents: usize, ports_base: u16) -> Cluster {
         // Half the agents list the other replica first.
         let urls = if i % 2 == 0 { urls.clone() } else { format!("{},{}", b.1, a.1) };
         let args: Vec<String> = [
-            "agent", "--control-plane", &urls, "--token", &agent_token, "--name", &format!("n{i}"), "--data-dir", &dir.display().to_string(),
-            "--memory-mib", "4096", "--ports", &ports, "--sync-interval", "1", "--no-cgroups",
+            "agent",
+            "--control-plane",
+            &urls,
+            "--token",
+            &agent_token,
+            "--name",
+            &format!("n{i}"),
+            "--data-dir",
+            &dir.display().to_string(),
+            "--memory-mib",
+            "4096",
+            "--ports",
+            &ports,
+            "--sync-interval",
+            "1",
+            "--no-cgroups",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -131,9 +146,8 @@ fn two_replicas_four_agents_400_starts_run_exactly_64_and_the_leader_fails_over(
     let apis: Vec<Api> = c.replicas.iter().map(|r| Api::new(&r.1, &c.token)).collect();
 
     // 400 servers created through both replicas.
-    let ids: Vec<String> = (0..400)
-        .map(|i| apis[i % 2].create_server(&format!("s{i:03}"), "fakegame", 256, json!({}))["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids: Vec<String> =
+        (0..400).map(|i| apis[i % 2].create_server(&format!("s{i:03}"), "fakegame", 256, json!({}))["id"].as_str().unwrap().to_string()).collect();
     let done = Arc::new(AtomicBool::new(false));
     let sampler = {
         let (apis, done) = (apis.clone(), done.clone());
@@ -173,7 +187,9 @@ fn two_replicas_four_agents_400_starts_run_exactly_64_and_the_leader_fails_over(
             let logs: Vec<String> = c
                 .replicas
                 .iter()
-                .map(|r| std::fs::read_to_string(&r.0.log).unwrap_or_default().lines().filter(|l| !l.contains(" INFO ")).take(60).collect::<Vec<_>>().join("\n"))
+                .map(|r| {
+                    std::fs::read_to_string(&r.0.log).unwrap_or_default().lines().filter(|l| !l.contains(" INFO ")).take(60).collect::<Vec<_>>().join("\n")
+                })
                 .collect();
             let cluster = apis[1].ok("GET", "/v1/cluster", None);
             panic!("no convergence to 64 running / 336 queued: {last:?}\ncluster: {cluster}\nlogs:\n{}", logs.join("\n-----\n"));
@@ -206,7 +222,8 @@ fn two_replicas_four_agents_400_starts_run_exactly_64_and_the_leader_fails_over(
     assert!(takeover <= Duration::from_millis(TTL_S * 1000 + TTL_S * 250 + 500), "takeover took {takeover:?}");
 
     // Stopping servers through the survivor lets queued ones start.
-    let running: Vec<String> = survivor.servers().into_iter().filter(|s| s["status"] == "running").take(10).map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    let running: Vec<String> =
+        survivor.servers().into_iter().filter(|s| s["status"] == "running").take(10).map(|s| s["id"].as_str().unwrap().to_string()).collect();
     for id in &running {
         survivor.ok("POST", &format!("/v1/servers/{id}/stop"), None);
     }
@@ -216,7 +233,8 @@ fn two_replicas_four_agents_400_starts_run_exactly_64_and_the_leader_fails_over(
     });
     let (_, ev) = survivor.call("GET", "/v1/events?kind=server_placed&limit=1000", None);
     let placed = ev["events"].as_array().unwrap();
-    let mut keys: Vec<(String, String)> = placed.iter().map(|e| (e["server_id"].as_str().unwrap().to_string(), e["message"].as_str().unwrap().to_string())).collect();
+    let mut keys: Vec<(String, String)> =
+        placed.iter().map(|e| (e["server_id"].as_str().unwrap().to_string(), e["message"].as_str().unwrap().to_string())).collect();
     let n = keys.len();
     keys.sort();
     keys.dedup();

@@ -27,8 +27,21 @@ fn storm_of_200_starts_on_three_4096_nodes_runs_exactly_48() {
         reaper.watch(&dir);
         let ports = format!("{}-{}", 22000 + i * 100, 22099 + i * 100);
         let args: Vec<String> = [
-            "agent", "--control-plane", &url, "--token", &agent_token, "--name", &format!("n{i}"), "--data-dir",
-            &dir.display().to_string(), "--memory-mib", "4096", "--ports", &ports, "--sync-interval", "1",
+            "agent",
+            "--control-plane",
+            &url,
+            "--token",
+            &agent_token,
+            "--name",
+            &format!("n{i}"),
+            "--data-dir",
+            &dir.display().to_string(),
+            "--memory-mib",
+            "4096",
+            "--ports",
+            &ports,
+            "--sync-interval",
+            "1",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -40,9 +53,7 @@ fn storm_of_200_starts_on_three_4096_nodes_runs_exactly_48() {
     // Create 200 servers, then start them from 50 concurrent clients while
     // a sampler checks the nodes and the invariant checker throughout.
     let server_5xx = Arc::new(AtomicUsize::new(0));
-    let ids: Vec<String> = (0..200)
-        .map(|i| api.create_server(&format!("s{i:03}"), "fakegame", 256, json!({}))["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids: Vec<String> = (0..200).map(|i| api.create_server(&format!("s{i:03}"), "fakegame", 256, json!({}))["id"].as_str().unwrap().to_string()).collect();
     let done = Arc::new(AtomicBool::new(false));
     let samples = Arc::new(AtomicUsize::new(0));
     let sampler = {

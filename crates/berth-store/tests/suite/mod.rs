@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use berth_core::admission::Misfit;
 use berth_core::invariants;
+use berth_core::operation::{OpKind, OpOrigin, OpStatus as BurstOpStatus};
 use berth_core::placement::Placement;
 use berth_core::reconcile::{Change, Reconciled};
 use berth_core::{LastExit, MemMib, NewEvent, NodeId, PortRange, Server, ServerId, ServerStatus};
-use berth_core::operation::{OpKind, OpOrigin, OpStatus as BurstOpStatus};
 use berth_store::{NodeRegistration, OpRequest, PlacementOutcome, ServerRef, Store, StoreError, SyncInput};
 
 pub fn reg(name: &str, mib: u64) -> NodeRegistration {
@@ -122,7 +122,8 @@ pub async fn a_burst_of_writes_is_answered_write_by_write(store: Arc<dyn Store>)
     let node = store.register_node(&reg("burst", 3000), &NodeId("node_burst".into()), 1).await.unwrap();
     let a = server("burst-a", 1024);
     store.insert_server(&a, &ev()).await.unwrap();
-    let start = |id: &ServerId, op: &str| OpRequest { server_id: id.clone(), kind: OpKind::Start, origin: OpOrigin::User, new_id: op.into(), fresh_world: false };
+    let start =
+        |id: &ServerId, op: &str| OpRequest { server_id: id.clone(), kind: OpKind::Start, origin: OpOrigin::User, new_id: op.into(), fresh_world: false };
     store.request_operation(&start(&a.id, "op_burst_a"), 2).await.unwrap();
     // The queue gave up on `a`; its start operation is still running until
     // something settles it.
@@ -257,7 +258,10 @@ pub async fn report_changes_are_conditional_on_generation(store: &dyn Store) {
     store.sync_node(&input(1), 30, std::sync::Arc::new(old.clone())).await.unwrap();
     assert_eq!(store.get_server("a").await.unwrap().unwrap().status, ServerStatus::Starting);
     let id = a.id.clone();
-    let current = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() };
+    let current = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
+        changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }],
+        ..Default::default()
+    };
     store.sync_node(&input(2), 31, std::sync::Arc::new(current.clone())).await.unwrap();
     assert_eq!(store.get_server("a").await.unwrap().unwrap().status, ServerStatus::Running);
     let desired = store.desired_on(&node.id).await.unwrap();
@@ -267,7 +271,13 @@ pub async fn report_changes_are_conditional_on_generation(store: &dyn Store) {
     assert!(store.desired_on(&node.id).await.unwrap().is_empty());
     let id = a.id.clone();
     let gone = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
-        changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: Some(0) }, billed_until: 41 }],
+        changes: vec![Change::Ended {
+            server_id: id.clone(),
+            generation: 1,
+            to: ServerStatus::Stopped,
+            exit: LastExit { reason: "stopped".into(), code: Some(0) },
+            billed_until: 41,
+        }],
         ..Default::default()
     };
     store.sync_node(&input(3), 41, std::sync::Arc::new(gone.clone())).await.unwrap();
@@ -445,7 +455,17 @@ pub async fn operations_follow_the_guard_table(store: &dyn Store) {
     let (_, srv) = store.request_operation(&op_req(&s, OpKind::Start, "op_5"), 13).await.unwrap();
     store.commit_placements(&[plan(&srv, &node.id, 30000)], 14).await.unwrap();
     let id = s.id.clone();
-    store.sync_node(&sync_in(&node.id, 1), 15, std::sync::Arc::new(move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() })).await.unwrap();
+    store
+        .sync_node(
+            &sync_in(&node.id, 1),
+            15,
+            std::sync::Arc::new(move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
+                changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }],
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
     store.advance_operations(&s.id, 16).await.unwrap();
     assert_eq!(store.get_operation("op_5").await.unwrap().unwrap().status, OpStatus::Succeeded);
     let (stop, srv) = store.request_operation(&op_req(&s, OpKind::Stop, "op_6"), 17).await.unwrap();
@@ -456,7 +476,13 @@ pub async fn operations_follow_the_guard_table(store: &dyn Store) {
     assert_eq!(store.node_usage().await.unwrap()[0].reserved, MemMib(100), "the reservation stays until confirmed gone");
     let id = s.id.clone();
     let gone = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
-        changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: Some(0) }, billed_until: 0 }],
+        changes: vec![Change::Ended {
+            server_id: id.clone(),
+            generation: 1,
+            to: ServerStatus::Stopped,
+            exit: LastExit { reason: "stopped".into(), code: Some(0) },
+            billed_until: 0,
+        }],
         ..Default::default()
     };
     store.sync_node(&sync_in(&node.id, 2), 20, std::sync::Arc::new(gone.clone())).await.unwrap();
@@ -508,7 +534,13 @@ pub async fn kill_is_ordered_until_the_instance_is_gone(store: &dyn Store) {
     assert_eq!(store.get_operation("op_5").await.unwrap().unwrap().status, OpStatus::Pending);
     let id = s.id.clone();
     let gone = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
-        changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: None }, billed_until: 0 }],
+        changes: vec![Change::Ended {
+            server_id: id.clone(),
+            generation: 1,
+            to: ServerStatus::Stopped,
+            exit: LastExit { reason: "stopped".into(), code: None },
+            billed_until: 0,
+        }],
         ..Default::default()
     };
     store.sync_node(&sync_in(&node.id, 1), 15, std::sync::Arc::new(gone.clone())).await.unwrap();
@@ -533,7 +565,10 @@ pub async fn a_stopping_server_is_billed_until_the_stop_is_confirmed(store: &dyn
     let (_, srv) = store.request_operation(&op_req(&s, OpKind::Start, "op_1"), 10).await.unwrap();
     store.commit_placements(&[plan(&srv, &node.id, 30000)], 11).await.unwrap();
     let id = s.id.clone();
-    let confirm = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled { changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }], ..Default::default() };
+    let confirm = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
+        changes: vec![Change::Confirmed { server_id: id.clone(), generation: 1 }],
+        ..Default::default()
+    };
     store.sync_node(&sync_in(&node.id, 1), 1_000, std::sync::Arc::new(confirm)).await.unwrap();
     let (_, srv) = store.request_operation(&op_req(&s, OpKind::Stop, "op_2"), 2_000).await.unwrap();
     assert_eq!(srv.status, ServerStatus::Stopping);
@@ -541,7 +576,13 @@ pub async fn a_stopping_server_is_billed_until_the_stop_is_confirmed(store: &dyn
     assert_no_violations(store).await;
     let id = s.id.clone();
     let gone = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
-        changes: vec![Change::Ended { server_id: id.clone(), generation: 1, to: ServerStatus::Stopped, exit: LastExit { reason: "stopped".into(), code: Some(0) }, billed_until: 61_000 }],
+        changes: vec![Change::Ended {
+            server_id: id.clone(),
+            generation: 1,
+            to: ServerStatus::Stopped,
+            exit: LastExit { reason: "stopped".into(), code: Some(0) },
+            billed_until: 61_000,
+        }],
         events: vec![NewEvent { kind: "server_stopped", server_id: Some(id.clone()), node_id: None, message: "stopped".into() }],
         ..Default::default()
     };
@@ -590,7 +631,13 @@ pub async fn failing_and_restart_bookkeeping(store: &dyn Store) {
         let (id, gen) = (c.id.clone(), srv.generation + 1);
         seq += 1;
         let crash = move |_: &[berth_core::reconcile::Placed], _: i64| Reconciled {
-            changes: vec![Change::Ended { server_id: id.clone(), generation: gen, to: ServerStatus::Crashed, exit: LastExit { reason: "exited".into(), code: Some(3) }, billed_until: 0 }],
+            changes: vec![Change::Ended {
+                server_id: id.clone(),
+                generation: gen,
+                to: ServerStatus::Crashed,
+                exit: LastExit { reason: "exited".into(), code: Some(3) },
+                billed_until: 0,
+            }],
             ..Default::default()
         };
         store.sync_node(&sync_in(&node.id, seq), 102 + round, std::sync::Arc::new(crash.clone())).await.unwrap();
@@ -673,7 +720,10 @@ pub async fn webhooks_fan_out_retry_and_disable(store: &dyn Store) {
     assert!(!mine.enabled, "disabled after three failures in a row");
     let disabled = store.list_events(&berth_store::EventFilter { kind: Some("webhook_disabled".into()), limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(disabled.len(), 1);
-    assert_eq!(store.list_deliveries(&berth_store::DeliveryFilter { webhook_id: Some("wh_mine".into()), limit: 10, ..Default::default() }).await.unwrap()[0].status, "failed");
+    assert_eq!(
+        store.list_deliveries(&berth_store::DeliveryFilter { webhook_id: Some("wh_mine".into()), limit: 10, ..Default::default() }).await.unwrap()[0].status,
+        "failed"
+    );
     let back = store.set_webhook_enabled("wh_mine", true).await.unwrap();
     assert!(back.enabled && back.consecutive_failures == 0);
     store.delete_webhook("wh_other").await.unwrap();

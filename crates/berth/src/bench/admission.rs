@@ -180,10 +180,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
     if let (Some(n), Some(r)) = (&naive, ratio) {
         rows.push(("placements/s (naive)".into(), format!("{:.0}", n.placements_per_sec)));
         rows.push(("naive p50 / p99 / max ms".into(), format!("{:.1} / {:.1} / {:.1}", n.latency.p50, n.latency.p99, n.latency.max)));
-        rows.push((
-            "naive writes / placements per commit".into(),
-            format!("{:.1} / {:.1}", n.writes_per_commit, n.placements_per_admission_commit),
-        ));
+        rows.push(("naive writes / placements per commit".into(), format!("{:.1} / {:.1}", n.writes_per_commit, n.placements_per_admission_commit)));
         rows.push(("speedup over naive".into(), format!("{r:.2}×")));
     }
     let violations = grouped.violations + naive.as_ref().map(|n| n.violations).unwrap_or(0);

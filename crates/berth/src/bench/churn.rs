@@ -20,8 +20,8 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use super::harness::{
-    cores, create_servers, percentiles, round1, start_all_placed, status_count, violations, wait_running, with_retries, ControlProc, FleetSpec,
-    Sampler, SimFleet,
+    cores, create_servers, percentiles, round1, start_all_placed, status_count, violations, wait_running, with_retries, ControlProc, FleetSpec, Sampler,
+    SimFleet,
 };
 use super::Report;
 

@@ -192,9 +192,7 @@ impl ControlProc {
     /// Resident and peak resident memory (KiB) from /proc.
     pub fn memory_kib(&self) -> Option<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        let field = |name: &str| {
-            status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok())
-        };
+        let field = |name: &str| status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok());
         Some((field("VmRSS:")?, field("VmHWM:")?))
     }
 
@@ -279,7 +277,14 @@ impl SimFleet {
 
 /// Creates `count` servers named `{prefix}{i}` from `concurrency` clients;
 /// returns their ids in order.
-pub async fn create_servers(client: &Client, prefix: &str, count: usize, memory_mib: u64, stop_after_s: Option<u64>, concurrency: usize) -> Result<Vec<String>> {
+pub async fn create_servers(
+    client: &Client,
+    prefix: &str,
+    count: usize,
+    memory_mib: u64,
+    stop_after_s: Option<u64>,
+    concurrency: usize,
+) -> Result<Vec<String>> {
     let progress = Progress::new(&format!("creating {prefix}*"), count);
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();

@@ -39,7 +39,8 @@ struct Step {
 }
 
 pub async fn run(a: MemoryArgs, dir: &Path) -> Result<Report> {
-    let steps: Vec<usize> = a.steps.split(',').map(|s| s.trim().parse::<usize>()).collect::<Result<_, _>>().context("--steps wants counts like 10000,100000")?;
+    let steps: Vec<usize> =
+        a.steps.split(',').map(|s| s.trim().parse::<usize>()).collect::<Result<_, _>>().context("--steps wants counts like 10000,100000")?;
     if steps.is_empty() || steps[0] == 0 || steps.windows(2).any(|w| w[0] >= w[1]) {
         bail!("--steps must be ascending server counts, the first at least 1");
     }
@@ -89,9 +90,7 @@ pub async fn run(a: MemoryArgs, dir: &Path) -> Result<Report> {
     let top = measured.last().expect("at least one step");
     let bytes_per_server = top.rss_kib as f64 * 1024.0 / top.servers as f64;
     let marginal = match measured.first() {
-        Some(first) if measured.len() > 1 => {
-            Some((top.rss_kib as f64 - first.rss_kib as f64) * 1024.0 / (top.servers - first.servers) as f64)
-        }
+        Some(first) if measured.len() > 1 => Some((top.rss_kib as f64 - first.rss_kib as f64) * 1024.0 / (top.servers - first.servers) as f64),
         _ => None,
     };
     let mut rows = vec![("nodes".to_string(), a.nodes.to_string()), ("resident before servers MiB".into(), (baseline.0 / 1024).to_string())];

@@ -16,7 +16,9 @@ use berth_core::PortRange;
 use clap::Args;
 use serde_json::json;
 
-use super::harness::{cores, create_servers, parse_time_ms, round1, start_all_placed, status_count, violations, wait_running, wall_ms, ControlProc, FleetSpec, SimFleet};
+use super::harness::{
+    cores, create_servers, parse_time_ms, round1, start_all_placed, status_count, violations, wait_running, wall_ms, ControlProc, FleetSpec, SimFleet,
+};
 use super::Report;
 
 #[derive(Args, Clone)]
@@ -110,7 +112,10 @@ pub async fn run(a: RecoveryArgs, dir: &Path) -> Result<Report> {
     let mut seen = violations(&client).await?;
     if running != a.servers as u64 || after != expected || live_after != live_before {
         seen += 1;
-        eprintln!("after the restart: {running} running, {crashed} crashed, {live_after} instances (before {live_before}), reservations equal: {}", after == expected);
+        eprintln!(
+            "after the restart: {running} running, {crashed} crashed, {live_after} instances (before {live_before}), reservations equal: {}",
+            after == expected
+        );
     }
     fleet.stop();
     let ms = |d: Duration| round1(d.as_secs_f64() * 1000.0);
