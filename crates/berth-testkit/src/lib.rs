@@ -14,6 +14,35 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The command line of `berth agent` as the end-to-end tests run it: node
+/// `name` with `memory_mib` and `ports`, its data in `dir`, syncing every
+/// `sync_s` seconds, then `extra` (most tests add `--no-cgroups`).
+#[allow(clippy::too_many_arguments)]
+pub fn agent_args(control_plane: &str, token: &str, name: &str, dir: &Path, memory_mib: u64, ports: &str, sync_s: u64, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "agent",
+        "--control-plane",
+        control_plane,
+        "--token",
+        token,
+        "--name",
+        name,
+        "--data-dir",
+        &dir.display().to_string(),
+        "--memory-mib",
+        &memory_mib.to_string(),
+        "--ports",
+        ports,
+        "--sync-interval",
+        &sync_s.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// A spawned berth process, killed (SIGKILL, by pid) when dropped.
 pub struct Proc {
     pub child: Child,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use berth_testkit::{require_or_skip, spawn, start_control, wait_until, Api, InstanceReaper};
+use berth_testkit::{agent_args, require_or_skip, spawn, start_control, wait_until, Api, InstanceReaper};
 use serde_json::json;
 
 fn bin() -> PathBuf {
@@ -61,27 +61,7 @@ fn a_full_data_volume_stops_placements_until_space_returns() {
     let agent_token = api.create_token("agent", None);
     let mut reaper = InstanceReaper::default();
     reaper.watch(&volume);
-    let args: Vec<String> = [
-        "agent",
-        "--control-plane",
-        &url,
-        "--token",
-        &agent_token,
-        "--name",
-        "small",
-        "--data-dir",
-        &volume.display().to_string(),
-        "--memory-mib",
-        "2048",
-        "--ports",
-        "28500-28549",
-        "--sync-interval",
-        "1",
-        "--no-cgroups",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = agent_args(&url, &agent_token, "small", &volume, 2048, "28500-28549", 1, &["--no-cgroups"]);
     let _agent = spawn(&bin(), &args, &tmp.path().join("agent.log"), &[]);
     wait_until(Duration::from_secs(20), "the node", || (api.nodes().len() == 1).then_some(()));
     let node = |api: &Api| api.nodes().into_iter().next().unwrap();

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use berth_testkit::{pid_alive, pid_records, spawn, start_control_on, wait_until, watchdog_pid, Api, InstanceReaper, Proc};
+use berth_testkit::{agent_args, pid_alive, pid_records, spawn, start_control_on, wait_until, watchdog_pid, Api, InstanceReaper, Proc};
 use serde_json::{json, Value};
 
 fn bin() -> PathBuf {
@@ -30,27 +30,7 @@ const ANY: &str = "127.0.0.1:0";
 fn agent(tmp: &Path, url: &str, token: &str, name: &str, ports: &str) -> (Proc, PathBuf) {
     let dir = tmp.join(name);
     std::fs::create_dir_all(&dir).unwrap();
-    let args: Vec<String> = [
-        "agent",
-        "--control-plane",
-        url,
-        "--token",
-        token,
-        "--name",
-        name,
-        "--data-dir",
-        &dir.display().to_string(),
-        "--memory-mib",
-        "2048",
-        "--ports",
-        ports,
-        "--sync-interval",
-        &SYNC_S.to_string(),
-        "--no-cgroups",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = agent_args(url, token, name, &dir, 2048, ports, SYNC_S, &["--no-cgroups"]);
     let log = tmp.join(format!("{name}-{}.log", SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()));
     (spawn(&bin(), &args, &log, &[]), dir)
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use berth_testkit::{pid_alive, pid_records, spawn, start_control, wait_until, Api, InstanceReaper};
+use berth_testkit::{agent_args, pid_alive, pid_records, spawn, start_control, wait_until, Api, InstanceReaper};
 use serde_json::{json, Value};
 
 fn bin() -> PathBuf {
@@ -124,27 +124,7 @@ fn agent_restart_readopts_instances_without_restarting_them() {
     let (_cp, url, token) = start_control(&bin(), "control-plane", &cp_dir, &["--sync-interval", "1"]);
     let api = Api::new(&url, &token);
     let agent_token = api.create_token("agent", None);
-    let agent_args: Vec<String> = [
-        "agent",
-        "--control-plane",
-        &url,
-        "--token",
-        &agent_token,
-        "--name",
-        "n1",
-        "--data-dir",
-        &agent_dir.display().to_string(),
-        "--memory-mib",
-        "4096",
-        "--ports",
-        "21100-21199",
-        "--sync-interval",
-        "1",
-        "--no-cgroups",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let agent_args = agent_args(&url, &agent_token, "n1", &agent_dir, 4096, "21100-21199", 1, &["--no-cgroups"]);
     std::fs::create_dir_all(&agent_dir).unwrap();
     let mut agent = spawn(&bin(), &agent_args, &tmp.path().join("agent1.log"), &[]);
     wait_until(Duration::from_secs(20), "node n1", || (api.nodes().len() == 1).then_some(()));

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_testkit::{pid_alive, pid_records, spawn, start_control, wait_until, Api, InstanceReaper, Proc};
+use berth_testkit::{agent_args, pid_alive, pid_records, spawn, start_control, wait_until, Api, InstanceReaper, Proc};
 use serde_json::{json, Value};
 
 fn bin() -> PathBuf {
@@ -77,27 +77,7 @@ fn cluster(tmp: &Path, ports: &str, extra: &[&str]) -> Cluster {
     let agent_dir = tmp.join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     reaper.watch(&agent_dir);
-    let agent_args: Vec<String> = [
-        "agent",
-        "--control-plane",
-        &url,
-        "--token",
-        &agent_token,
-        "--name",
-        "n1",
-        "--data-dir",
-        &agent_dir.display().to_string(),
-        "--memory-mib",
-        "8192",
-        "--ports",
-        ports,
-        "--sync-interval",
-        "1",
-        "--no-cgroups",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let agent_args = agent_args(&url, &agent_token, "n1", &agent_dir, 8192, ports, 1, &["--no-cgroups"]);
     let agent = spawn(&bin(), &agent_args, &tmp.join("agent.log"), &[]);
     wait_until(Duration::from_secs(20), "node n1", || (api.nodes().len() == 1).then_some(()));
     Cluster { api, agent, agent_dir, _cp: cp, _reaper: reaper }

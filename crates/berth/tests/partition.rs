@@ -17,27 +17,7 @@ fn now_ms() -> i64 {
 }
 
 fn agent_args(url: &str, token: &str, name: &str, dir: &Path, ports: &str) -> Vec<String> {
-    [
-        "agent",
-        "--control-plane",
-        url,
-        "--token",
-        token,
-        "--name",
-        name,
-        "--data-dir",
-        &dir.display().to_string(),
-        "--memory-mib",
-        "2048",
-        "--ports",
-        ports,
-        "--sync-interval",
-        "1",
-        "--no-cgroups",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    berth_testkit::agent_args(url, token, name, dir, 2048, ports, 1, &["--no-cgroups"])
 }
 
 struct Setup {

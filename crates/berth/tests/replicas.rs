@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_testkit::{require_or_skip, spawn, wait_until, Api, InstanceReaper, PgServer, Proc};
+use berth_testkit::{agent_args, require_or_skip, spawn, wait_until, Api, InstanceReaper, PgServer, Proc};
 use serde_json::json;
 
 fn bin() -> PathBuf {
@@ -63,27 +63,7 @@ fn cluster(tmp: &Path, db: &str, agents: usize, ports_base: u16) -> Cluster {
         let ports = format!("{}-{}", ports_base + i as u16 * 100, ports_base + i as u16 * 100 + 99);
         // Half the agents list the other replica first.
         let urls = if i % 2 == 0 { urls.clone() } else { format!("{},{}", b.1, a.1) };
-        let args: Vec<String> = [
-            "agent",
-            "--control-plane",
-            &urls,
-            "--token",
-            &agent_token,
-            "--name",
-            &format!("n{i}"),
-            "--data-dir",
-            &dir.display().to_string(),
-            "--memory-mib",
-            "4096",
-            "--ports",
-            &ports,
-            "--sync-interval",
-            "1",
-            "--no-cgroups",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let args = agent_args(&urls, &agent_token, &format!("n{i}"), &dir, 4096, &ports, 1, &["--no-cgroups"]);
         procs.push(spawn(&bin(), &args, &tmp.join(format!("agent{i}.log")), &[]));
     }
     wait_until(Duration::from_secs(30), "all agents registered", || (api.nodes().len() == agents).then_some(()));

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_testkit::{pid_alive, pid_records, spawn, start_control, wait_until, Api, InstanceReaper, Proc};
+use berth_testkit::{agent_args, pid_alive, pid_records, spawn, start_control, wait_until, Api, InstanceReaper, Proc};
 use serde_json::json;
 
 fn bin() -> PathBuf {
@@ -26,26 +26,7 @@ fn storm_of_200_starts_on_three_4096_nodes_runs_exactly_48() {
         std::fs::create_dir_all(&dir).unwrap();
         reaper.watch(&dir);
         let ports = format!("{}-{}", 22000 + i * 100, 22099 + i * 100);
-        let args: Vec<String> = [
-            "agent",
-            "--control-plane",
-            &url,
-            "--token",
-            &agent_token,
-            "--name",
-            &format!("n{i}"),
-            "--data-dir",
-            &dir.display().to_string(),
-            "--memory-mib",
-            "4096",
-            "--ports",
-            &ports,
-            "--sync-interval",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let args = agent_args(&url, &agent_token, &format!("n{i}"), &dir, 4096, &ports, 1, &[]);
         agents.push(spawn(&bin(), &args, &tmp.path().join(format!("agent{i}.log")), &[]));
     }
     wait_until(Duration::from_secs(20), "three nodes", || (api.nodes().len() == 3).then_some(()));
