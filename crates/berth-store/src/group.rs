@@ -49,6 +49,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::exec::{Exec, LiteExec};
+use crate::mirror::Mirror;
 use crate::store::WriteWork;
 use crate::StoreError;
 
@@ -187,12 +188,12 @@ struct Counts {
 impl GroupCommit {
     /// Opens the writer's connection to `path` (already migrated) and
     /// starts its thread.
-    pub(crate) fn spawn(path: &Path, max_batch: usize) -> Result<GroupCommit, StoreError> {
-        Self::spawn_with(path, max_batch, flush_wal(path))
+    pub(crate) fn spawn(path: &Path, max_batch: usize, mirror: Option<Arc<Mirror>>) -> Result<GroupCommit, StoreError> {
+        Self::spawn_with(path, max_batch, flush_wal(path), mirror)
     }
 
     /// `spawn` with the log flushed by `flush` (tests hold it up or fail it).
-    fn spawn_with(path: &Path, max_batch: usize, flush: FlushLog) -> Result<GroupCommit, StoreError> {
+    fn spawn_with(path: &Path, max_batch: usize, flush: FlushLog, mirror: Option<Arc<Mirror>>) -> Result<GroupCommit, StoreError> {
         let max_batch = max_batch.max(1);
         let pipelined = max_batch > 1;
         let conn = crate::sqlite::connect(path)?;
@@ -213,6 +214,7 @@ impl GroupCommit {
         // checkpoints itself only if the log grows far past that thread's
         // pace, so the log stays bounded even if the thread falls behind.
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+        let mirror = mirror.map(|m| Mirrored::install(&conn, m)).transpose()?;
         let checkpoints = crate::sqlite::connect(path)?;
         let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
         let (jobs, rx) = mpsc::unbounded_channel();
@@ -239,7 +241,7 @@ impl GroupCommit {
             .spawn(move || {
                 serial_stage_priority();
                 let rt = tokio::runtime::Builder::new_current_thread().build().expect("the writer's runtime starts");
-                rt.block_on(writer(conn, rx, max_batch, task_counts, nudge, d, flushes));
+                rt.block_on(writer(conn, rx, max_batch, task_counts, Downstream { nudge, flushes }, d, mirror));
             })
             .map_err(|e| StoreError::NotCommitted(format!("cannot start the writer thread: {e}")))?;
         std::thread::Builder::new()
@@ -347,10 +349,11 @@ async fn writer(
     mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>,
     max_batch: usize,
     counts: Arc<Counts>,
-    nudge: std::sync::mpsc::SyncSender<()>,
+    downstream: Downstream,
     durability: Arc<Durability>,
-    flushes: Option<std::sync::mpsc::Sender<Flush>>,
+    mut mirror: Option<Mirrored>,
 ) {
+    let Downstream { nudge, flushes } = downstream;
     let _stopped = Stopped(durability.clone());
     let mut seq = 0u64;
     let mut flushed = durability.flushed.subscribe();
@@ -365,7 +368,7 @@ async fn writer(
         // flusher is free for the next commit (at once without one): so a
         // batch is what arrives during one fsync, and its statements ran
         // while that fsync did.
-        let mut run = match sql(&conn, "BEGIN IMMEDIATE") {
+        let mut run = match begin(&conn, mirror.as_mut()) {
             Ok(()) => run_bare(&mut conn, &mut batch[0]).await,
             Err(why) => Err(why),
         };
@@ -390,7 +393,7 @@ async fn writer(
         seq += 1;
         durability.begun.store(seq, Ordering::SeqCst);
         let committed = match run {
-            Ok(true) => sql(&conn, "COMMIT"),
+            Ok(true) => commit(&conn, mirror.as_ref()),
             Ok(false) => {
                 // The writes waiting now join the second run, as they would
                 // have joined the batch: one rerun, not one per failure.
@@ -400,7 +403,11 @@ async fn writer(
                         Err(_) => break,
                     }
                 }
-                rerun(&mut conn, &mut batch, &counts).await
+                match rerun(&mut conn, &mut batch, &counts, mirror.as_mut()).await {
+                    Ok(true) => commit(&conn, mirror.as_ref()),
+                    Ok(false) => Ok(()),
+                    Err(why) => Err(why),
+                }
             }
             Err(why) => Err(why),
         };
@@ -435,6 +442,14 @@ async fn writer(
             }
         }
     }
+}
+
+/// Where the writer hands what it committed: the checkpointer, nudged
+/// after each commit, and the flusher (none on the naive path, whose
+/// commits are flushed by themselves).
+struct Downstream {
+    nudge: std::sync::mpsc::SyncSender<()>,
+    flushes: Option<std::sync::mpsc::Sender<Flush>>,
 }
 
 /// Answers every write of a batch with what became of it.
@@ -536,13 +551,14 @@ async fn run_bare(conn: &mut rusqlite::Connection, job: &mut Box<dyn Job>) -> Re
 /// A write of `batch` failed after changing rows: none of the batch is
 /// kept, and it runs again with every write in a savepoint of its own
 /// (a write alone is simply rolled back: its error is its answer).
-async fn rerun(conn: &mut rusqlite::Connection, batch: &mut [Box<dyn Job>], counts: &Counts) -> Result<(), String> {
+/// `Ok(true)`: the second run's transaction is open, to be committed.
+async fn rerun(conn: &mut rusqlite::Connection, batch: &mut [Box<dyn Job>], counts: &Counts, mirror: Option<&mut Mirrored>) -> Result<bool, String> {
     sql(conn, "ROLLBACK")?;
     if batch.len() == 1 {
-        return Ok(());
+        return Ok(false);
     }
     counts.reruns.fetch_add(1, Ordering::Relaxed);
-    sql(conn, "BEGIN IMMEDIATE")?;
+    begin(conn, mirror)?;
     for job in batch.iter_mut() {
         sql(conn, "SAVEPOINT berth_write")?;
         let ok = job.run(&mut LiteExec { conn: &mut *conn }).await;
@@ -554,7 +570,66 @@ async fn rerun(conn: &mut rusqlite::Connection, batch: &mut [Box<dyn Job>], coun
         }
         sql(conn, "RELEASE berth_write")?;
     }
-    sql(conn, "COMMIT")
+    Ok(true)
+}
+
+/// The mirror (`mirror`) as the writer keeps it: the rows of `servers`
+/// its connection changed in the open transaction (by the update hook),
+/// and the database's data version, which moves when another connection
+/// commits.
+struct Mirrored {
+    mirror: Arc<Mirror>,
+    changed: Arc<std::sync::Mutex<Vec<i64>>>,
+    data_version: i64,
+}
+
+impl Mirrored {
+    /// Fills the mirror from the writer's connection and has the
+    /// connection record the rows it changes from now on.
+    fn install(conn: &rusqlite::Connection, mirror: Arc<Mirror>) -> Result<Mirrored, StoreError> {
+        mirror.load(conn)?;
+        let data_version = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let changed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = changed.clone();
+        conn.update_hook(Some(move |_: rusqlite::hooks::Action, _: &str, table: &str, rowid: i64| {
+            if table == "servers" {
+                seen.lock().expect("changed rows lock").push(rowid);
+            }
+        }));
+        Ok(Mirrored { mirror, changed, data_version })
+    }
+}
+
+/// Opens the batch's transaction. Rows recorded before it belong to a
+/// transaction that ended (applied, or rolled back); if another
+/// connection wrote the file since the last batch, the mirror is read
+/// again from the rows first (the write lock is held: nothing else
+/// commits meanwhile).
+fn begin(conn: &rusqlite::Connection, mirror: Option<&mut Mirrored>) -> Result<(), String> {
+    sql(conn, "BEGIN IMMEDIATE")?;
+    let Some(m) = mirror else { return Ok(()) };
+    m.changed.lock().expect("changed rows lock").clear();
+    let version: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(|e| format!("data_version: {e}"))?;
+    if m.data_version != version {
+        tracing::warn!("another process wrote the database: the store's copy of the servers is read again");
+        m.mirror.load(conn).map_err(|e| format!("reading the servers again: {e}"))?;
+        m.data_version = version;
+    }
+    Ok(())
+}
+
+/// Commits the open transaction; the rows of `servers` it changed are
+/// read again first (what the update hook recorded may since have been
+/// undone) and go to the mirror once the COMMIT succeeded.
+fn commit(conn: &rusqlite::Connection, mirror: Option<&Mirrored>) -> Result<(), String> {
+    let Some(m) = mirror else { return sql(conn, "COMMIT") };
+    let mut rowids = std::mem::take(&mut *m.changed.lock().expect("changed rows lock"));
+    rowids.sort_unstable();
+    rowids.dedup();
+    let rows = crate::mirror::read_again(conn, &rowids).map_err(|e| format!("reading changed servers: {e}"))?;
+    sql(conn, "COMMIT")?;
+    m.mirror.apply(rows);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -601,7 +676,7 @@ mod tests {
     /// A writer over `table`.
     fn writer_on(dir: &tempfile::TempDir) -> (GroupCommit, std::path::PathBuf) {
         let path = table(dir);
-        (GroupCommit::spawn(&path, 256).unwrap(), path)
+        (GroupCommit::spawn(&path, 256, None).unwrap(), path)
     }
 
     /// Holds the writer inside a write until `open` is called, so that the
@@ -701,7 +776,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = table(&dir);
         let flush = Arc::new(Gate::default());
-        let g = GroupCommit::spawn_with(&path, 256, held_flush(&flush)).unwrap();
+        let g = GroupCommit::spawn_with(&path, 256, held_flush(&flush), None).unwrap();
         let mut a = insert(&g, &["a1"], false);
         // Committed: another connection sees the row...
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -723,7 +798,7 @@ mod tests {
     async fn a_failed_flush_fails_every_write_and_read_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = table(&dir);
-        let g = GroupCommit::spawn_with(&path, 256, Box::new(|| Err(std::io::Error::other("injected fsync failure")))).unwrap();
+        let g = GroupCommit::spawn_with(&path, 256, Box::new(|| Err(std::io::Error::other("injected fsync failure"))), None).unwrap();
         match insert(&g, &["a1"], false).await.unwrap() {
             Err(StoreError::Unavailable(why)) => assert!(why.contains("could not be flushed") && why.contains("injected"), "{why}"),
             other => panic!("a write whose flush failed was answered {other:?}"),
@@ -739,7 +814,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = table(&dir);
         // synchronous=FULL: the naive path never hands a batch to a flusher.
-        let g = GroupCommit::spawn_with(&path, 1, Box::new(|| panic!("the naive path flushed through the flusher"))).unwrap();
+        let g = GroupCommit::spawn_with(&path, 1, Box::new(|| panic!("the naive path flushed through the flusher")), None).unwrap();
         insert(&g, &["a1"], false).await.unwrap().unwrap();
         g.settled().await.unwrap();
         assert_eq!(names(&path), ["a1"]);
@@ -763,5 +838,76 @@ mod tests {
         b.await.unwrap().unwrap();
         assert_eq!(names(&path), ["a1", "b1"]);
         assert_eq!(g.stats().2, 0, "no write changed rows and then failed");
+    }
+
+    /// A migrated database with servers `s1` (queued) and `s2` (stopped),
+    /// and a writer keeping a mirror of them.
+    fn mirrored_writer(dir: &tempfile::TempDir) -> (GroupCommit, Arc<Mirror>, std::path::PathBuf) {
+        let path = dir.path().join("m.db");
+        let mut conn = crate::sqlite::connect(&path).unwrap();
+        crate::sqlite::migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO servers (id, tenant, name, template, memory_mib, config, status, generation, created_at, updated_at) VALUES \
+             ('s1', 't', 'one', 'x', 512, '{}', 'queued', 0, 1, 1), ('s2', 't', 'two', 'x', 256, '{}', 'stopped', 0, 2, 2);",
+        )
+        .unwrap();
+        let mirror = Arc::new(Mirror::default());
+        let g = GroupCommit::spawn(&path, 256, Some(mirror.clone())).unwrap();
+        (g, mirror, path)
+    }
+
+    /// Renames server `id`; with `fail`, the write fails after renaming.
+    fn rename(g: &GroupCommit, id: &str, to: &str, fail: bool) -> Answer {
+        g.enqueue((id.to_string(), to.to_string()), move |e, (id, to): &(String, String)| {
+            Box::pin(async move {
+                e.exec("UPDATE servers SET name = ? WHERE id = ?", args![to.as_str(), id.as_str()]).await?;
+                if fail {
+                    return Err(StoreError::Conflict("refused after writing".into()));
+                }
+                Ok(())
+            })
+        })
+        .unwrap()
+    }
+
+    fn name_of(m: &Mirror, id: &str) -> Option<String> {
+        m.get_server(id).unwrap().map(|s| s.name)
+    }
+
+    #[tokio::test]
+    async fn the_mirror_holds_what_committed_not_what_was_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, mirror, _path) = mirrored_writer(&dir);
+        assert_eq!((name_of(&mirror, "s1").as_deref(), name_of(&mirror, "s2").as_deref()), (Some("one"), Some("two")), "loaded at start");
+        let (gate, held) = Gate::hold(&g);
+        // In one batch: a rename undone by its write's failure (the batch
+        // runs again with savepoints), a rename undone by its own failed
+        // statement (the foreign key is checked at the statement's end,
+        // after the row changed), and a rename that stays.
+        let undone = rename(&g, "s1", "undone", true);
+        let refused = g
+            .enqueue((), |e, _: &()| {
+                Box::pin(async move {
+                    e.exec("UPDATE servers SET name = 'refused', node_id = 'node_missing' WHERE id = 's2'", args![]).await?;
+                    Ok(())
+                })
+            })
+            .unwrap();
+        let kept = rename(&g, "s2", "kept", false);
+        gate.open();
+        held.await.unwrap().unwrap();
+        assert!(undone.await.unwrap().is_err());
+        assert!(refused.await.unwrap().is_err(), "no such node");
+        kept.await.unwrap().unwrap();
+        assert_eq!(g.stats().2, 1, "the batch ran again");
+        assert_eq!(name_of(&mirror, "s1").as_deref(), Some("one"));
+        assert_eq!(name_of(&mirror, "s2").as_deref(), Some("kept"));
+        assert!(mirror.get_server("undone").unwrap().is_none() && mirror.get_server("refused").unwrap().is_none());
+        // A failing write alone: rolled back without a second run.
+        rename(&g, "s1", "alone", true).await.unwrap().unwrap_err();
+        rename(&g, "s2", "last", false).await.unwrap().unwrap();
+        assert_eq!(name_of(&mirror, "s1").as_deref(), Some("one"));
+        assert_eq!(name_of(&mirror, "s2").as_deref(), Some("last"));
+        assert_eq!(mirror.get_server("last").unwrap().map(|s| s.id.0), Some("s2".to_string()), "found by its new name");
     }
 }

@@ -11,6 +11,7 @@ mod error;
 #[macro_use]
 mod exec;
 mod group;
+mod mirror;
 mod postgres;
 mod reads;
 mod rows;

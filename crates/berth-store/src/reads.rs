@@ -181,8 +181,11 @@ pub(crate) async fn status_counts(e: E<'_>) -> Result<(Vec<(ServerStatus, u64)>,
         let status = r.text("status")?;
         counts.push((ServerStatus::parse(&status).ok_or_else(|| corrupt("server status", &status))?, r.int("n")? as u64));
     }
-    let open = e.one("SELECT COUNT(*) AS n FROM billing_sessions WHERE ended_at IS NULL", args![]).await?.first_int()?;
-    Ok((counts, open as u64))
+    Ok((counts, open_session_count(e).await?))
+}
+
+pub(crate) async fn open_session_count(e: E<'_>) -> Result<u64, StoreError> {
+    Ok(e.one("SELECT COUNT(*) AS n FROM billing_sessions WHERE ended_at IS NULL", args![]).await?.first_int()? as u64)
 }
 
 pub(crate) async fn cluster(e: E<'_>) -> Result<(Vec<ReplicaInfo>, Option<LeaderLease>), StoreError> {
@@ -341,6 +344,26 @@ pub(crate) async fn ops_work(e: E<'_>, window_start: Millis, with_active: bool) 
         .map(queued_from_row)
         .collect::<Result<_, _>>()?;
     Ok(OpsWork { active: active_ops, crashed, queued })
+}
+
+/// Of `stopping` (servers in `stopping`, in id order), those a kill is
+/// running for: `killing_on` for a caller that knows the node's servers.
+pub(crate) async fn kills_among(e: E<'_>, stopping: &[(ServerId, Generation)]) -> Result<Vec<(ServerId, Generation)>, StoreError> {
+    let mut killing = std::collections::HashSet::new();
+    for ids in stopping.chunks(500) {
+        let sql = format!("SELECT server_id FROM operations WHERE kind = 'kill' AND status = 'running' AND server_id IN ({})", marks(ids.len()));
+        for row in e.rows(&sql, ids.iter().map(|(id, _)| Arg::from(&id.0)).collect()).await? {
+            killing.insert(row.text("server_id")?);
+        }
+    }
+    Ok(stopping.iter().filter(|(id, _)| killing.contains(&id.0)).cloned().collect())
+}
+
+/// When the node last renewed its lease, if ever, and when it registered
+/// (what a sync decides from besides the node's servers).
+pub(crate) async fn node_renewal(e: E<'_>, node: &NodeId) -> Result<Option<(Option<Millis>, Millis)>, StoreError> {
+    let Some(row) = e.row("SELECT last_sync_at, registered_at FROM nodes WHERE id = ?", args![&node.0]).await? else { return Ok(None) };
+    Ok(Some((row.opt_int("last_sync_at")?, row.int("registered_at")?)))
 }
 
 pub(crate) async fn killing_on(e: E<'_>, node: &NodeId) -> Result<Vec<(ServerId, Generation)>, StoreError> {

@@ -25,6 +25,7 @@ use async_trait::async_trait;
 
 use crate::exec::LiteExec;
 use crate::group::GroupCommit;
+use crate::mirror::Mirror;
 use crate::store::{Backend, StoreOn, Work, WriteWork};
 use crate::{StoreError, WriteStats};
 
@@ -58,6 +59,8 @@ const IDLE_READERS: usize = 8;
 pub struct SqliteBackend {
     readers: Arc<Readers>,
     group: GroupCommit,
+    /// The live servers, kept by the writer (`mirror`).
+    mirror: Arc<Mirror>,
 }
 
 /// The idle read connections, shared with reads run on the blocking pool.
@@ -86,7 +89,7 @@ pub(crate) fn run_cached(conn: &rusqlite::Connection, sql: &str) -> rusqlite::Re
     conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
-fn migrate(conn: &mut rusqlite::Connection) -> Result<(), StoreError> {
+pub(crate) fn migrate(conn: &mut rusqlite::Connection) -> Result<(), StoreError> {
     migrate_through(conn, i64::MAX)
 }
 
@@ -125,8 +128,22 @@ impl StoreOn<SqliteBackend> {
 
     pub async fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         migrate(&mut connect(path)?)?;
-        let group = GroupCommit::spawn(path, options.group_commit_max)?;
-        Ok(StoreOn::new(SqliteBackend { readers: Arc::new(Readers { path: path.to_path_buf(), idle: Mutex::new(Vec::new()) }), group }))
+        let mirror = Arc::new(Mirror::default());
+        let group = GroupCommit::spawn(path, options.group_commit_max, Some(mirror.clone()))?;
+        Ok(StoreOn::new(SqliteBackend { readers: Arc::new(Readers { path: path.to_path_buf(), idle: Mutex::new(Vec::new()) }), group, mirror }))
+    }
+}
+
+impl StoreOn<SqliteBackend> {
+    /// Every live server as the writer's copy holds it and as the rows
+    /// hold them, both by id: equal whenever no write is in flight. For
+    /// tests of the copy.
+    #[doc(hidden)]
+    pub async fn mirror_and_rows(&self) -> Result<(Vec<berth_core::Server>, Vec<berth_core::Server>), StoreError> {
+        let mirrored = self.b.mirror.all()?;
+        let mut rows = self.b.readers.read(|e| Box::pin(async move { crate::reads::list_servers(e, None).await })).await?;
+        rows.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((mirrored, rows))
     }
 }
 
@@ -192,6 +209,14 @@ impl Backend for SqliteBackend {
 
     async fn write<I: Send + Sync + 'static, T: Send + 'static, F: WriteWork<I, T>>(&self, input: I, work: F) -> Result<T, StoreError> {
         self.group.write(input, work).await
+    }
+
+    fn mirror(&self) -> Option<&Mirror> {
+        Some(&self.mirror)
+    }
+
+    async fn settled(&self) -> Result<(), StoreError> {
+        self.group.settled().await
     }
 
     fn write_stats(&self) -> Option<WriteStats> {

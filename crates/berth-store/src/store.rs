@@ -14,6 +14,7 @@ use berth_core::{Event, Generation, MemMib, Millis, NewEvent, Node, NodeId, Node
 
 use crate::exec::Exec;
 use crate::group::BoxFuture;
+use crate::mirror::Mirror;
 use crate::{reads, writes};
 use crate::{
     BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, DeliveryOutcome, DeliveryPolicy, DesiredView, EventFilter, LeaderLease, LedgerEntry,
@@ -45,6 +46,17 @@ pub(crate) trait Backend: Send + Sync + 'static {
     }
     /// Runs `work` over `input` in a write transaction; an error rolls it back.
     async fn write<I: Send + Sync + 'static, T: Send + 'static, F: WriteWork<I, T>>(&self, input: I, work: F) -> Result<T, StoreError>;
+    /// The in-memory copy of the live servers, where the backend keeps an
+    /// exact one (SQLite, whose one writer keeps it: `mirror`). Reads of
+    /// it are followed by `settled`.
+    fn mirror(&self) -> Option<&Mirror> {
+        None
+    }
+    /// Waits until everything a read may have seen is durable (a read
+    /// through `read` does this itself).
+    async fn settled(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Writes and commits so far, where the backend counts them.
     fn write_stats(&self) -> Option<WriteStats>;
     /// Whether one writer commits every write, one transaction after
@@ -77,6 +89,15 @@ impl<B> StoreOn<B> {
     pub(crate) fn new(b: B) -> StoreOn<B> {
         StoreOn { b, fence: std::sync::Mutex::new(None), event_counts: Default::default() }
     }
+}
+
+/// A read of the backend's mirror, where it keeps one: what a read of the
+/// rows answers, answered from the mirror, once durable.
+async fn mirrored<B: Backend, T>(b: &B, read: impl FnOnce(&Mirror) -> T) -> Result<Option<T>, StoreError> {
+    let Some(m) = b.mirror() else { return Ok(None) };
+    let out = read(m);
+    b.settled().await?;
+    Ok(Some(out))
 }
 
 #[async_trait]
@@ -128,11 +149,17 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError> {
+        if let Some(s) = mirrored(&self.b, |m| m.get_server(id_or_name)).await? {
+            return s;
+        }
         let id_or_name = id_or_name.to_string();
         self.b.read(move |e| Box::pin(async move { reads::get_server(e, &id_or_name).await })).await
     }
 
     async fn resolve_server(&self, id_or_name: &str) -> Result<Option<ServerRef>, StoreError> {
+        if let Some(s) = mirrored(&self.b, |m| m.resolve_server(id_or_name)).await? {
+            return Ok(s);
+        }
         let id_or_name = id_or_name.to_string();
         self.b.read(move |e| Box::pin(async move { reads::resolve_server(e, &id_or_name).await })).await
     }
@@ -162,6 +189,9 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn queued(&self) -> Result<Vec<QueuedServer>, StoreError> {
+        if let Some(q) = mirrored(&self.b, |m| m.queued()).await? {
+            return Ok(q);
+        }
         self.b.read(move |e| Box::pin(async move { reads::queued(e).await })).await
     }
 
@@ -173,21 +203,47 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
+        if let Some(d) = mirrored(&self.b, |m| m.desired_on(node_id)).await? {
+            return d;
+        }
         let node_id = node_id.clone();
         self.b.read(move |e| Box::pin(async move { reads::desired_on(e, &node_id).await })).await
     }
 
     async fn desired_view(&self, node_id: &NodeId, base: Option<std::sync::Arc<[(ServerId, Generation)]>>, reserved: bool) -> Result<DesiredView, StoreError> {
+        let from_mirror = mirrored(&self.b, |m| {
+            let (keys, added) = match base.as_deref() {
+                Some(base) => m.desired_delta(node_id, base)?,
+                None => (m.desired_keys(node_id), Vec::new()),
+            };
+            Ok::<_, StoreError>((keys, added, m.stopping_on(node_id), reserved.then(|| m.node_reserved(node_id))))
+        })
+        .await?;
+        if let Some(view) = from_mirror {
+            let (keys, added, stopping, reserved) = view?;
+            // A kill order needs the running kill operation: read only for
+            // the node's servers in `stopping`, mostly none.
+            let kill =
+                if stopping.is_empty() { Vec::new() } else { self.b.read(move |e| Box::pin(async move { reads::kills_among(e, &stopping).await })).await? };
+            return Ok(DesiredView { keys, added, kill, reserved });
+        }
         let node_id = node_id.clone();
         self.b.read(move |e| Box::pin(async move { reads::desired_view(e, &node_id, base.as_deref(), reserved).await })).await
     }
 
     async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
+        if let Some(p) = mirrored(&self.b, |m| m.placed_on(node_id)).await? {
+            return p;
+        }
         let node_id = node_id.clone();
         self.b.read(move |e| Box::pin(async move { reads::placed_on(e, &node_id).await })).await
     }
 
     async fn status_counts(&self) -> Result<(Vec<(ServerStatus, u64)>, u64), StoreError> {
+        if let Some(counts) = mirrored(&self.b, |m| m.status_counts()).await? {
+            let open = self.b.read(move |e| Box::pin(async move { reads::open_session_count(e).await })).await?;
+            return Ok((counts, open));
+        }
         self.b.read(move |e| Box::pin(async move { reads::status_counts(e).await })).await
     }
 
@@ -376,7 +432,20 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide) -> Result<(Node, Reconciled), StoreError> {
-        let pre = if self.b.one_writer() {
+        let pre = if let Some(m) = self.b.mirror() {
+            // The node's renewal from its row, its servers from the mirror
+            // (at least as new as the row read just before).
+            let node_id = input.node_id.clone();
+            match self.b.read(move |e| Box::pin(async move { reads::node_renewal(e, &node_id).await })).await? {
+                Some((last_sync_at, registered_at)) => {
+                    let placed = m.placed(&input.node_id);
+                    self.b.settled().await?;
+                    let decided = decide(&placed, last_sync_at.unwrap_or(registered_at));
+                    Some((last_sync_at, placed, decided))
+                }
+                None => None,
+            }
+        } else if self.b.one_writer() {
             let (input, decide) = (input.clone(), decide.clone());
             self.b.read(move |e| Box::pin(async move { reads::pre_decide(e, &input, &decide).await })).await?
         } else {

@@ -20,6 +20,7 @@ macro_rules! suite_tests {
             let dir = tempfile::tempdir().unwrap();
             let store = open(&dir).await;
             suite::$name(&store).await;
+            mirror_matches_rows(&store).await;
         }
     )*};
 }
@@ -38,11 +39,41 @@ suite_tests!(
     webhooks_fan_out_retry_and_disable,
 );
 
+/// The writer's copy of the servers (what requests and syncs read) equals
+/// the rows, server by server, once the writes are answered.
+async fn mirror_matches_rows(store: &SqliteStore) {
+    let (mirrored, rows) = store.mirror_and_rows().await.unwrap();
+    assert_eq!(mirrored.len(), rows.len(), "servers in the copy and in the rows");
+    for (m, r) in mirrored.iter().zip(&rows) {
+        assert_eq!(m, r, "server {} differs between the copy and the rows", r.id);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_commits_never_exceed_a_node() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(open(&dir).await);
-    suite::concurrent_commits_never_exceed_a_node(store).await;
+    let store = Arc::new(open(&dir).await);
+    suite::concurrent_commits_never_exceed_a_node(store.clone()).await;
+    mirror_matches_rows(&store).await;
+}
+
+/// Rows another process changed reach the copy from the writer's next
+/// batch on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_follows_another_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let s = suite::queued(&store, "copy-a", 256).await;
+    mirror_matches_rows(&store).await;
+    // Another process renames the server behind the store's back.
+    let conn = rusqlite::Connection::open(dir.path().join("berth.db")).unwrap();
+    conn.execute("UPDATE servers SET name = 'copy-renamed' WHERE id = ?", [&s.id.0]).unwrap();
+    drop(conn);
+    // The writer notices at its next batch.
+    suite::queued(&store, "copy-b", 256).await;
+    mirror_matches_rows(&store).await;
+    assert_eq!(store.get_server("copy-renamed").await.unwrap().map(|x| x.id), Some(s.id.clone()));
+    assert!(store.get_server("copy-a").await.unwrap().is_none(), "the old name is gone from the copy");
 }
 
 /// Group commit answers every write of a burst as if it ran alone, and
@@ -54,6 +85,7 @@ async fn a_burst_of_writes_is_group_committed_with_the_same_answers() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open_with(&dir.path().join("berth.db"), SqliteOptions { group_commit_max }).await.unwrap());
         suite::a_burst_of_writes_is_answered_write_by_write(store.clone()).await;
+        mirror_matches_rows(&store).await;
         let stats = store.write_stats().unwrap();
         assert!(stats.writes >= 40 + 40 + 30, "{stats:?}");
         if group_commit_max == 1 {
