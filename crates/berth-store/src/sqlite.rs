@@ -36,6 +36,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/sqlite/0004_operations.sql")),
     (5, include_str!("../migrations/sqlite/0005_volumes.sql")),
     (6, include_str!("../migrations/sqlite/0006_reservations_key.sql")),
+    (7, include_str!("../migrations/sqlite/0007_reservations_by_node.sql")),
 ];
 
 /// How a `SqliteStore` writes.
@@ -233,9 +234,11 @@ impl Backend for SqliteBackend {
 mod tests {
     use super::*;
 
-    #[test]
-    fn reservations_rekeyed_by_server_keep_their_rows_and_rules() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A database at version 5 with a node, a running server with its
+    /// reservation and a queued server, migrated through `through`; the
+    /// reservation's row and rules are checked after. Returns the
+    /// connection and the indexes of `reservations` (origin, name).
+    fn reservation_after_migrating(dir: &tempfile::TempDir, through: i64) -> (rusqlite::Connection, Vec<(String, String)>) {
         let mut conn = connect(&dir.path().join("berth.db")).unwrap();
         migrate_through(&mut conn, 5).unwrap();
         conn.execute_batch(
@@ -246,7 +249,7 @@ mod tests {
              INSERT INTO reservations (server_id, generation, node_id, memory_mib, port, state, created_at) VALUES ('s1', 3, 'n1', 512, 20001, 'active', 7);",
         )
         .unwrap();
-        migrate(&mut conn).unwrap();
+        migrate_through(&mut conn, through).unwrap();
 
         let row: (i64, String, i64, i64, String, i64) = conn
             .query_row("SELECT generation, node_id, memory_mib, port, state, created_at FROM reservations WHERE server_id = 's1'", [], |r| {
@@ -274,9 +277,39 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
+        (conn, indexes)
+    }
+
+    #[test]
+    fn reservations_rekeyed_by_server_keep_their_rows_and_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, indexes) = reservation_after_migrating(&dir, 6);
         // The node's ports and the key: nothing written twice.
         assert_eq!(indexes.len(), 2, "{indexes:?}");
         assert_eq!(indexes[0], ("c".to_string(), "reservations_node_port".to_string()));
         assert_eq!(indexes[1].0, "pk");
+    }
+
+    #[test]
+    fn reservations_stored_in_node_order_keep_their_rows_and_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, indexes) = reservation_after_migrating(&dir, 7);
+        // The server's one reservation and the key: still two b-trees.
+        assert_eq!(indexes.len(), 2, "{indexes:?}");
+        assert_eq!(indexes[0], ("c".to_string(), "reservations_server".to_string()));
+        assert_eq!(indexes[1].0, "pk");
+        // The key is the node and its port: a node's rows are neighbours.
+        let key: Vec<String> = conn
+            .prepare(&format!("SELECT name FROM pragma_index_info('{}') ORDER BY seqno", indexes[1].1))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(key, ["node_id", "port"]);
+        // Read in key order: the node's ports, the lowest first.
+        let ports: Vec<i64> =
+            conn.prepare("SELECT port FROM reservations WHERE node_id = 'n1'").unwrap().query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap();
+        assert_eq!(ports, [20001, 20002]);
     }
 }
