@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod capacity;
 pub mod clock;
 pub mod drift;
 pub mod error;
@@ -207,6 +208,7 @@ impl ControlPlane {
             syncs: Default::default(),
             sent: Default::default(),
             admission_commits,
+            capacity: Default::default(),
         });
         // Servers may be waiting in the queue from before a restart.
         app.queue_wake.notify_one();

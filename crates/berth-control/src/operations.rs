@@ -20,7 +20,7 @@ use berth_core::operation::{needs_advance, OpKind, OpOrigin, Operation};
 use berth_core::queue::{no_capacity_message, timed_out};
 use berth_core::restart::RestartDecision;
 use berth_core::{NewEvent, Server, ServerStatus};
-use berth_store::{OpFilter, OpRequest, ServerRef, Store, StoreError};
+use berth_store::{OpFilter, OpRequest, Proposal, ServerRef, Store, StoreError};
 use tokio::sync::Notify;
 
 use crate::auth::Caller;
@@ -53,20 +53,65 @@ impl App {
             ));
         }
         let s = self.find_server_ref(caller, id_or_name).await?;
-        self.operation_on(&s, kind, fresh_world).await
+        self.operation_on(&s, kind, fresh_world).await.map(|(op, server, _)| (op, server))
     }
 
-    /// Requests `kind` on `s`, a server the caller may see (`operation_with`).
-    async fn operation_on(&self, s: &ServerRef, kind: OpKind, fresh_world: bool) -> Result<(Operation, Server), ControlError> {
-        let req = OpRequest { server_id: s.id.clone(), kind, origin: OpOrigin::User, new_id: new_operation_id(), fresh_world };
-        let (op, server) = self.store.request_operation(&req, self.clock.now_ms()).await.map_err(|e| match e {
+    /// Requests `kind` on `s`, a server the caller may see (`operation_with`),
+    /// and says whether the start's own write placed the server: a start
+    /// proposes a node from the capacity view, so that its write can place
+    /// the server at once (`OpRequest::place`) instead of queueing it for
+    /// the queue worker's next round and commit.
+    async fn operation_on(&self, s: &ServerRef, kind: OpKind, fresh_world: bool) -> Result<(Operation, Server, bool), ControlError> {
+        let taken = if kind == OpKind::Start { self.propose(s, fresh_world) } else { None };
+        let place = taken.as_ref().map(|t| Proposal { node_id: t.node_id.clone(), port: t.port, starvation_ms: self.cfg.planner.starvation_ms, fence: None });
+        let req = OpRequest { server_id: s.id.clone(), kind, origin: OpOrigin::User, new_id: new_operation_id(), fresh_world, place };
+        let answer = self.store.request_operation(&req, self.clock.now_ms()).await;
+        let placed =
+            answer.as_ref().is_ok_and(|(_, after)| after.status == ServerStatus::Starting && after.node_id.as_ref() == taken.as_ref().map(|t| &t.node_id));
+        if taken.is_some() {
+            self.capacity.settle(&s.id, placed);
+        }
+        let (op, server) = answer.map_err(|e| match e {
             StoreError::OperationInProgress { blocking, status, id } => {
                 ControlError::OperationInProgress { requested: kind.as_str(), blocking: blocking.as_str(), status: status.as_str(), id }
             }
             other => other.into(),
         })?;
-        self.after_operation_change(s.node_id.as_ref());
-        Ok((op, server))
+        if placed {
+            // An admission transaction of one placement (`/metrics`).
+            self.admission_commits.fetch_add(1, Ordering::Relaxed);
+            if let Some(node) = &server.node_id {
+                self.nodes.wake(node);
+            }
+        } else {
+            self.after_operation_change(s.node_id.as_ref());
+        }
+        Ok((op, server, placed))
+    }
+
+    /// A node for a start of `s` from the capacity view, taken from it
+    /// until the start's write answers; the view is read again in the
+    /// background when it is stale. Only the leader places.
+    fn propose(&self, s: &ServerRef, fresh_world: bool) -> Option<crate::capacity::Taken> {
+        if !self.leading.load(Ordering::SeqCst) {
+            self.capacity.invalidate();
+            return None;
+        }
+        if self.capacity.claim_refresh() {
+            let (store, view) = (self.store.clone(), self.capacity.clone());
+            tokio::spawn(async move {
+                let read_at = std::time::Instant::now();
+                match store.queue_snapshot().await {
+                    Ok(snap) => view.replace(snap.capacities, read_at),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the capacity view could not be read");
+                        view.refresh_failed();
+                    }
+                }
+            });
+        }
+        let home = if fresh_world { None } else { s.home_node.as_ref() };
+        self.capacity.propose(&s.id, s.memory_mib, home)
     }
 
     /// Starts a server and answers once its memory is reserved on a node
@@ -92,7 +137,12 @@ impl App {
         };
         let (mut wake, mut notified) = watch(&self.placed);
         let (op, before) = match self.operation_on(&s, OpKind::Start, fresh_world).await {
-            Ok(started) => started,
+            Ok((op, placed, true)) => {
+                drop(notified);
+                self.placed.release(&s.id, &wake);
+                return Ok((op, placed));
+            }
+            Ok((op, before, false)) => (op, before),
             Err(e) => {
                 // The pending wait holds a handle too: gone first, so the
                 // entry is forgotten.
@@ -272,6 +322,7 @@ impl Worker for OpsWorker {
                         origin: OpOrigin::RestartPolicy,
                         new_id: new_operation_id(),
                         fresh_world: false,
+                        place: None,
                     };
                     match self.store.request_operation(&req, now).await {
                         Ok(_) => {

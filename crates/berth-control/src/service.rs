@@ -54,6 +54,8 @@ pub struct App {
     pub sent: SentSets,
     /// Admission transactions the committer made.
     pub admission_commits: crate::admission::AdmissionCommits,
+    /// What a start plans on to be placed in its own transaction.
+    pub capacity: Arc<crate::capacity::CapacityView>,
 }
 
 #[derive(Default)]

@@ -128,6 +128,13 @@ impl NodeCapacity {
         self.pending_starts += 1;
         self.used_ports.insert(port);
     }
+
+    /// Undoes a `take` whose placement was not committed.
+    pub fn give_back(&mut self, memory: MemMib, port: u16) {
+        self.reserved = self.reserved.saturating_sub(memory);
+        self.pending_starts = self.pending_starts.saturating_sub(1);
+        self.used_ports.remove(&port);
+    }
 }
 
 /// The committer's re-check of one plan against capacity derived from the

@@ -108,6 +108,8 @@ pub struct ServerRef {
     pub id: ServerId,
     pub tenant: String,
     pub node_id: Option<NodeId>,
+    pub memory_mib: MemMib,
+    pub home_node: Option<NodeId>,
 }
 
 /// A sync report, as far as the store needs it.
@@ -176,6 +178,18 @@ pub struct OpRequest {
     /// A start that lets a stateful server lost with its node run on a
     /// fresh world elsewhere (clears its home node).
     pub fresh_world: bool,
+    /// A start that finds the server queued places it here in the same
+    /// transaction, if it fits and no starved server waits.
+    pub place: Option<Proposal>,
+}
+
+/// Where a start proposes to place its server (`OpRequest::place`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Proposal {
+    pub node_id: NodeId,
+    pub port: u16,
+    pub starvation_ms: Millis,
+    pub fence: Option<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -242,7 +242,13 @@ impl Mirror {
     }
 
     pub(crate) fn resolve_server(&self, id_or_name: &str) -> Option<ServerRef> {
-        self.read().find(id_or_name).map(|s| ServerRef { id: s.id.clone(), tenant: s.tenant.clone(), node_id: s.node_id.clone() })
+        self.read().find(id_or_name).map(|s| ServerRef {
+            id: s.id.clone(),
+            tenant: s.tenant.clone(),
+            node_id: s.node_id.clone(),
+            memory_mib: s.memory_mib,
+            home_node: s.home_node.clone(),
+        })
     }
 
     pub(crate) fn queued(&self) -> Vec<QueuedServer> {

@@ -75,12 +75,21 @@ pub(crate) async fn resolve_server(e: E<'_>, id_or_name: &str) -> Result<Option<
     // whole row.
     let row = e
         .row(
-            "SELECT id, tenant, node_id FROM servers WHERE id = ? AND status <> 'deleted' \
-             UNION ALL SELECT id, tenant, node_id FROM servers WHERE name = ? AND status <> 'deleted' LIMIT 1",
+            "SELECT id, tenant, node_id, memory_mib, home_node FROM servers WHERE id = ? AND status <> 'deleted' \
+             UNION ALL SELECT id, tenant, node_id, memory_mib, home_node FROM servers WHERE name = ? AND status <> 'deleted' LIMIT 1",
             args![id_or_name, id_or_name],
         )
         .await?;
-    row.map(|r| Ok(ServerRef { id: ServerId(r.text("id")?), tenant: r.text("tenant")?, node_id: r.opt_text("node_id")?.map(NodeId) })).transpose()
+    row.map(|r| {
+        Ok(ServerRef {
+            id: ServerId(r.text("id")?),
+            tenant: r.text("tenant")?,
+            node_id: r.opt_text("node_id")?.map(NodeId),
+            memory_mib: MemMib(r.int("memory_mib")? as u64),
+            home_node: r.opt_text("home_node")?.map(NodeId),
+        })
+    })
+    .transpose()
 }
 
 pub(crate) async fn list_servers(e: E<'_>, tenant: Option<&str>) -> Result<Vec<Server>, StoreError> {

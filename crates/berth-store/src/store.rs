@@ -328,7 +328,12 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn request_operation(&self, req: &OpRequest, now: Millis) -> Result<(Operation, Server), StoreError> {
-        let req = req.clone();
+        let mut req = req.clone();
+        if let Some(p) = req.place.as_mut() {
+            // Checked against the lease row inside the transaction, as an
+            // admission commit's is.
+            p.fence = self.fence.lock().expect("fence lock").clone();
+        }
         self.b.write(req, move |e, req| Box::pin(writes::request_operation(e, req, now))).await
     }
 

@@ -1080,11 +1080,40 @@ pub(crate) async fn request_operation(e: E<'_>, req: &OpRequest, now: Millis) ->
         )
         .await?
         .first_int()?;
-    let after = match &server {
+    let mut after = match &server {
         Some(s) => s.clone(),
         None => Server { status: ServerStatus::Deleted, ..current },
     };
+    if let (Some(p), ServerStatus::Queued) = (&req.place, after.status) {
+        place_now(e, &mut after, p, now).await?;
+    }
     Ok((op, after))
+}
+
+/// Places a server its start just queued on the node the start proposed,
+/// in the start's own transaction, through `commit_placements`: re-checked
+/// against the reservation rows like any plan (L1). Not while another
+/// queued server has waited past the starvation bound (it blocks
+/// backfill in the planner too), nor off the server's home node: then the
+/// server stays queued for the queue worker, as does one the re-check
+/// refuses.
+async fn place_now(e: E<'_>, s: &mut Server, p: &crate::Proposal, now: Millis) -> Result<(), StoreError> {
+    if s.next_attempt_at.is_some_and(|t| t > now) || s.home_node.as_ref().is_some_and(|h| *h != p.node_id) {
+        return Ok(());
+    }
+    let starved = e.row("SELECT id FROM servers WHERE status = 'queued' AND queued_at <= ? AND id <> ? LIMIT 1", args![now - p.starvation_ms, &s.id.0]).await?;
+    if starved.is_some() {
+        return Ok(());
+    }
+    let plan = Placement { server_id: s.id.clone(), expected_generation: s.generation, node_id: p.node_id.clone(), memory_mib: s.memory_mib, port: p.port };
+    if let [PlacementOutcome::Committed { generation, at }] = commit_placements(e, std::slice::from_ref(&plan), now, p.fence.clone()).await?.as_slice() {
+        s.status = ServerStatus::Starting;
+        s.node_id = Some(plan.node_id);
+        s.port = Some(plan.port);
+        s.generation = *generation;
+        s.updated_at = *at;
+    }
+    Ok(())
 }
 
 /// Settles and begins a server's operations.

@@ -41,6 +41,7 @@ fn store_suite_on_postgres() {
         case!(a_stopping_server_is_billed_until_the_stop_is_confirmed);
         case!(failing_and_restart_bookkeeping);
         case!(webhooks_fan_out_retry_and_disable);
+        case!(a_start_is_placed_in_its_own_write_when_it_fits);
         let store: Arc<dyn Store> = Arc::new(PostgresStore::open(&pg.database("concurrent")).await.unwrap());
         suite::concurrent_commits_never_exceed_a_node(store).await;
         let store: Arc<dyn Store> = Arc::new(PostgresStore::open(&pg.database("burst")).await.unwrap());

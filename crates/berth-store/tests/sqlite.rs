@@ -37,6 +37,7 @@ suite_tests!(
     a_stopping_server_is_billed_until_the_stop_is_confirmed,
     failing_and_restart_bookkeeping,
     webhooks_fan_out_retry_and_disable,
+    a_start_is_placed_in_its_own_write_when_it_fits,
 );
 
 /// The writer's copy of the servers (what requests and syncs read) equals

@@ -80,10 +80,51 @@ pub async fn stale_plans_cannot_overcommit(store: &dyn Store) {
     assert_eq!(store.get_server("c").await.unwrap().unwrap().status, ServerStatus::Queued);
     assert_eq!(store.get_server("a").await.unwrap().unwrap().status, ServerStatus::Starting);
     // Who a server is, by name or id: its node once placed, none while queued.
-    let placed = ServerRef { id: a.id.clone(), tenant: a.tenant.clone(), node_id: Some(node.id.clone()) };
+    let placed = ServerRef { id: a.id.clone(), tenant: a.tenant.clone(), node_id: Some(node.id.clone()), memory_mib: a.memory_mib, home_node: None };
     assert_eq!(store.resolve_server("a").await.unwrap(), Some(placed.clone()));
     assert_eq!(store.resolve_server(&a.id.0).await.unwrap(), Some(placed));
     assert_eq!(store.resolve_server("c").await.unwrap().and_then(|r| r.node_id), None);
+    assert_no_violations(store).await;
+}
+
+/// A start placed in its own write: re-checked against the rows like a
+/// committed plan (L1), and not past a starved server or onto a taken
+/// port; a refused proposal leaves the server queued.
+pub async fn a_start_is_placed_in_its_own_write_when_it_fits(store: &dyn Store) {
+    use berth_core::operation::{OpKind, OpStatus};
+    let node = store.register_node(&reg("n1", 2048), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
+    let propose = |port: u16| berth_store::Proposal { node_id: node.id.clone(), port, starvation_ms: 60_000, fence: None };
+    let start = |s: &Server, id: &str, port: u16| OpRequest { place: Some(propose(port)), ..op_req(s, OpKind::Start, id) };
+    let a = server("direct-a", 1024);
+    store.insert_server(&a, &ev()).await.unwrap();
+    let (op, placed) = store.request_operation(&start(&a, "op_direct_a", 30005), 100).await.unwrap();
+    assert_eq!((placed.status, placed.node_id.as_ref(), placed.port, placed.generation), (ServerStatus::Starting, Some(&node.id), Some(30005), 1));
+    assert_eq!(op.status, OpStatus::Running, "the start runs until the instance is confirmed");
+    // The answer is the row.
+    assert_eq!(store.get_server(&a.id.0).await.unwrap().unwrap(), placed);
+    assert_eq!(store.node_usage().await.unwrap()[0].reserved, MemMib(1024));
+    // The port is taken: refused by the re-check, queued.
+    let b = server("direct-b", 512);
+    store.insert_server(&b, &ev()).await.unwrap();
+    let (_, b_after) = store.request_operation(&start(&b, "op_direct_b", 30005), 110).await.unwrap();
+    assert_eq!((b_after.status, b_after.node_id), (ServerStatus::Queued, None));
+    // Too big for what is left: refused, queued.
+    let c = server("direct-c", 1536);
+    store.insert_server(&c, &ev()).await.unwrap();
+    let (_, c_after) = store.request_operation(&start(&c, "op_direct_c", 30006), 120).await.unwrap();
+    assert_eq!(c_after.status, ServerStatus::Queued);
+    // `c` has waited past the starvation bound: it blocks backfill, so a
+    // start that fits waits in the queue behind it.
+    let d = server("direct-d", 256);
+    store.insert_server(&d, &ev()).await.unwrap();
+    let (_, d_after) = store.request_operation(&start(&d, "op_direct_d", 30007), 120 + 60_000).await.unwrap();
+    assert_eq!(d_after.status, ServerStatus::Queued, "a starved server blocks backfill");
+    // Before the bound, backfill: `e` fits and is placed past the queue.
+    let e = server("direct-e", 256);
+    store.insert_server(&e, &ev()).await.unwrap();
+    let (_, e_after) = store.request_operation(&start(&e, "op_direct_e", 30008), 130).await.unwrap();
+    assert_eq!(e_after.status, ServerStatus::Starting);
+    assert_eq!(store.node_usage().await.unwrap()[0].reserved, MemMib(1024 + 256));
     assert_no_violations(store).await;
 }
 
@@ -122,8 +163,14 @@ pub async fn a_burst_of_writes_is_answered_write_by_write(store: Arc<dyn Store>)
     let node = store.register_node(&reg("burst", 3000), &NodeId("node_burst".into()), 1).await.unwrap();
     let a = server("burst-a", 1024);
     store.insert_server(&a, &ev()).await.unwrap();
-    let start =
-        |id: &ServerId, op: &str| OpRequest { server_id: id.clone(), kind: OpKind::Start, origin: OpOrigin::User, new_id: op.into(), fresh_world: false };
+    let start = |id: &ServerId, op: &str| OpRequest {
+        server_id: id.clone(),
+        kind: OpKind::Start,
+        origin: OpOrigin::User,
+        new_id: op.into(),
+        fresh_world: false,
+        place: None,
+    };
     store.request_operation(&start(&a.id, "op_burst_a"), 2).await.unwrap();
     // The queue gave up on `a`; its start operation is still running until
     // something settles it.
@@ -416,7 +463,7 @@ fn counted(events: &[berth_core::Event]) -> Vec<(String, i64)> {
 }
 
 fn op_req(s: &Server, kind: berth_core::operation::OpKind, id: &str) -> berth_store::OpRequest {
-    berth_store::OpRequest { server_id: s.id.clone(), kind, origin: berth_core::operation::OpOrigin::User, new_id: id.into(), fresh_world: false }
+    berth_store::OpRequest { server_id: s.id.clone(), kind, origin: berth_core::operation::OpOrigin::User, new_id: id.into(), fresh_world: false, place: None }
 }
 
 async fn event_count(store: &dyn Store) -> usize {
@@ -625,7 +672,8 @@ pub async fn failing_and_restart_bookkeeping(store: &dyn Store) {
     assert_eq!(store.get_server("c").await.unwrap().unwrap().restart_policy, berth_core::restart::RestartPolicy::OnFailure);
     let mut seq = 0;
     for (round, origin) in [(0, OpOrigin::User), (1, OpOrigin::RestartPolicy), (2, OpOrigin::RestartPolicy)] {
-        let req = berth_store::OpRequest { server_id: c.id.clone(), kind: OpKind::Start, origin, new_id: format!("op_c{round}"), fresh_world: false };
+        let req =
+            berth_store::OpRequest { server_id: c.id.clone(), kind: OpKind::Start, origin, new_id: format!("op_c{round}"), fresh_world: false, place: None };
         let (_, srv) = store.request_operation(&req, 100 + round).await.unwrap();
         store.commit_placements(&[plan(&srv, &node.id, 30000)], 101 + round).await.unwrap();
         let (id, gen) = (c.id.clone(), srv.generation + 1);
