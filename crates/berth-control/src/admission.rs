@@ -1,8 +1,9 @@
 //! The queue worker and the admission committer.
 //!
-//! The queue worker takes a snapshot (capacities carried across its own
-//! commits for a quarter of a second, the queue read every round), runs the
-//! pure planner and hands the plans to the committer. The committer is the only task that inserts
+//! The queue worker plans on the capacity view (`capacity`: the rows read
+//! at most a quarter of a second ago, less what proposals in flight took,
+//! its own and those of starts placed in their own write), with the pure
+//! planner, and hands the plans to the committer. The committer is the only task that inserts
 //! reservations: it takes the plans waiting for it (and, with a window
 //! above 0, those arriving within it) and commits them in store
 //! transactions of at most `commit_max_batch` placements,
@@ -14,11 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use berth_core::admission::NodeCapacity;
-use berth_core::placement::{plan, Placement};
+use berth_core::placement::Placement;
 use berth_store::{PlacementOutcome, Store};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::capacity::CapacityView;
 use crate::clock::Clock;
 use crate::error::ControlError;
 use crate::waker::{NodeWaker, PlacedFacts, PlacementWaiters};
@@ -120,43 +121,26 @@ pub struct QueueWorker {
     pub cfg: ControlConfig,
     /// True while this replica holds the leader lease.
     pub leading: Arc<std::sync::atomic::AtomicBool>,
-    /// The capacities of the last snapshot, carried forward across this
-    /// worker's own commits.
-    pub carried: Option<Carried>,
+    /// The capacities it plans on, shared with the starts that propose
+    /// their own node, so the two never plan the same port twice.
+    pub capacity: Arc<CapacityView>,
 }
 
-/// Capacities read from the rows at `read_at`, plus every placement this
-/// worker committed since. Summing every reservation row is the costliest
-/// read of a round (it grows with the fleet), so a burst plans on the
-/// carried copy and re-reads it at most every `CARRY_FOR`.
+/// What a round leaves behind: whether the view must be read again, and
+/// whether the next round runs at once.
 ///
-/// Carrying cannot over-commit: the committer re-checks every plan against
-/// the rows (L1). Between reads the copy can only be short of free memory
-/// (a stop released some, a start was confirmed), never long of it, except
-/// when something outside this worker changed a node (another leader's
-/// commits, a node reporting less memory, a node lost): those show as a
-/// rejected plan, which drops the copy, and leadership lost drops it too.
-pub struct Carried {
-    read_at: std::time::Instant,
-    capacities: Vec<NodeCapacity>,
-}
-
-const CARRY_FOR: Duration = Duration::from_millis(250);
-
-/// What a round leaves behind: whether its capacities may be carried to the
-/// next round, and whether that round runs at once.
-///
-/// A carried copy may be short of memory freed since it was read, so a
-/// round that planned nothing on one runs again at once on fresh rows
-/// before the queue waits. A rejected plan means the copy was long of
-/// memory somewhere: it is dropped, and retried at once if it was carried
-/// (on fresh rows a misfit waits for the next wake, as it always has).
-fn after_round(was_carried: bool, planned: usize, committed: usize, rejected: bool) -> (bool, WorkerState) {
+/// A view not read this round may be short of memory freed since its
+/// read, so a round that planned nothing on it runs again at once on
+/// fresh rows before the queue waits. A rejected plan means the view was
+/// long of memory somewhere (a commit it did not see): it is read again,
+/// at once if it was not fresh (on fresh rows a misfit waits for the next
+/// wake, as it always has).
+fn after_round(fresh: bool, planned: usize, committed: usize, rejected: bool) -> (bool, WorkerState) {
     if planned == 0 {
-        return (false, if was_carried { WorkerState::Busy } else { WorkerState::Idle });
+        return (!fresh, if fresh { WorkerState::Idle } else { WorkerState::Busy });
     }
-    let again = committed > 0 || (rejected && was_carried);
-    (!rejected, if again { WorkerState::Busy } else { WorkerState::Idle })
+    let again = committed > 0 || (rejected && !fresh);
+    (rejected, if again { WorkerState::Busy } else { WorkerState::Idle })
 }
 
 #[async_trait]
@@ -167,27 +151,29 @@ impl Worker for QueueWorker {
 
     async fn work(&mut self) -> Result<WorkerState, ControlError> {
         if !self.leading.load(std::sync::atomic::Ordering::SeqCst) {
-            self.carried = None;
+            self.capacity.invalidate();
             return Ok(WorkerState::Idle);
         }
         let began = std::time::Instant::now();
-        let (mut carried, queued, was_carried) = match self.carried.take() {
-            Some(c) if c.read_at.elapsed() < CARRY_FOR => (c, self.store.queued().await?, true),
-            _ => {
-                let read_at = std::time::Instant::now();
-                let snap = self.store.queue_snapshot().await?;
-                (Carried { read_at, capacities: snap.capacities }, snap.queued, false)
-            }
+        let fresh = self.capacity.is_stale();
+        let queued = if fresh {
+            let snap = self.store.queue_snapshot().await?;
+            self.capacity.replace(snap.capacities, began);
+            snap.queued
+        } else {
+            self.store.queued().await?
         };
         if queued.is_empty() {
-            self.carried = Some(carried);
             return Ok(WorkerState::Idle);
         }
         let read = began.elapsed();
-        let plans = plan(&carried.capacities, &queued, self.clock.now_ms(), self.cfg.planner);
+        let plans = self.capacity.plan_round(&queued, self.clock.now_ms(), self.cfg.planner);
         let planned_at = began.elapsed();
         if plans.is_empty() {
-            let (_, next) = after_round(was_carried, 0, 0, false);
+            let (stale, next) = after_round(fresh, 0, 0, false);
+            if stale {
+                self.capacity.mark_stale();
+            }
             return Ok(next);
         }
         let (outcomes, failed) = self.committer.submit(plans.clone()).await;
@@ -195,37 +181,38 @@ impl Worker for QueueWorker {
         let mut committed = 0;
         let mut rejected = false;
         let mut woken = std::collections::HashSet::new();
-        for (p, outcome) in plans.iter().zip(&outcomes) {
+        for (i, p) in plans.iter().enumerate() {
+            let outcome = outcomes.get(i);
+            self.capacity.settle(&p.server_id, matches!(outcome, Some(PlacementOutcome::Committed { .. })));
             match outcome {
-                PlacementOutcome::Committed { generation, at } => {
+                Some(PlacementOutcome::Committed { generation, at }) => {
                     committed += 1;
-                    if let Some(cap) = carried.capacities.iter_mut().find(|c| c.node_id == p.node_id) {
-                        cap.reserve(p);
-                    }
                     self.placed.placed(&p.server_id, PlacedFacts { node_id: p.node_id.clone(), port: p.port, generation: *generation, at: *at });
                     if woken.insert(&p.node_id) {
                         self.nodes.wake(&p.node_id);
                     }
                 }
-                PlacementOutcome::Rejected(_) => rejected = true,
-                // The server changed (stopped, deleted): nothing about capacity.
-                PlacementOutcome::Stale => {}
+                Some(PlacementOutcome::Rejected(_)) => rejected = true,
+                // The server changed (stopped, deleted): nothing about
+                // capacity. No outcome: its transaction failed.
+                Some(PlacementOutcome::Stale) | None => {}
             }
         }
         if let Some(e) = failed {
-            // What committed before the failure was woken above. The copy
-            // is dropped: the next round reads the rows.
+            // What committed before the failure was woken above; the view
+            // is read again.
+            self.capacity.mark_stale();
             return Err(e);
         }
-        let (keep, next) = after_round(was_carried, plans.len(), committed, rejected);
-        if keep {
-            self.carried = Some(carried);
+        let (stale, next) = after_round(fresh, plans.len(), committed, rejected);
+        if stale {
+            self.capacity.mark_stale();
         }
         tracing::debug!(
             committed,
             planned = outcomes.len(),
             queued = queued.len(),
-            carried = was_carried,
+            fresh,
             read_ms = read.as_secs_f64() * 1e3,
             plan_ms = (planned_at - read).as_secs_f64() * 1e3,
             commit_ms = (committed_at - planned_at).as_secs_f64() * 1e3,
@@ -348,24 +335,24 @@ mod tests {
     }
 
     #[test]
-    fn a_round_on_a_carried_copy_that_plans_nothing_runs_again_on_fresh_rows() {
-        assert!(matches!(after_round(true, 0, 0, false), (false, WorkerState::Busy)));
+    fn a_round_on_a_view_not_read_that_plans_nothing_runs_again_on_fresh_rows() {
+        assert!(matches!(after_round(false, 0, 0, false), (true, WorkerState::Busy)));
         // On fresh rows nothing fits: the queue waits for a wake.
-        assert!(matches!(after_round(false, 0, 0, false), (false, WorkerState::Idle)));
+        assert!(matches!(after_round(true, 0, 0, false), (false, WorkerState::Idle)));
     }
 
     #[test]
-    fn a_rejection_drops_the_carried_copy() {
-        assert!(matches!(after_round(true, 3, 2, true), (false, WorkerState::Busy)));
-        assert!(matches!(after_round(true, 1, 0, true), (false, WorkerState::Busy)));
-        assert!(matches!(after_round(false, 1, 0, true), (false, WorkerState::Idle)));
+    fn a_rejection_has_the_view_read_again() {
+        assert!(matches!(after_round(false, 3, 2, true), (true, WorkerState::Busy)));
+        assert!(matches!(after_round(false, 1, 0, true), (true, WorkerState::Busy)));
+        assert!(matches!(after_round(true, 1, 0, true), (true, WorkerState::Idle)));
     }
 
     #[test]
-    fn committed_plans_are_carried_and_the_queue_keeps_going() {
-        assert!(matches!(after_round(true, 4, 4, false), (true, WorkerState::Busy)));
-        assert!(matches!(after_round(false, 4, 4, false), (true, WorkerState::Busy)));
+    fn committed_plans_keep_the_view_and_the_queue_going() {
+        assert!(matches!(after_round(false, 4, 4, false), (false, WorkerState::Busy)));
+        assert!(matches!(after_round(true, 4, 4, false), (false, WorkerState::Busy)));
         // Every plan stale (servers stopped meanwhile): nothing to retry.
-        assert!(matches!(after_round(false, 2, 0, false), (true, WorkerState::Idle)));
+        assert!(matches!(after_round(true, 2, 0, false), (false, WorkerState::Idle)));
     }
 }

@@ -22,8 +22,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use berth_core::admission::NodeCapacity;
-use berth_core::placement::best_fit;
-use berth_core::{MemMib, NodeId, ServerId};
+use berth_core::placement::{best_fit, plan, Placement, PlannerConfig, QueuedServer};
+use berth_core::{MemMib, Millis, NodeId, ServerId};
 
 /// How long a read of the rows is planned on before it is read again.
 pub const FRESH_FOR: Duration = Duration::from_millis(250);
@@ -38,6 +38,9 @@ pub struct CapacityView {
 struct ViewState {
     caps: Vec<NodeCapacity>,
     read_at: Option<Instant>,
+    /// A commit refused a proposal: the view is long of something it did
+    /// not see, and is read again before it is trusted for long.
+    stale: bool,
     /// Proposals taken and not yet settled (`None`), and those committed
     /// since (their settle time): re-applied to a fresh read, which may
     /// have begun before their commits.
@@ -66,6 +69,36 @@ impl CapacityView {
         Some(taken)
     }
 
+    /// The queue worker's round: `berth_core::placement::plan` over the
+    /// view, every plan taken from it like a start's proposal (settled the
+    /// same way).
+    pub fn plan_round(&self, queued: &[QueuedServer], now: Millis, cfg: PlannerConfig) -> Vec<Placement> {
+        let mut st = self.state.lock().expect("capacity view lock");
+        if st.read_at.is_none() {
+            return Vec::new();
+        }
+        let plans = plan(&st.caps, queued, now, cfg);
+        for p in &plans {
+            if let Some(cap) = st.caps.iter_mut().find(|c| c.node_id == p.node_id) {
+                cap.reserve(p);
+            }
+            st.in_flight.insert(p.server_id.clone(), (Taken { node_id: p.node_id.clone(), memory: p.memory_mib, port: p.port }, None));
+        }
+        plans
+    }
+
+    /// Whether the view is due to be read from the rows (never read, older
+    /// than `FRESH_FOR`, or a commit refused a proposal from it).
+    pub fn is_stale(&self) -> bool {
+        let st = self.state.lock().expect("capacity view lock");
+        st.stale || st.read_at.is_none_or(|t| t.elapsed() >= FRESH_FOR)
+    }
+
+    /// A commit refused a proposal from the view: read it again soon.
+    pub fn mark_stale(&self) {
+        self.state.lock().expect("capacity view lock").stale = true;
+    }
+
     /// The proposal for `server` is settled: kept in the view if it was
     /// committed (and re-applied to reads begun before now), given back if
     /// not.
@@ -87,14 +120,18 @@ impl CapacityView {
     /// than `FRESH_FOR` (or was never read) and nobody else is reading.
     /// The caller then calls `replace` or `refresh_failed`.
     pub fn claim_refresh(&self) -> bool {
-        let stale = self.state.lock().expect("capacity view lock").read_at.is_none_or(|t| t.elapsed() >= FRESH_FOR);
-        stale && !self.refreshing.swap(true, Ordering::AcqRel)
+        self.is_stale() && !self.refreshing.swap(true, Ordering::AcqRel)
     }
 
     /// A read of the rows begun at `read_at`: proposals in flight, and
     /// those committed after the read began, are taken from it again.
     pub fn replace(&self, mut caps: Vec<NodeCapacity>, read_at: Instant) {
         let mut st = self.state.lock().expect("capacity view lock");
+        self.refreshing.store(false, Ordering::Release);
+        if st.read_at.is_some_and(|t| t > read_at) {
+            // A read begun later was applied first: this one is older.
+            return;
+        }
         // Commits settled before the read began are in it.
         st.in_flight.retain(|_, (_, settled)| settled.is_none_or(|at| at >= read_at));
         for (t, _) in st.in_flight.values() {
@@ -107,7 +144,7 @@ impl CapacityView {
         }
         st.caps = caps;
         st.read_at = Some(read_at);
-        self.refreshing.store(false, Ordering::Release);
+        st.stale = false;
     }
 
     pub fn refresh_failed(&self) {
@@ -187,6 +224,43 @@ mod tests {
         assert_eq!(v.propose(&id("c"), MemMib(1), None), None);
         v.replace(vec![node("n1", 2048, &[a.port, b.port]).with_reserved(1024)], Instant::now());
         assert!(v.propose(&id("c"), MemMib(1024), None).is_some(), "the rows' 1024 MiB counted once");
+    }
+
+    fn queued(id: &str, mib: u64, at: i64) -> QueuedServer {
+        QueuedServer { server_id: ServerId(id.into()), generation: 0, memory_mib: MemMib(mib), queued_at: at, next_attempt_at: None, home_node: None }
+    }
+
+    #[test]
+    fn the_queue_and_the_starts_plan_on_one_view() {
+        let v = CapacityView::default();
+        assert!(v.plan_round(&[queued("q1", 1, 0)], 0, PlannerConfig::default()).is_empty(), "nothing before a read");
+        v.replace(vec![node("n1", 1024, &[])], Instant::now());
+        // A start's proposal in flight holds its port and memory...
+        let started = v.propose(&id("s"), MemMib(512), None).unwrap();
+        // ...so the queue's round plans around it, and takes its own.
+        let plans = v.plan_round(&[queued("q1", 256, 0), queued("q2", 512, 1)], 0, PlannerConfig::default());
+        assert_eq!(plans.len(), 1, "512 + 256 fit, another 512 does not: {plans:?}");
+        assert_ne!(plans[0].port, started.port);
+        assert_eq!(v.propose(&id("t"), MemMib(512), None), None, "the round's plan holds its memory too");
+        // A plan not committed is given back like a proposal.
+        v.settle(&plans[0].server_id, false);
+        assert!(v.propose(&id("t"), MemMib(256), None).is_some());
+    }
+
+    #[test]
+    fn a_refused_proposal_or_an_old_read_never_stands_for_long() {
+        let v = CapacityView::default();
+        let older = Instant::now();
+        v.replace(vec![node("n1", 1024, &[])], Instant::now());
+        assert!(!v.is_stale());
+        // A read begun before the one applied is dropped.
+        v.replace(vec![node("n1", 0, &[])], older);
+        assert!(v.propose(&id("a"), MemMib(512), None).is_some(), "the newer read stands");
+        // A commit refused something the view proposed: read it again.
+        v.mark_stale();
+        assert!(v.is_stale() && v.claim_refresh());
+        v.replace(vec![node("n1", 1024, &[])], Instant::now());
+        assert!(!v.is_stale());
     }
 
     trait Reserved {

@@ -136,6 +136,7 @@ impl ControlPlane {
         store.set_fence(Some((replica.id.clone(), 0)));
         let admission_commits = admission::AdmissionCommits::default();
         let committer = admission::Committer::spawn(store.clone(), clock.clone(), cfg.commit_window, cfg.commit_max_batch, admission_commits.clone());
+        let capacity = Arc::new(capacity::CapacityView::default());
         let queue_wake = Arc::new(Notify::new());
         let nodes = waker::NodeWaker::default();
         let placed = waker::PlacementWaiters::default();
@@ -152,7 +153,7 @@ impl ControlPlane {
                 placed: placed.clone(),
                 cfg: cfg.clone(),
                 leading: leading.clone(),
-                carried: None,
+                capacity: capacity.clone(),
             },
             rx.clone(),
         );
@@ -208,7 +209,7 @@ impl ControlPlane {
             syncs: Default::default(),
             sent: Default::default(),
             admission_commits,
-            capacity: Default::default(),
+            capacity,
         });
         // Servers may be waiting in the queue from before a restart.
         app.queue_wake.notify_one();

@@ -340,7 +340,10 @@ pub(crate) async fn commit_placements(e: E<'_>, plans: &[Placement], now: Millis
     // everything committed before it.
     let mut caps: HashMap<NodeId, NodeCapacity> = HashMap::new();
     // Each query is built once for the batch.
-    let totals = format!("SELECT {} FROM reservations WHERE node_id = ?", totals_sql(&e.string_agg("port")));
+    // The node's memory and pending starts; its ports are looked up one
+    // plan at a time (a point read of the key), not listed.
+    let totals = format!("SELECT {} FROM reservations WHERE node_id = ?", totals_sql("NULL"));
+    let port_sql = "SELECT port FROM reservations WHERE node_id = ? AND port = ?";
     let server_sql = format!("SELECT name, status, generation FROM servers WHERE id = ?{}", e.lock());
     let mut out = Vec::with_capacity(plans.len());
     for p in plans {
@@ -364,8 +367,14 @@ pub(crate) async fn commit_placements(e: E<'_>, plans: &[Placement], now: Millis
             caps.insert(p.node_id.clone(), NodeCapacity::from_totals(&node, berth_core::MemMib(reserved), pending, ports));
         }
         let cap = caps.get_mut(&p.node_id).expect("inserted above");
+        // The batch's own ports are in `cap`; those of earlier commits in
+        // the rows.
         if let Err(misfit) = recheck(cap, p) {
             out.push(PlacementOutcome::Rejected(misfit));
+            continue;
+        }
+        if e.row(port_sql, args![&p.node_id.0, p.port as i64]).await?.is_some() {
+            out.push(PlacementOutcome::Rejected(berth_core::admission::Misfit::PortTaken));
             continue;
         }
         let new_gen = p.new_generation();
