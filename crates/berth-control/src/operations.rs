@@ -31,8 +31,12 @@ use crate::waker::NodeWaker;
 use crate::worker::{Worker, WorkerState};
 use crate::ControlConfig;
 
+/// A new operation id: the wall clock's milliseconds, then 64 random bits.
+/// Ids made one after another sort together, so the unique index on them
+/// takes each new one at its right edge instead of on a random page.
 pub fn new_operation_id() -> String {
-    format!("op_{:016x}", rand::random::<u64>())
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    format!("op_{ms:012x}{:016x}", rand::random::<u64>())
 }
 
 impl App {
