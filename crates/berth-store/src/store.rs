@@ -157,11 +157,16 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn resolve_server(&self, id_or_name: &str) -> Result<Option<ServerRef>, StoreError> {
-        if let Some(s) = mirrored(&self.b, |m| m.resolve_server(id_or_name)).await? {
-            return Ok(s);
+        if let Some(m) = self.b.mirror() {
+            // Not settled: see the trait.
+            return Ok(m.resolve_server(id_or_name));
         }
         let id_or_name = id_or_name.to_string();
         self.b.read(move |e| Box::pin(async move { reads::resolve_server(e, &id_or_name).await })).await
+    }
+
+    async fn settled(&self) -> Result<(), StoreError> {
+        self.b.settled().await
     }
 
     async fn list_servers(&self, tenant: Option<&str>) -> Result<Vec<Server>, StoreError> {
