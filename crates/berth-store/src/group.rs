@@ -2,8 +2,9 @@
 //!
 //! Every committed transaction costs one fsync of the log. The writer
 //! thread runs writes one after another as they arrive, in one open
-//! transaction, and commits it when the flusher (below) is free or the
-//! batch holds `max_batch` writes: one fsync for the whole batch, and no
+//! transaction, and commits it when the flusher (below) is free and no
+//! write waits or the batch has run `BATCH_BUDGET`, or when the batch
+//! holds `max_batch` writes: one fsync for the whole batch, and no
 //! waiting window (the writes that arrive during one fsync form the next
 //! batch). A write that fails must write nothing while the others are
 //! unaffected (a refusal still writes nothing, L7). Most failures are
@@ -315,6 +316,15 @@ impl GroupCommit {
 /// 1,738-2,046/s.
 const WRITER_CHECKPOINT_PAGES: i64 = 10_000;
 
+/// How long a batch runs writes before it commits while writes keep
+/// coming. Without a bound a batch took writes for as long as any waited
+/// (30-40 on average, up to 190 and 100 ms under a wave of agents'
+/// reports), and every write in it was answered only at its end, so its
+/// clients came back together as the next wave. Four alternating pairs of
+/// admission bursts: p99 99 ms against 127 ms unbounded, placements/s
+/// within noise (4,945 against 4,792 mean).
+const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// How long the checkpoint thread lets commits gather before it copies
 /// them into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -372,7 +382,13 @@ async fn writer(
             Ok(()) => run_bare(&mut conn, &mut batch[0]).await,
             Err(why) => Err(why),
         };
+        let opened = std::time::Instant::now();
         while matches!(run, Ok(true)) && batch.len() < max_batch {
+            // A batch that has run its budget commits as soon as the
+            // flusher is free, even with writes still waiting.
+            if opened.elapsed() >= BATCH_BUDGET && (flushes.is_none() || flushed.borrow_and_update().seq >= seq) {
+                break;
+            }
             let job = match rx.try_recv() {
                 Ok(job) => Some(job),
                 Err(_) if flushes.is_none() || flushed.borrow_and_update().seq >= seq => break,
@@ -909,5 +925,36 @@ mod tests {
         assert_eq!(name_of(&mirror, "s1").as_deref(), Some("one"));
         assert_eq!(name_of(&mirror, "s2").as_deref(), Some("last"));
         assert_eq!(mirror.get_server("last").unwrap().map(|s| s.id.0), Some("s2".to_string()), "found by its new name");
+    }
+
+    #[tokio::test]
+    async fn a_batch_commits_after_its_budget_while_writes_keep_coming() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, path) = writer_on(&dir);
+        let (gate, held) = Gate::hold(&g);
+        // 200 writes of 0.2 ms each, all waiting before the first runs:
+        // 40 ms of writes, so 20 budgets, where taking them while any
+        // waits would make one batch (up to 256).
+        let answers: Vec<Answer> = (0..200)
+            .map(|i| {
+                g.enqueue(i, |e, i: &i32| {
+                    Box::pin(async move {
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                        e.exec("INSERT INTO t (name) VALUES (?)", args![format!("b{i:03}")]).await?;
+                        Ok(())
+                    })
+                })
+                .unwrap()
+            })
+            .collect();
+        let before = g.stats().1;
+        gate.open();
+        held.await.unwrap().unwrap();
+        for a in answers {
+            a.await.unwrap().unwrap();
+        }
+        let commits = g.stats().1 - before;
+        assert!(commits >= 10, "{commits} commits for 40 ms of writes");
+        assert_eq!(names(&path).len(), 200);
     }
 }
