@@ -229,20 +229,12 @@ impl App {
     }
 
     /// Like `find_server`, reading only who the server is: enough for a
-    /// request that goes on to a write, which reads the row itself (and is
-    /// answered once durable: `Store::resolve_server`).
+    /// request that goes on to a write, which reads the row itself.
     pub async fn find_server_ref(&self, caller: &Caller, id_or_name: &str) -> Result<berth_store::ServerRef, ControlError> {
         caller.require_user()?;
         match self.store.resolve_server(id_or_name).await? {
-            // The write asked for next is answered once durable, and with
-            // it what this read saw.
             Some(s) if caller.can_see_tenant(&s.tenant) => Ok(s),
-            _ => {
-                // Answered from the read alone: only once what it saw (a
-                // delete, say) is on disk.
-                self.store.settled().await?;
-                Err(ControlError::NotFound(format!("server {id_or_name:?}")))
-            }
+            _ => Err(ControlError::NotFound(format!("server {id_or_name:?}"))),
         }
     }
 

@@ -50,7 +50,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::exec::{Exec, LiteExec};
-use crate::mirror::Mirror;
+use crate::mirror::{Mirror, Update};
 use crate::store::WriteWork;
 use crate::StoreError;
 
@@ -175,6 +175,8 @@ struct Flush {
     wrote: bool,
     committed: Result<(), String>,
     batch: Vec<Box<dyn Job>>,
+    /// What the commit did to the mirror, applied once it is on disk.
+    mirrored: Option<(Arc<Mirror>, Update)>,
 }
 
 /// Writes answered successfully, the commits that made them durable, and
@@ -270,6 +272,14 @@ impl GroupCommit {
             .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
             .clone();
         match now.failed {
+            Some(why) => Err(StoreError::Unavailable(why.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Fails once a flush failed (the store is poisoned), without waiting.
+    pub(crate) fn healthy(&self) -> Result<(), StoreError> {
+        match self.durability.failed() {
             Some(why) => Err(StoreError::Unavailable(why.to_string())),
             None => Ok(()),
         }
@@ -408,8 +418,9 @@ async fn writer(
         }
         seq += 1;
         durability.begun.store(seq, Ordering::SeqCst);
+        let mut update = mirror.as_mut().map(|m| Update { reload: m.reload.take(), rows: Vec::new() });
         let committed = match run {
-            Ok(true) => commit(&conn, mirror.as_ref()),
+            Ok(true) => commit(&conn, mirror.as_ref(), update.as_mut()),
             Ok(false) => {
                 // The writes waiting now join the second run, as they would
                 // have joined the batch: one rerun, not one per failure.
@@ -419,8 +430,13 @@ async fn writer(
                         Err(_) => break,
                     }
                 }
-                match rerun(&mut conn, &mut batch, &counts, mirror.as_mut()).await {
-                    Ok(true) => commit(&conn, mirror.as_ref()),
+                let second = rerun(&mut conn, &mut batch, &counts, mirror.as_mut()).await;
+                // A reload the second run's BEGIN read replaces the first's.
+                if let (Some(u), Some(whole)) = (update.as_mut(), mirror.as_mut().and_then(|m| m.reload.take())) {
+                    u.reload = Some(whole);
+                }
+                match second {
+                    Ok(true) => commit(&conn, mirror.as_ref(), update.as_mut()),
                     Ok(false) => Ok(()),
                     Err(why) => Err(why),
                 }
@@ -445,14 +461,18 @@ async fn writer(
                 }
             }
         }
+        let mirrored = mirror.as_ref().zip(update).map(|(m, u)| (m.mirror.clone(), u));
         match &flushes {
             Some(flushes) => {
-                if let Err(std::sync::mpsc::SendError(f)) = flushes.send(Flush { seq, wrote, committed, batch }) {
+                if let Err(std::sync::mpsc::SendError(f)) = flushes.send(Flush { seq, wrote, committed, batch, mirrored }) {
                     deliver(f.batch, Outcome::Unknown("the store's log flusher has stopped".into()));
                 }
             }
             None => {
                 // synchronous=FULL: the commit is on disk.
+                if let Some((m, u)) = mirrored {
+                    m.apply(u);
+                }
                 durability.flushed.send_modify(|f| f.seq = seq);
                 deliver(batch, Outcome::of(committed));
             }
@@ -528,6 +548,15 @@ fn flusher(rx: std::sync::mpsc::Receiver<Flush>, mut flush: FlushLog, durability
                 );
             }
         }
+        if failed.is_none() {
+            // The mirror shows a commit only once it is on disk, before
+            // anyone learns it is (`settled`, the answers).
+            for f in due.iter_mut() {
+                if let Some((m, u)) = f.mirrored.take() {
+                    m.apply(u);
+                }
+            }
+        }
         durability.flushed.send_modify(|f| {
             f.seq = seq;
             if let Some(why) = &failed {
@@ -591,19 +620,21 @@ async fn rerun(conn: &mut rusqlite::Connection, batch: &mut [Box<dyn Job>], coun
 
 /// The mirror (`mirror`) as the writer keeps it: the rows of `servers`
 /// its connection changed in the open transaction (by the update hook),
-/// and the database's data version, which moves when another connection
-/// commits.
+/// the database's data version, which moves when another connection
+/// commits, and the whole table read again when it moved, for the batch's
+/// update.
 struct Mirrored {
     mirror: Arc<Mirror>,
     changed: Arc<std::sync::Mutex<Vec<i64>>>,
     data_version: i64,
+    reload: Option<crate::mirror::Whole>,
 }
 
 impl Mirrored {
     /// Fills the mirror from the writer's connection and has the
     /// connection record the rows it changes from now on.
     fn install(conn: &rusqlite::Connection, mirror: Arc<Mirror>) -> Result<Mirrored, StoreError> {
-        mirror.load(conn)?;
+        mirror.apply(Update { reload: Some(crate::mirror::load(conn)?), rows: Vec::new() });
         let data_version = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
         let changed = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = changed.clone();
@@ -612,7 +643,7 @@ impl Mirrored {
                 seen.lock().expect("changed rows lock").push(rowid);
             }
         }));
-        Ok(Mirrored { mirror, changed, data_version })
+        Ok(Mirrored { mirror, changed, data_version, reload: None })
     }
 }
 
@@ -628,7 +659,7 @@ fn begin(conn: &rusqlite::Connection, mirror: Option<&mut Mirrored>) -> Result<(
     let version: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(|e| format!("data_version: {e}"))?;
     if m.data_version != version {
         tracing::warn!("another process wrote the database: the store's copy of the servers is read again");
-        m.mirror.load(conn).map_err(|e| format!("reading the servers again: {e}"))?;
+        m.reload = Some(crate::mirror::load(conn).map_err(|e| format!("reading the servers again: {e}"))?);
         m.data_version = version;
     }
     Ok(())
@@ -636,15 +667,16 @@ fn begin(conn: &rusqlite::Connection, mirror: Option<&mut Mirrored>) -> Result<(
 
 /// Commits the open transaction; the rows of `servers` it changed are
 /// read again first (what the update hook recorded may since have been
-/// undone) and go to the mirror once the COMMIT succeeded.
-fn commit(conn: &rusqlite::Connection, mirror: Option<&Mirrored>) -> Result<(), String> {
-    let Some(m) = mirror else { return sql(conn, "COMMIT") };
+/// undone) and go into `update` once the COMMIT succeeded, for the mirror
+/// once the commit is on disk.
+fn commit(conn: &rusqlite::Connection, mirror: Option<&Mirrored>, update: Option<&mut Update>) -> Result<(), String> {
+    let (Some(m), Some(update)) = (mirror, update) else { return sql(conn, "COMMIT") };
     let mut rowids = std::mem::take(&mut *m.changed.lock().expect("changed rows lock"));
     rowids.sort_unstable();
     rowids.dedup();
     let rows = crate::mirror::read_again(conn, &rowids).map_err(|e| format!("reading changed servers: {e}"))?;
     sql(conn, "COMMIT")?;
-    m.mirror.apply(rows);
+    update.rows = rows;
     Ok(())
 }
 
@@ -859,6 +891,10 @@ mod tests {
     /// A migrated database with servers `s1` (queued) and `s2` (stopped),
     /// and a writer keeping a mirror of them.
     fn mirrored_writer(dir: &tempfile::TempDir) -> (GroupCommit, Arc<Mirror>, std::path::PathBuf) {
+        mirrored_writer_flushed_by(dir, flush_wal(&dir.path().join("m.db")))
+    }
+
+    fn mirrored_writer_flushed_by(dir: &tempfile::TempDir, flush: FlushLog) -> (GroupCommit, Arc<Mirror>, std::path::PathBuf) {
         let path = dir.path().join("m.db");
         let mut conn = crate::sqlite::connect(&path).unwrap();
         crate::sqlite::migrate(&mut conn).unwrap();
@@ -868,8 +904,29 @@ mod tests {
         )
         .unwrap();
         let mirror = Arc::new(Mirror::default());
-        let g = GroupCommit::spawn(&path, 256, Some(mirror.clone())).unwrap();
+        let g = GroupCommit::spawn_with(&path, 256, flush, Some(mirror.clone())).unwrap();
         (g, mirror, path)
+    }
+
+    #[tokio::test]
+    async fn the_mirror_shows_a_commit_only_once_it_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let flush = Arc::new(Gate::default());
+        let (g, mirror, path) = mirrored_writer_flushed_by(&dir, held_flush(&flush));
+        let mut renamed = rename(&g, "s2", "flushed", false);
+        let row = || crate::sqlite::connect(&path).unwrap().query_row("SELECT name FROM servers WHERE id = 's2'", [], |r| r.get::<_, String>(0)).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while row() != "flushed" {
+            assert!(std::time::Instant::now() < deadline, "the write never committed");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Committed, its flush held: the mirror (what reads answer from)
+        // still shows the row as it is on disk.
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(200), &mut renamed).await.is_err(), "answered before the flush");
+        assert_eq!(name_of(&mirror, "s2").as_deref(), Some("two"));
+        flush.open();
+        renamed.await.unwrap().unwrap();
+        assert_eq!(name_of(&mirror, "s2").as_deref(), Some("flushed"), "applied before the answer");
     }
 
     /// Renames server `id`; with `fail`, the write fails after renaming.

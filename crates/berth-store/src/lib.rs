@@ -351,14 +351,7 @@ pub trait Store: Send + Sync + 'static {
     async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError>;
     /// Who a live server is, by id or name, without reading the rest of
     /// its row: what a request must know before it asks for a write.
-    /// Unlike every other read it does not wait until what it saw is on
-    /// disk: the write that follows is answered only once it is, and with
-    /// it all that came before. A caller that answers from it without
-    /// writing (the server is not there) calls `settled` first.
     async fn resolve_server(&self, id_or_name: &str) -> Result<Option<ServerRef>, StoreError>;
-    /// Waits until every commit a read may have seen so far is durable
-    /// (`resolve_server`).
-    async fn settled(&self) -> Result<(), StoreError>;
     async fn list_servers(&self, tenant: Option<&str>) -> Result<Vec<Server>, StoreError>;
     /// Queues a server. A stateful server lost with its node waits for that
     /// node unless `allow_fresh_world` lets it start elsewhere on a new world.

@@ -14,13 +14,13 @@
 //! changes a failed statement or a savepoint rollback undoes later), and
 //! right before each COMMIT the writer reads those rows again inside the
 //! transaction, so what it applies is what commits, whatever undid what
-//! meanwhile. It applies them only once the COMMIT succeeded, after the
-//! commit's number was published (`group::Durability::begun`): a read of
-//! the mirror then waits for the log's flush like any read
-//! (`GroupCommit::settled`), so it never shows what a power cut could take
-//! back. Another process writing the file (the `sqlite3` shell) is seen
-//! by `PRAGMA data_version` before each batch, and the mirror is read
-//! again from the rows.
+//! meanwhile. The flusher applies them once the commit is on disk, before
+//! it publishes the flush or answers the commit's writes: the mirror never
+//! shows what a power cut could take back, so a read of it never waits
+//! for a flush (a read of the rows does), and a client that got its
+//! write's answer finds the write in it. Another process writing the file
+//! (the `sqlite3` shell) is seen by `PRAGMA data_version` before each
+//! batch, and the mirror is read again from the rows, in commit order.
 //!
 //! This module owns the copy and its queries; it decides nothing, and it
 //! never serves admission: the committer re-checks every plan against the
@@ -128,6 +128,29 @@ type Keys = Vec<(ServerId, Generation)>;
 /// A row the writer read again: `None` if it is gone or deleted.
 pub(crate) type Changed = (i64, Option<Kept>);
 
+/// Every live row, read at once (`load`).
+pub(crate) struct Whole(State);
+
+/// What one commit does to the mirror: the whole table read again first
+/// (another process wrote the file), then the rows it changed.
+#[derive(Default)]
+pub(crate) struct Update {
+    pub(crate) reload: Option<Whole>,
+    pub(crate) rows: Vec<Changed>,
+}
+
+/// Every live row, read on `conn`.
+pub(crate) fn load(conn: &rusqlite::Connection) -> Result<Whole, StoreError> {
+    let mut fresh = State::default();
+    let mut stmt = conn.prepare(&format!("SELECT rowid, {SERVER_COLS} FROM servers WHERE status <> 'deleted'"))?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let (rowid, s) = (row.get::<_, i64>(0)?, kept_from(row)?);
+        fresh.insert(rowid, s);
+    }
+    Ok(Whole(fresh))
+}
+
 /// The statuses a node runs an instance for (its desired set).
 fn desired(status: ServerStatus) -> bool {
     matches!(status, ServerStatus::Starting | ServerStatus::Running | ServerStatus::Unknown)
@@ -202,23 +225,12 @@ impl Mirror {
         self.state.read().expect("mirror lock")
     }
 
-    /// Replaces the whole copy with every live row, read on `conn`.
-    pub(crate) fn load(&self, conn: &rusqlite::Connection) -> Result<(), StoreError> {
-        let mut fresh = State::default();
-        let mut stmt = conn.prepare(&format!("SELECT rowid, {SERVER_COLS} FROM servers WHERE status <> 'deleted'"))?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let (rowid, s) = (row.get::<_, i64>(0)?, kept_from(row)?);
-            fresh.insert(rowid, s);
+    /// Applies what one commit changed (`Update`).
+    pub(crate) fn apply(&self, update: Update) {
+        if let Some(whole) = update.reload {
+            drop(std::mem::replace(&mut *self.state.write().expect("mirror lock"), whole.0));
         }
-        let old = std::mem::replace(&mut *self.state.write().expect("mirror lock"), fresh);
-        drop(old);
-        Ok(())
-    }
-
-    /// Applies rows the writer read again right before a COMMIT that
-    /// succeeded.
-    pub(crate) fn apply(&self, changed: Vec<Changed>) {
+        let changed = update.rows;
         if changed.is_empty() {
             return;
         }

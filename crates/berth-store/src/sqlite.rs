@@ -216,8 +216,8 @@ impl Backend for SqliteBackend {
         Some(&self.mirror)
     }
 
-    async fn settled(&self) -> Result<(), StoreError> {
-        self.group.settled().await
+    fn healthy(&self) -> Result<(), StoreError> {
+        self.group.healthy()
     }
 
     fn write_stats(&self) -> Option<WriteStats> {

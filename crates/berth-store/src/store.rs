@@ -47,14 +47,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// Runs `work` over `input` in a write transaction; an error rolls it back.
     async fn write<I: Send + Sync + 'static, T: Send + 'static, F: WriteWork<I, T>>(&self, input: I, work: F) -> Result<T, StoreError>;
     /// The in-memory copy of the live servers, where the backend keeps an
-    /// exact one (SQLite, whose one writer keeps it: `mirror`). Reads of
-    /// it are followed by `settled`.
+    /// exact one (SQLite, whose one writer keeps it: `mirror`). It shows a
+    /// commit only once it is durable; a read of it checks `healthy`.
     fn mirror(&self) -> Option<&Mirror> {
         None
     }
-    /// Waits until everything a read may have seen is durable (a read
-    /// through `read` does this itself).
-    async fn settled(&self) -> Result<(), StoreError> {
+    /// Fails at once if the store can no longer answer (a failed flush).
+    fn healthy(&self) -> Result<(), StoreError> {
         Ok(())
     }
     /// Writes and commits so far, where the backend counts them.
@@ -92,12 +91,12 @@ impl<B> StoreOn<B> {
 }
 
 /// A read of the backend's mirror, where it keeps one: what a read of the
-/// rows answers, answered from the mirror, once durable.
+/// rows answers, answered from the mirror (which holds only what is
+/// durable, so nothing waits).
 async fn mirrored<B: Backend, T>(b: &B, read: impl FnOnce(&Mirror) -> T) -> Result<Option<T>, StoreError> {
     let Some(m) = b.mirror() else { return Ok(None) };
-    let out = read(m);
-    b.settled().await?;
-    Ok(Some(out))
+    b.healthy()?;
+    Ok(Some(read(m)))
 }
 
 #[async_trait]
@@ -157,16 +156,11 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn resolve_server(&self, id_or_name: &str) -> Result<Option<ServerRef>, StoreError> {
-        if let Some(m) = self.b.mirror() {
-            // Not settled: see the trait.
-            return Ok(m.resolve_server(id_or_name));
+        if let Some(s) = mirrored(&self.b, |m| m.resolve_server(id_or_name)).await? {
+            return Ok(s);
         }
         let id_or_name = id_or_name.to_string();
         self.b.read(move |e| Box::pin(async move { reads::resolve_server(e, &id_or_name).await })).await
-    }
-
-    async fn settled(&self) -> Result<(), StoreError> {
-        self.b.settled().await
     }
 
     async fn list_servers(&self, tenant: Option<&str>) -> Result<Vec<Server>, StoreError> {
@@ -449,7 +443,6 @@ impl<B: Backend> Store for StoreOn<B> {
             match self.b.read(move |e| Box::pin(async move { reads::node_renewal(e, &node_id).await })).await? {
                 Some((last_sync_at, registered_at)) => {
                     let placed = m.placed(&input.node_id);
-                    self.b.settled().await?;
                     let decided = decide(&placed, last_sync_at.unwrap_or(registered_at));
                     Some((last_sync_at, placed, decided))
                 }
