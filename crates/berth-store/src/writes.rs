@@ -446,13 +446,17 @@ async fn apply_change(e: E<'_>, change: &Change, placed: &HashMap<&ServerId, &Pl
             ok
         }
         Change::Confirmed { server_id, generation } => {
-            let Some(from) = from(server_id) else { return Ok(false) };
+            // Only a starting instance is confirmed: one the server's stop
+            // or another sync has moved on is left as it is.
+            if from(server_id).is_none() {
+                return Ok(false);
+            }
             // One update moves it and clears what a start left behind.
             let ok = e
                 .exec(
                     "UPDATE servers SET status = 'running', updated_at = ?, attempts = 0, next_attempt_at = NULL, last_error = NULL, last_exit = NULL \
-                     WHERE id = ? AND generation = ? AND status = ?",
-                    args![now, &server_id.0, *generation as i64, from.as_str()],
+                     WHERE id = ? AND generation = ? AND status = 'starting'",
+                    args![now, &server_id.0, *generation as i64],
                 )
                 .await?
                 == 1;

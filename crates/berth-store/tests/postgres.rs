@@ -33,6 +33,7 @@ fn store_suite_on_postgres() {
         case!(ports_are_unique_and_stale_servers_refused);
         case!(syncs_are_fenced_by_epoch_and_sequence);
         case!(report_changes_are_conditional_on_generation);
+        case!(a_sync_confirms_many_servers_at_once);
         case!(names_and_transitions);
         case!(leadership_is_exclusive_and_fences_commits);
         case!(events_filter_and_page);

@@ -30,6 +30,7 @@ suite_tests!(
     ports_are_unique_and_stale_servers_refused,
     syncs_are_fenced_by_epoch_and_sequence,
     report_changes_are_conditional_on_generation,
+    a_sync_confirms_many_servers_at_once,
     names_and_transitions,
     events_filter_and_page,
     operations_follow_the_guard_table,

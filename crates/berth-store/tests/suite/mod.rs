@@ -335,6 +335,57 @@ pub async fn report_changes_are_conditional_on_generation(store: &dyn Store) {
     assert_no_violations(store).await;
 }
 
+/// A sync that confirms many instances at once (as every sync does under a
+/// burst of starts) does for each exactly what one confirmation does:
+/// running, one open session with its ledger line, the reservation active,
+/// its event; and a confirmation of another generation, or of a server no
+/// longer starting (its stop came first), changes nothing (L3, L4).
+pub async fn a_sync_confirms_many_servers_at_once(store: &dyn Store) {
+    let node = store.register_node(&reg("n1", 64000), &NodeId("node_0000000000000001".into()), 0).await.unwrap();
+    let mut servers = Vec::new();
+    for i in 0..21u16 {
+        let s = queued(store, &format!("s{i:02}"), 100).await;
+        store.commit_placements(&[plan(&s, &node.id, 30000 + i)], 20).await.unwrap();
+        servers.push(s);
+    }
+    // s20 is stopped before the sync: its confirmation finds it stopping.
+    store.request_stop(&servers[20].id, 25).await.unwrap();
+    let stale = servers[7].id.clone();
+    let changes: Vec<Change> = servers.iter().map(|s| Change::Confirmed { server_id: s.id.clone(), generation: if s.id == stale { 0 } else { 1 } }).collect();
+    let events: Vec<NewEvent> = servers
+        .iter()
+        .map(|s| NewEvent { kind: "server_running", server_id: Some(s.id.clone()), node_id: Some(node.id.clone()), message: format!("{} running", s.name) })
+        .collect();
+    let decided = Reconciled { changes, events, ..Default::default() };
+    let before = event_count(store).await;
+    store.sync_node(&sync_in(&node.id, 1), 30, Arc::new(move |_: &[berth_core::reconcile::Placed], _: i64| decided.clone())).await.unwrap();
+    let snap = store.snapshot().await.unwrap();
+    for s in &servers {
+        let now = store.get_server(&s.name).await.unwrap().unwrap();
+        let sessions = store.sessions_of(&s.id).await.unwrap();
+        let ledger = store.ledger_of(&s.id).await.unwrap();
+        let reservation = snap.reservations.iter().find(|r| r.server_id == s.id).expect("placed servers keep their reservation");
+        if s.id == stale || s.name == "s20" {
+            assert_ne!(now.status, ServerStatus::Running, "{}", s.name);
+            assert!(sessions.is_empty(), "{}: {sessions:?}", s.name);
+            assert!(ledger.is_empty(), "{}: {ledger:?}", s.name);
+            assert_eq!(reservation.state, berth_core::ReservationState::Pending, "{}", s.name);
+            continue;
+        }
+        assert_eq!(now.status, ServerStatus::Running, "{}", s.name);
+        assert_eq!(sessions.len(), 1, "{}: {sessions:?}", s.name);
+        let session = &sessions[0];
+        assert_eq!((session.started_at, session.ended_at, session.generation, session.memory_mib), (30, None, 1, MemMib(100)), "{}", s.name);
+        assert_eq!(session.node_id, node.id);
+        assert_eq!(ledger.len(), 1, "{}: {ledger:?}", s.name);
+        assert_eq!((ledger[0].kind.as_str(), ledger[0].session_id, ledger[0].detail.as_str()), ("opened", session.id, "generation 1"), "{}", s.name);
+        assert_eq!(reservation.state, berth_core::ReservationState::Active, "{}", s.name);
+    }
+    assert_eq!(store.open_sessions().await.unwrap().len(), 19);
+    assert_eq!(event_count(store).await - before, 19, "one event for each confirmation applied");
+    assert_no_violations(store).await;
+}
+
 /// Names are unique among live servers; a deleted server frees its name;
 /// illegal transitions are typed errors.
 pub async fn names_and_transitions(store: &dyn Store) {
