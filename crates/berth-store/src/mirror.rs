@@ -151,16 +151,6 @@ pub(crate) fn load(conn: &rusqlite::Connection) -> Result<Whole, StoreError> {
     Ok(Whole(fresh))
 }
 
-/// The statuses a node runs an instance for (its desired set).
-fn desired(status: ServerStatus) -> bool {
-    matches!(status, ServerStatus::Starting | ServerStatus::Running | ServerStatus::Unknown)
-}
-
-/// The statuses of a server placed on a node, as a sync reconciles them.
-fn placed(status: ServerStatus) -> bool {
-    matches!(status, ServerStatus::Starting | ServerStatus::Running | ServerStatus::Stopping | ServerStatus::Unknown)
-}
-
 impl State {
     /// Removes the row; returns what it held, to be dropped outside the
     /// lock.
@@ -281,12 +271,12 @@ impl Mirror {
 
     /// The node's desired set as keys.
     pub(crate) fn desired_keys(&self, node: &NodeId) -> Keys {
-        self.read().on(node).filter(|s| desired(s.status)).map(|s| (s.id.clone(), s.generation)).collect()
+        self.read().on(node).filter(|s| s.status.is_desired_running()).map(|s| (s.id.clone(), s.generation)).collect()
     }
 
     /// The node's desired set, in id order.
     pub(crate) fn desired_on(&self, node: &NodeId) -> Result<Vec<Server>, StoreError> {
-        let kept: Vec<Arc<Kept>> = self.read().on(node).filter(|s| desired(s.status)).cloned().collect();
+        let kept: Vec<Arc<Kept>> = self.read().on(node).filter(|s| s.status.is_desired_running()).cloned().collect();
         kept.iter().map(|s| s.server()).collect()
     }
 
@@ -295,7 +285,7 @@ impl Mirror {
     pub(crate) fn desired_delta(&self, node: &NodeId, base: &[(ServerId, Generation)]) -> Result<(Keys, Vec<Server>), StoreError> {
         let mut keys = Vec::new();
         let mut added = Vec::new();
-        for s in self.read().on(node).filter(|s| desired(s.status)) {
+        for s in self.read().on(node).filter(|s| s.status.is_desired_running()) {
             let key = (s.id.clone(), s.generation);
             if base.binary_search(&key).is_err() {
                 added.push(s.clone());
@@ -319,11 +309,12 @@ impl Mirror {
         MemMib(self.read().on(node).filter(|s| s.status.holds_reservation()).map(|s| s.memory_mib.0).sum())
     }
 
-    /// The servers placed on the node as a sync reconciles them.
+    /// The servers placed on the node as a sync reconciles them (those
+    /// holding a reservation there).
     pub(crate) fn placed(&self, node: &NodeId) -> Vec<Placed> {
         self.read()
             .on(node)
-            .filter(|s| placed(s.status))
+            .filter(|s| s.status.holds_reservation())
             .map(|s| Placed {
                 id: s.id.clone(),
                 name: s.name.clone(),
@@ -339,7 +330,7 @@ impl Mirror {
     /// Servers placed on the node (every status a sync reconciles), in id
     /// order.
     pub(crate) fn placed_on(&self, node: &NodeId) -> Result<Vec<Server>, StoreError> {
-        let kept: Vec<Arc<Kept>> = self.read().on(node).filter(|s| placed(s.status)).cloned().collect();
+        let kept: Vec<Arc<Kept>> = self.read().on(node).filter(|s| s.status.holds_reservation()).cloned().collect();
         kept.iter().map(|s| s.server()).collect()
     }
 

@@ -93,7 +93,7 @@ impl<B> StoreOn<B> {
 /// A read of the backend's mirror, where it keeps one: what a read of the
 /// rows answers, answered from the mirror (which holds only what is
 /// durable, so nothing waits).
-async fn mirrored<B: Backend, T>(b: &B, read: impl FnOnce(&Mirror) -> T) -> Result<Option<T>, StoreError> {
+fn mirrored<B: Backend, T>(b: &B, read: impl FnOnce(&Mirror) -> T) -> Result<Option<T>, StoreError> {
     let Some(m) = b.mirror() else { return Ok(None) };
     b.healthy()?;
     Ok(Some(read(m)))
@@ -148,7 +148,7 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn get_server(&self, id_or_name: &str) -> Result<Option<Server>, StoreError> {
-        if let Some(s) = mirrored(&self.b, |m| m.get_server(id_or_name)).await? {
+        if let Some(s) = mirrored(&self.b, |m| m.get_server(id_or_name))? {
             return s;
         }
         let id_or_name = id_or_name.to_string();
@@ -156,7 +156,7 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn resolve_server(&self, id_or_name: &str) -> Result<Option<ServerRef>, StoreError> {
-        if let Some(s) = mirrored(&self.b, |m| m.resolve_server(id_or_name)).await? {
+        if let Some(s) = mirrored(&self.b, |m| m.resolve_server(id_or_name))? {
             return Ok(s);
         }
         let id_or_name = id_or_name.to_string();
@@ -188,7 +188,7 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn queued(&self) -> Result<Vec<QueuedServer>, StoreError> {
-        if let Some(q) = mirrored(&self.b, |m| m.queued()).await? {
+        if let Some(q) = mirrored(&self.b, |m| m.queued())? {
             return Ok(q);
         }
         self.b.read(move |e| Box::pin(async move { reads::queued(e).await })).await
@@ -202,7 +202,7 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn desired_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
-        if let Some(d) = mirrored(&self.b, |m| m.desired_on(node_id)).await? {
+        if let Some(d) = mirrored(&self.b, |m| m.desired_on(node_id))? {
             return d;
         }
         let node_id = node_id.clone();
@@ -216,8 +216,7 @@ impl<B: Backend> Store for StoreOn<B> {
                 None => (m.desired_keys(node_id), Vec::new()),
             };
             Ok::<_, StoreError>((keys, added, m.stopping_on(node_id), reserved.then(|| m.node_reserved(node_id))))
-        })
-        .await?;
+        })?;
         if let Some(view) = from_mirror {
             let (keys, added, stopping, reserved) = view?;
             // A kill order needs the running kill operation: read only for
@@ -231,7 +230,7 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn placed_on(&self, node_id: &NodeId) -> Result<Vec<Server>, StoreError> {
-        if let Some(p) = mirrored(&self.b, |m| m.placed_on(node_id)).await? {
+        if let Some(p) = mirrored(&self.b, |m| m.placed_on(node_id))? {
             return p;
         }
         let node_id = node_id.clone();
@@ -239,7 +238,7 @@ impl<B: Backend> Store for StoreOn<B> {
     }
 
     async fn status_counts(&self) -> Result<(Vec<(ServerStatus, u64)>, u64), StoreError> {
-        if let Some(counts) = mirrored(&self.b, |m| m.status_counts()).await? {
+        if let Some(counts) = mirrored(&self.b, |m| m.status_counts())? {
             let open = self.b.read(move |e| Box::pin(async move { reads::open_session_count(e).await })).await?;
             return Ok((counts, open));
         }
