@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/postgres/0004_operations.sql")),
     (5, include_str!("../migrations/postgres/0005_volumes.sql")),
     (6, include_str!("../migrations/postgres/0006_reservations_key.sql")),
+    (7, include_str!("../migrations/postgres/0007_servers_indexes.sql")),
 ];
 
 pub struct PostgresBackend {

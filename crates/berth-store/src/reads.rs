@@ -65,7 +65,7 @@ pub(crate) async fn get_server(e: E<'_>, id_or_name: &str) -> Result<Option<Serv
     // table on SQLite.
     let sql = format!(
         "SELECT {SERVER_COLS} FROM servers WHERE id = ? AND status <> 'deleted' \
-         UNION ALL SELECT {SERVER_COLS} FROM servers WHERE name = ? AND status <> 'deleted' LIMIT 1"
+         UNION ALL SELECT {SERVER_COLS} FROM servers WHERE name = ? AND deleted_at IS NULL LIMIT 1"
     );
     e.row(&sql, args![id_or_name, id_or_name]).await?.as_ref().map(server_from_row).transpose()
 }
@@ -76,7 +76,7 @@ pub(crate) async fn resolve_server(e: E<'_>, id_or_name: &str) -> Result<Option<
     let row = e
         .row(
             "SELECT id, tenant, node_id, memory_mib, home_node FROM servers WHERE id = ? AND status <> 'deleted' \
-             UNION ALL SELECT id, tenant, node_id, memory_mib, home_node FROM servers WHERE name = ? AND status <> 'deleted' LIMIT 1",
+             UNION ALL SELECT id, tenant, node_id, memory_mib, home_node FROM servers WHERE name = ? AND deleted_at IS NULL LIMIT 1",
             args![id_or_name, id_or_name],
         )
         .await?;

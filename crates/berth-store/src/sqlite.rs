@@ -37,6 +37,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../migrations/sqlite/0005_volumes.sql")),
     (6, include_str!("../migrations/sqlite/0006_reservations_key.sql")),
     (7, include_str!("../migrations/sqlite/0007_reservations_by_node.sql")),
+    (8, include_str!("../migrations/sqlite/0008_servers_indexes.sql")),
 ];
 
 /// How a `SqliteStore` writes.
@@ -311,5 +312,53 @@ mod tests {
         let ports: Vec<i64> =
             conn.prepare("SELECT port FROM reservations WHERE node_id = 'n1'").unwrap().query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap();
         assert_eq!(ports, [20001, 20002]);
+    }
+
+    /// Schema 8: a deleted server keeps its row and frees its name; the
+    /// reads that look for a name, the queue and crashed servers use the
+    /// new partial indexes; and a server's step from starting to running
+    /// writes its row alone (one page), where schema 7 also rewrote its
+    /// entries in the status and live-name indexes.
+    #[test]
+    fn a_status_step_writes_no_index_and_a_deleted_server_frees_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = connect(&dir.path().join("berth.db")).unwrap();
+        migrate_through(&mut conn, 7).unwrap();
+        conn.execute_batch(
+            "INSERT INTO servers (id, tenant, name, template, memory_mib, config, status, generation, created_at, updated_at) \
+             VALUES ('s1', 't', 'one', 'x', 512, '{}', 'deleted', 0, 0, 40), ('s2', 't', 'two', 'x', 256, '{}', 'starting', 1, 0, 50);",
+        )
+        .unwrap();
+        migrate_through(&mut conn, 8).unwrap();
+        let deleted_at = |id: &str| conn.query_row("SELECT deleted_at FROM servers WHERE id = ?", [id], |r| r.get::<_, Option<i64>>(0)).unwrap();
+        assert_eq!((deleted_at("s1"), deleted_at("s2")), (Some(40), None));
+        let insert = |id: &str, name: &str| {
+            conn.execute(
+                "INSERT INTO servers (id, tenant, name, template, memory_mib, config, status, generation, created_at, updated_at) \
+                 VALUES (?, 't', ?, 'x', 128, '{}', 'stopped', 0, 60, 60)",
+                [id, name],
+            )
+        };
+        insert("s3", "one").expect("the deleted server's name is free");
+        assert!(insert("s4", "two").is_err(), "a live server's name was taken twice");
+
+        let plan = |sql: &str| -> String {
+            let rows: Vec<String> =
+                conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap().query_map([], |r| r.get(3)).unwrap().collect::<Result<_, _>>().unwrap();
+            rows.join("; ")
+        };
+        assert!(plan(&format!("{} ORDER BY queued_at, id", crate::rows::QUEUED_SQL)).contains("servers_queue"));
+        assert!(plan("SELECT id FROM servers WHERE name = 'one' AND deleted_at IS NULL").contains("servers_live_name"));
+        assert!(plan("SELECT id FROM servers WHERE status = 'crashed'").contains("servers_crashed"));
+
+        // Count the pages one committed step appends to the log.
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+        let wal = dir.path().join("berth.db-wal");
+        let size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        conn.execute_batch("UPDATE servers SET updated_at = 61 WHERE id = 's3'").unwrap();
+        let frame = size();
+        assert!(frame > 0, "the log holds the first commit");
+        conn.execute_batch("UPDATE servers SET status = 'running', updated_at = 62 WHERE id = 's2' AND status = 'starting'").unwrap();
+        assert_eq!(size() - frame, frame - 32, "starting to running wrote more than the row's page");
     }
 }

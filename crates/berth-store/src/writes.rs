@@ -297,7 +297,7 @@ pub(crate) async fn delete_server(e: E<'_>, id: &ServerId, now: Millis) -> Resul
     let mut s = server_by_id(e, id).await?;
     let to = s.status.on_delete()?;
     transition(e, id, s.generation, s.status, to, now).await?;
-    e.exec("UPDATE servers SET queued_at = NULL, next_attempt_at = NULL WHERE id = ?", args![&id.0]).await?;
+    e.exec("UPDATE servers SET queued_at = NULL, next_attempt_at = NULL, deleted_at = ? WHERE id = ?", args![now, &id.0]).await?;
     let ev = NewEvent { kind: "server_deleted", server_id: Some(id.clone()), node_id: None, message: format!("server {} deleted", s.name) };
     insert_events(e, &[ev], now).await?;
     s.status = to;
@@ -882,12 +882,15 @@ async fn finish(
 async fn move_server(e: E<'_>, s: &mut Server, to: ServerStatus, why: &Operation, now: Millis) -> Result<(), StoreError> {
     let extra = match to {
         ServerStatus::Queued => ", queued_at = ?, attempts = 0, next_attempt_at = NULL, last_error = NULL",
-        ServerStatus::Stopped | ServerStatus::Deleted => ", queued_at = NULL, next_attempt_at = NULL",
+        ServerStatus::Stopped => ", queued_at = NULL, next_attempt_at = NULL",
+        // The name is free again (the live-name index holds rows without
+        // `deleted_at`).
+        ServerStatus::Deleted => ", queued_at = NULL, next_attempt_at = NULL, deleted_at = ?",
         _ => "",
     };
     let sql = format!("UPDATE servers SET status = ?, updated_at = ?{extra} WHERE id = ? AND generation = ? AND status = ?");
     let mut args = args![to.as_str(), now];
-    if to == ServerStatus::Queued {
+    if matches!(to, ServerStatus::Queued | ServerStatus::Deleted) {
         args.push(Arg::Int(now));
     }
     args.extend(args![&s.id.0, s.generation as i64, s.status.as_str()]);

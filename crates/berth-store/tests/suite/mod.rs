@@ -647,6 +647,11 @@ pub async fn kill_is_ordered_until_the_instance_is_gone(store: &dyn Store) {
     assert_eq!(store.get_operation("op_2").await.unwrap().unwrap().status, OpStatus::Succeeded);
     assert_eq!(store.get_operation("op_5").await.unwrap().unwrap().status, OpStatus::Succeeded);
     assert!(store.get_server("k").await.unwrap().is_none(), "deleted after the kill");
+    // Deleted by its operation, the server frees its name.
+    let mut again = server("k", 100);
+    again.id = ServerId("srv_00000000000000fe".into());
+    store.insert_server(&again, &ev()).await.unwrap();
+    assert_eq!(store.resolve_server("k").await.unwrap().map(|r| r.id), Some(again.id.clone()));
     assert!(store.killing_on(&node.id).await.unwrap().is_empty());
     assert!(store.node_usage().await.unwrap().is_empty());
     assert_no_violations(store).await;
