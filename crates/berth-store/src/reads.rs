@@ -62,7 +62,9 @@ pub(crate) async fn node_volumes(e: E<'_>, id: &NodeId) -> Result<Vec<ServerId>,
 
 pub(crate) async fn get_server(e: E<'_>, id_or_name: &str) -> Result<Option<Server>, StoreError> {
     // Two indexed lookups, the id first: `id = ? OR name = ?` scans the
-    // table on SQLite.
+    // table on SQLite. The name's is `deleted_at IS NULL` (the same rows
+    // as `status <> 'deleted'`): the live-name index's own condition, which
+    // SQLite needs to see in the query to use that index.
     let sql = format!(
         "SELECT {SERVER_COLS} FROM servers WHERE id = ? AND status <> 'deleted' \
          UNION ALL SELECT {SERVER_COLS} FROM servers WHERE name = ? AND deleted_at IS NULL LIMIT 1"
