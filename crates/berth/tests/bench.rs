@@ -82,6 +82,8 @@ fn every_scenario_runs_and_finds_no_violation() {
     assert!(num(&a, "placements_per_sec") > 0.0 && num(&a, "baseline_placements_per_sec") > 0.0, "{a}");
     assert!(num(&a, "p50_ms") <= num(&a, "p99_ms") && num(&a, "p99_ms") <= num(&a, "max_ms"), "{a}");
     assert!(num(&a, "writes_per_commit") >= 1.0, "{a}");
+    // The disk's own durable commit rate, measured in the same run.
+    assert!(num(&a, "durable_commits_per_sec") > 0.0, "{a}");
     // The baseline is the naive path the issue names: every write its own
     // transaction, every placement its own admission transaction.
     assert_eq!(num(&a, "baseline_writes_per_commit"), 1.0, "{a}");

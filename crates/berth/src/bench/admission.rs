@@ -15,8 +15,8 @@ use clap::Args;
 use serde_json::json;
 
 use super::harness::{
-    cores, create_servers, metrics, percentiles, round1, round2, start_all_placed, status_count, violations, wait_running, ControlProc, FleetSpec, Percentiles,
-    Sampler, SimFleet,
+    cores, create_servers, durable_commits_per_sec, metrics, percentiles, round1, round2, start_all_placed, status_count, violations, wait_running,
+    ControlProc, FleetSpec, Percentiles, Sampler, SimFleet,
 };
 use super::Report;
 use crate::cli::MsRange;
@@ -156,6 +156,10 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
     if a.requests as u64 * a.server_mib > a.nodes as u64 * a.node_mib {
         bail!("{} servers of {} MiB do not fit on {} nodes of {} MiB", a.requests, a.server_mib, a.nodes, a.node_mib);
     }
+    // The disk first, while nothing else runs: the same run's measure of
+    // what group commit can save.
+    let probe_dir = dir.join("commit-probe");
+    let durable_commits = tokio::task::spawn_blocking(move || durable_commits_per_sec(&probe_dir)).await??;
     let grouped = measure(&a, &dir.join("group-commit"), &[], "group commit").await?;
     let naive = if a.no_baseline { None } else { Some(measure(&a, &dir.join("naive"), NAIVE_FLAGS, "naive").await?) };
     let ratio = naive.as_ref().map(|n| grouped.placements_per_sec / n.placements_per_sec);
@@ -163,6 +167,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         ("nodes × MiB".to_string(), format!("{} × {}", a.nodes, a.node_mib)),
         ("start requests / clients".into(), format!("{} / {}", a.requests, a.clients)),
         ("sim start to ready ms".into(), a.sim_start_ms.to_string()),
+        ("durable single-row commits/s on this disk".into(), format!("{durable_commits:.0}")),
         ("placements/s (group commit)".into(), format!("{:.0}", grouped.placements_per_sec)),
         ("admission p50 / p99 / max ms".into(), format!("{:.1} / {:.1} / {:.1}", grouped.latency.p50, grouped.latency.p99, grouped.latency.max)),
         ("writes per commit".into(), format!("{:.1}", grouped.writes_per_commit)),
@@ -195,6 +200,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         "clients": a.clients,
         "server_mib": a.server_mib,
         "sim_start_ms": [a.sim_start_ms.min, a.sim_start_ms.max],
+        "durable_commits_per_sec": round1(durable_commits),
         "placements_per_sec": round1(grouped.placements_per_sec),
         "baseline_placements_per_sec": naive.as_ref().map(|n| round1(n.placements_per_sec)),
         "speedup": ratio.map(round2),
