@@ -97,16 +97,17 @@ async fn ledger(e: E<'_>, at: Millis, kind: &str, session_id: i64, server: &Serv
 /// Opens the billing session of a server generation at `at` (L4: the unique
 /// index refuses a second open session). `kind` is the ledger kind.
 async fn open_session(e: E<'_>, server: &ServerId, generation: u64, at: Millis, kind: &str) -> Result<(), StoreError> {
-    let row = e
-        .row(
+    let id = e
+        .insert_key(
             "INSERT INTO billing_sessions (server_id, tenant, node_id, generation, memory_mib, plan, price_per_gib_hour, started_at) \
              SELECT id, tenant, node_id, generation, memory_mib, plan, price_per_gib_hour, ? FROM servers \
-             WHERE id = ? AND generation = ? AND node_id IS NOT NULL RETURNING id",
+             WHERE id = ? AND generation = ? AND node_id IS NOT NULL",
+            "id",
             args![at, &server.0, generation as i64],
         )
         .await?;
-    if let Some(row) = row {
-        ledger(e, at, kind, row.int("id")?, server, &format!("generation {generation}")).await?;
+    if let Some(id) = id {
+        ledger(e, at, kind, id, server, &format!("generation {generation}")).await?;
     }
     Ok(())
 }
@@ -777,10 +778,11 @@ pub(crate) async fn roll_over(e: E<'_>, max_len_ms: Millis, fresh_ms: Millis, no
 }
 
 pub(crate) async fn insert_session(e: E<'_>, s: &BillingSession) -> Result<i64, StoreError> {
-    let row = e
-        .one(
+    let id = e
+        .insert_key(
             "INSERT INTO billing_sessions (server_id, tenant, node_id, generation, memory_mib, plan, price_per_gib_hour, started_at, ended_at, end_reason) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "id",
             args![
                 &s.server_id.0,
                 &s.tenant,
@@ -795,8 +797,8 @@ pub(crate) async fn insert_session(e: E<'_>, s: &BillingSession) -> Result<i64, 
             ],
         )
         .await
-        .map_err(|err| if err.is_unique_violation() { StoreError::Conflict(format!("server {} already has an open session", s.server_id)) } else { err })?;
-    let id = row.int("id")?;
+        .map_err(|err| if err.is_unique_violation() { StoreError::Conflict(format!("server {} already has an open session", s.server_id)) } else { err })?
+        .ok_or_else(|| StoreError::Corrupt("an insert of one session inserted none".into()))?;
     ledger(e, s.started_at, "opened", id, &s.server_id, "inserted").await?;
     Ok(id)
 }
@@ -1074,10 +1076,11 @@ pub(crate) async fn request_operation(e: E<'_>, req: &OpRequest, now: Millis) ->
     if admission.begin_now {
         begin_op(e, &mut op, &mut server, now).await?;
     }
-    op.seq = e
-        .one(
+    let seq = e
+        .insert_key(
             "INSERT INTO operations (id, server_id, kind, status, phase, origin, attempts, next_attempt_at, error_code, error, created_at, \
-             started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+             started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "seq",
             args![
                 &op.id,
                 &op.server_id.0,
@@ -1094,8 +1097,8 @@ pub(crate) async fn request_operation(e: E<'_>, req: &OpRequest, now: Millis) ->
                 op.finished_at
             ],
         )
-        .await?
-        .first_int()?;
+        .await?;
+    op.seq = seq.ok_or_else(|| StoreError::Corrupt("an insert of one operation inserted none".into()))?;
     let mut after = match &server {
         Some(s) => s.clone(),
         None => Server { status: ServerStatus::Deleted, ..current },
