@@ -595,6 +595,13 @@ impl Agent {
     /// driver does not, and kills instances past their stop deadline.
     async fn supervise(&self, shutdown: watch::Receiver<bool>) {
         let mut ticks: u64 = 0;
+        // Agents started together (a fleet restarted at once, or many
+        // simulated agents in one process) would tick together for good,
+        // and what each tick found reaches the control plane as one sync
+        // per agent in the same instant: a wave every tick that the writer
+        // takes in one go while every start waits behind it. The first
+        // wait is a random share of a tick, which spreads the fleet out.
+        let mut wait = first_wait(self.cfg.tick);
         loop {
             if *shutdown.borrow() {
                 return;
@@ -679,7 +686,8 @@ impl Agent {
             if changed {
                 self.changed.notify_one();
             }
-            tokio::time::sleep(self.cfg.tick).await;
+            tokio::time::sleep(wait).await;
+            wait = self.cfg.tick;
         }
     }
 
@@ -692,6 +700,12 @@ impl Agent {
 
 /// The desired set `held` became: without `removed`, with `added`, in
 /// server order as a whole set comes.
+/// The supervisor's first wait: a random share of `tick`, so that agents
+/// started in the same instant do not tick in step.
+fn first_wait(tick: Duration) -> Duration {
+    tick.mul_f64(rand::random::<f64>())
+}
+
 fn apply_delta(held: &[Arc<InstanceSpec>], removed: &[InstanceKey], added: Vec<InstanceSpec>) -> Arc<[Arc<InstanceSpec>]> {
     let gone: HashSet<(&str, u64)> = removed.iter().map(|k| (k.server_id.0.as_str(), k.generation)).collect();
     let mut set: Vec<Arc<InstanceSpec>> = held.iter().filter(|s| !gone.contains(&(s.server_id.0.as_str(), s.generation))).cloned().collect();
@@ -720,6 +734,19 @@ fn list_volumes(dir: &std::path::Path) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::sim::tests::spec;
+
+    #[test]
+    fn agents_started_together_take_their_first_ticks_apart() {
+        let tick = Duration::from_millis(200);
+        let mut waits: Vec<Duration> = (0..200).map(|_| first_wait(tick)).collect();
+        assert!(waits.iter().all(|w| *w < tick), "within one tick");
+        waits.sort();
+        // 200 agents over 200 ms: a uniform spread puts about ten in each
+        // 10 ms step; ticks in step would put all 200 in one.
+        let crowd = (0..20).map(|k| waits.iter().filter(|w| w.as_millis() / 10 == k).count()).max().unwrap();
+        assert!(crowd < 60, "at most {crowd} in one 10 ms step: {waits:?}");
+        assert!(waits.last().unwrap().saturating_sub(waits[0]) > tick / 2, "spread over the tick");
+    }
 
     #[test]
     fn a_delta_removes_and_adds_to_the_held_set() {
