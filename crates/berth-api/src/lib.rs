@@ -497,8 +497,7 @@ pub struct SyncRequest {
     #[serde(default)]
     pub volumes: Option<Vec<String>>,
     /// Long-poll: if nothing is to change, the answer may wait this long
-    /// for new work (the control plane holds it between three quarters of
-    /// this and all of it, so that a fleet's syncs do not stay in step).
+    /// for new work.
     #[serde(default)]
     pub wait_ms: u64,
     /// The `desired_version` of the last desired set the agent received;

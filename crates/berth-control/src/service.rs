@@ -644,7 +644,7 @@ impl App {
         }
         let DesiredView { mut keys, mut added, mut kill, .. } = view;
         if req.wait_ms > 0 && nothing_to_do(&keys, &kill, &req) {
-            let wait = long_poll_hold(req.wait_ms, self.cfg.long_poll_max_ms);
+            let wait = Duration::from_millis(req.wait_ms.min(self.cfg.long_poll_max_ms));
             // Woken or not, the set is read again.
             let _ = tokio::time::timeout(wait, notified).await;
             DesiredView { keys, added, kill, .. } = self.store.desired_view(&node_id, held, false).await?;
@@ -747,31 +747,4 @@ fn nothing_to_do(desired: &[(ServerId, u64)], kill: &[(ServerId, u64)], req: &Sy
     let have: BTreeSet<(&str, u64)> = req.instances.iter().map(|i| (i.server_id.0.as_str(), i.generation)).collect();
     want.is_subset(&have)
         && req.instances.iter().filter(|i| !want.contains(&(i.server_id.0.as_str(), i.generation))).all(|i| matches!(i.state, InstanceState::Stopping))
-}
-
-/// How long a sync with nothing to do is held: at most what the agent
-/// asked (and the configured bound), at least three quarters of it. A
-/// fleet whose syncs arrive together (registered together, or all answered
-/// by one change) would otherwise come back together every wait, and each
-/// sync is a write (its lease renewal) that the writer takes in one go
-/// while every start waits behind the wave. Holds are only shortened, so
-/// a lease is renewed no later than the agent planned.
-fn long_poll_hold(wait_ms: u64, max_ms: u64) -> Duration {
-    Duration::from_millis(wait_ms.min(max_ms)).mul_f64(1.0 - 0.25 * rand::random::<f64>())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn held_syncs_of_one_wave_come_back_spread_and_never_later_than_asked() {
-        let holds: Vec<Duration> = (0..200).map(|_| long_poll_hold(2_000, 30_000)).collect();
-        assert!(holds.iter().all(|h| *h <= Duration::from_millis(2_000) && *h >= Duration::from_millis(1_500)), "{holds:?}");
-        // 200 syncs over 500 ms: about 20 in each 50 ms; all in one is the
-        // wave this spreads.
-        let crowd = (0..10).map(|k| holds.iter().filter(|h| (h.as_millis() - 1_500) / 50 == k).count()).max().unwrap();
-        assert!(crowd < 70, "{crowd} in one 50 ms step");
-        assert!(long_poll_hold(60_000, 30_000) <= Duration::from_millis(30_000), "the configured bound holds");
-    }
 }
