@@ -694,7 +694,7 @@ mod tests {
         if !berth_testkit::require_or_skip(image, "the berth-fakegame:local image (scripts/build-images fakegame)") {
             return;
         }
-        let tag = format!("{}-{}", std::process::id(), rand_suffix());
+        let tag = format!("{}-{}", std::process::id(), rand::random::<u32>());
         let hog = bare_container(&d, &format!("berth-oom-hog-{tag}"), &["--alloc-mib", "400"]).await;
         let idle = bare_container(&d, &format!("berth-oom-idle-{tag}"), &[]).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -710,10 +710,6 @@ mod tests {
         assert!(hog_logged, "the engine logged the OOM kill");
         assert!(!idle_logged, "a SIGKILL from outside is no OOM kill");
         assert_eq!(idle_exit, LastExit { reason: "signaled".into(), code: Some(137) });
-    }
-
-    fn rand_suffix() -> u64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
     }
 
     #[test]

@@ -284,8 +284,7 @@ impl Exec for LiteExec<'_> {
     /// an integer primary key is the rowid, read from the connection
     /// instead.
     async fn insert_key(&mut self, sql: &str, _key: &str, args: Vec<Arg>) -> Result<Option<i64>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(sql).map_err(lite_err)?;
-        match stmt.execute(rusqlite::params_from_iter(args.iter())).map_err(lite_err)? {
+        match self.exec(sql, args).await? {
             0 => Ok(None),
             1 => Ok(Some(self.conn.last_insert_rowid())),
             n => Err(StoreError::Corrupt(format!("an insert of one row inserted {n}"))),
