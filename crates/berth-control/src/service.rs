@@ -559,7 +559,7 @@ impl App {
 
     pub async fn invariants(&self, caller: &Caller) -> Result<InvariantReport, ControlError> {
         caller.require_admin()?;
-        let snap = self.store.snapshot().await?;
+        let snap = self.store.facts().await?;
         // O(every server): kept off the async workers, like the read.
         let violations = tokio::task::spawn_blocking(move || {
             let mut v = berth_core::invariants::check(&snap.nodes, &snap.servers, &snap.reservations, None);

@@ -8,12 +8,12 @@ use berth_core::operation::{Operation, ServerFacts};
 use berth_core::placement::QueuedServer;
 use berth_core::{Event, Generation, MemMib, Millis, Node, NodeId, Server, ServerId, ServerStatus, TokenKind};
 
-use crate::exec::{Arg, Exec};
+use crate::exec::{Arg, Exec, Row};
 use crate::rows::*;
 use crate::writes::{marks, placed_sql, PreDecided};
 use crate::{
-    ActiveOps, BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, DesiredView, EventFilter, LeaderLease, LedgerEntry, NodeUsage, OpFilter, OpsWork,
-    QueueSnapshot, ReplicaInfo, ServerRef, Snapshot, StoreError, SyncInput, TokenRecord,
+    ActiveOps, BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, DesiredView, EventFilter, Facts, LeaderLease, LedgerEntry, NodeUsage, OpFilter,
+    OpsWork, QueueSnapshot, ReplicaInfo, ServerRef, Snapshot, StoreError, SyncInput, TokenRecord,
 };
 
 type E<'a> = &'a mut dyn Exec;
@@ -275,12 +275,32 @@ pub(crate) async fn snapshot(e: E<'_>) -> Result<Snapshot, StoreError> {
     let nodes = e.rows(&format!("SELECT {NODE_COLS} FROM nodes"), args![]).await?;
     let servers = e.rows(&format!("SELECT {SERVER_COLS} FROM servers WHERE status <> 'deleted'"), args![]).await?;
     let res = e.rows(&format!("SELECT {RES_COLS} FROM reservations"), args![]).await?;
-    let open = e.rows("SELECT server_id, generation FROM billing_sessions WHERE ended_at IS NULL", args![]).await?;
+    let open = e.rows(OPEN_SESSIONS_SQL, args![]).await?;
     Ok(Snapshot {
         nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
         servers: servers.iter().map(server_from_row).collect::<Result<_, _>>()?,
         reservations: res.iter().map(reservation_from_row).collect::<Result<_, _>>()?,
-        open_sessions: open.iter().map(|r| Ok((ServerId(r.text("server_id")?), r.int("generation")? as u64))).collect::<Result<_, StoreError>>()?,
+        open_sessions: open_pairs(&open)?,
+    })
+}
+
+const OPEN_SESSIONS_SQL: &str = "SELECT server_id, generation FROM billing_sessions WHERE ended_at IS NULL";
+
+fn open_pairs(rows: &[Row]) -> Result<Vec<(ServerId, u64)>, StoreError> {
+    rows.iter().map(|r| Ok((ServerId(r.text("server_id")?), r.int("generation")? as u64))).collect()
+}
+
+/// `snapshot` with each server's checked columns only.
+pub(crate) async fn facts(e: E<'_>) -> Result<Facts, StoreError> {
+    let nodes = e.rows(&format!("SELECT {NODE_COLS} FROM nodes"), args![]).await?;
+    let servers = e.rows("SELECT id, status, node_id, generation, memory_mib, queued_at FROM servers WHERE status <> 'deleted'", args![]).await?;
+    let res = e.rows(&format!("SELECT {RES_COLS} FROM reservations"), args![]).await?;
+    let open = e.rows(OPEN_SESSIONS_SQL, args![]).await?;
+    Ok(Facts {
+        nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
+        servers: servers.iter().map(checked_server_from_row).collect::<Result<_, _>>()?,
+        reservations: res.iter().map(reservation_from_row).collect::<Result<_, _>>()?,
+        open_sessions: open_pairs(&open)?,
     })
 }
 

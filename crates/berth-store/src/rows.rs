@@ -78,6 +78,19 @@ pub(crate) fn server_from_row(r: &Row) -> Result<Server, StoreError> {
     })
 }
 
+/// A server's columns the invariant checks read (`reads::facts`).
+pub(crate) fn checked_server_from_row(r: &Row) -> Result<berth_core::invariants::CheckedServer, StoreError> {
+    let status = r.text("status")?;
+    Ok(berth_core::invariants::CheckedServer {
+        id: ServerId(r.text("id")?),
+        status: ServerStatus::parse(&status).ok_or_else(|| corrupt("server status", &status))?,
+        node_id: r.opt_text("node_id")?.map(NodeId),
+        generation: r.int("generation")? as u64,
+        memory_mib: MemMib(r.int("memory_mib")? as u64),
+        queued_at: r.opt_int("queued_at")?,
+    })
+}
+
 pub(crate) fn node_from_row(r: &Row) -> Result<Node, StoreError> {
     let status = r.text("status")?;
     Ok(Node {

@@ -17,7 +17,7 @@ use crate::group::BoxFuture;
 use crate::mirror::Mirror;
 use crate::{reads, writes};
 use crate::{
-    BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, DeliveryOutcome, DeliveryPolicy, DesiredView, EventFilter, LeaderLease, LedgerEntry,
+    BillingSession, Decide, Delivery, DeliveryFilter, DeliveryJob, DeliveryOutcome, DeliveryPolicy, DesiredView, EventFilter, Facts, LeaderLease, LedgerEntry,
     NodeRegistration, NodeUsage, OpFilter, OpRequest, OpsWork, PlacementOutcome, QueueSnapshot, ReplicaInfo, ServerRef, Snapshot, Store, StoreError, SyncInput,
     TokenRecord, WriteStats,
 };
@@ -432,6 +432,10 @@ impl<B: Backend> Store for StoreOn<B> {
 
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.b.read_apart(move |e| Box::pin(async move { reads::snapshot(e).await })).await
+    }
+
+    async fn facts(&self) -> Result<Facts, StoreError> {
+        self.b.read_apart(move |e| Box::pin(async move { reads::facts(e).await })).await
     }
 
     async fn sync_node(&self, input: &SyncInput, now: Millis, decide: Decide) -> Result<(Node, Reconciled), StoreError> {

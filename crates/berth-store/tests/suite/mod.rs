@@ -62,6 +62,11 @@ async fn assert_no_violations(store: &dyn Store) {
     let mut v = invariants::check(&snap.nodes, &snap.servers, &snap.reservations, None);
     v.extend(invariants::check_billing(&snap.servers, &snap.open_sessions));
     assert!(v.is_empty(), "{v:?}");
+    // The checker's own read (`facts`) sees what the whole snapshot does.
+    let facts = store.facts().await.unwrap();
+    let checked: Vec<invariants::CheckedServer> = snap.servers.iter().map(Into::into).collect();
+    assert_eq!(facts.servers, checked);
+    assert_eq!((facts.nodes, facts.reservations, facts.open_sessions), (snap.nodes, snap.reservations, snap.open_sessions));
 }
 
 /// L1: plans made on a stale snapshot cannot over-commit; the commit
