@@ -369,11 +369,7 @@ mod tests {
         let open = [(servers[0].id.clone(), 1), (servers[3].id.clone(), 3), (servers[3].id.clone(), 3)];
         let checked: Vec<CheckedServer> = servers.iter().map(Into::into).collect();
         let whole = check(&nodes, &servers, &reservations, Some(&live));
-        assert_eq!(
-            whole.iter().map(|v| std::mem::discriminant(v)).collect::<std::collections::HashSet<_>>().len(),
-            4,
-            "L1, L2, L3 and L5 in one report: {whole:?}"
-        );
+        assert_eq!(whole.iter().map(std::mem::discriminant).collect::<std::collections::HashSet<_>>().len(), 4, "L1, L2, L3 and L5 in one report: {whole:?}");
         assert_eq!(check(&nodes, &checked, &reservations, Some(&live)), whole);
         let billing = check_billing(&servers, &open);
         assert_eq!(billing.len(), 2, "{billing:?}");
