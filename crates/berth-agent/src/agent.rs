@@ -698,14 +698,14 @@ impl Agent {
     }
 }
 
-/// The desired set `held` became: without `removed`, with `added`, in
-/// server order as a whole set comes.
 /// The supervisor's first wait: a random share of `tick`, so that agents
 /// started in the same instant do not tick in step.
 fn first_wait(tick: Duration) -> Duration {
     tick.mul_f64(rand::random::<f64>())
 }
 
+/// The desired set `held` became: without `removed`, with `added`, in
+/// server order as a whole set comes.
 fn apply_delta(held: &[Arc<InstanceSpec>], removed: &[InstanceKey], added: Vec<InstanceSpec>) -> Arc<[Arc<InstanceSpec>]> {
     let gone: HashSet<(&str, u64)> = removed.iter().map(|k| (k.server_id.0.as_str(), k.generation)).collect();
     let mut set: Vec<Arc<InstanceSpec>> = held.iter().filter(|s| !gone.contains(&(s.server_id.0.as_str(), s.generation))).cloned().collect();

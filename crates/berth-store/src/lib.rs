@@ -81,11 +81,13 @@ pub struct DesiredView {
     pub reserved: Option<MemMib>,
 }
 
-/// Everything the invariant checker looks at.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
+/// Everything the invariant checker looks at, in one transaction: each
+/// server whole (`S` = `Server`), or only the columns the checks read
+/// (`Facts`).
+#[derive(Debug, Clone)]
+pub struct Snapshot<S = Server> {
     pub nodes: Vec<Node>,
-    pub servers: Vec<Server>,
+    pub servers: Vec<S>,
     pub reservations: Vec<Reservation>,
     /// (server, generation) of every open billing session, read in the same
     /// transaction so the billing check sees one moment.
@@ -94,14 +96,7 @@ pub struct Snapshot {
 
 /// `Snapshot` as the invariant checker reads it: decoding every server's
 /// configuration made a check of 20,000 servers cost twice its read.
-#[derive(Debug, Clone, Default)]
-pub struct Facts {
-    pub nodes: Vec<Node>,
-    pub servers: Vec<berth_core::invariants::CheckedServer>,
-    pub reservations: Vec<Reservation>,
-    /// (server, generation) of every open billing session.
-    pub open_sessions: Vec<(ServerId, u64)>,
-}
+pub type Facts = Snapshot<berth_core::invariants::CheckedServer>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlacementOutcome {

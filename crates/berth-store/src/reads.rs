@@ -272,35 +272,26 @@ pub(crate) async fn list_events(e: E<'_>, f: &EventFilter) -> Result<Vec<Event>,
 }
 
 pub(crate) async fn snapshot(e: E<'_>) -> Result<Snapshot, StoreError> {
-    let nodes = e.rows(&format!("SELECT {NODE_COLS} FROM nodes"), args![]).await?;
-    let servers = e.rows(&format!("SELECT {SERVER_COLS} FROM servers WHERE status <> 'deleted'"), args![]).await?;
-    let res = e.rows(&format!("SELECT {RES_COLS} FROM reservations"), args![]).await?;
-    let open = e.rows(OPEN_SESSIONS_SQL, args![]).await?;
-    Ok(Snapshot {
-        nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
-        servers: servers.iter().map(server_from_row).collect::<Result<_, _>>()?,
-        reservations: res.iter().map(reservation_from_row).collect::<Result<_, _>>()?,
-        open_sessions: open_pairs(&open)?,
-    })
-}
-
-const OPEN_SESSIONS_SQL: &str = "SELECT server_id, generation FROM billing_sessions WHERE ended_at IS NULL";
-
-fn open_pairs(rows: &[Row]) -> Result<Vec<(ServerId, u64)>, StoreError> {
-    rows.iter().map(|r| Ok((ServerId(r.text("server_id")?), r.int("generation")? as u64))).collect()
+    whole(e, SERVER_COLS, server_from_row).await
 }
 
 /// `snapshot` with each server's checked columns only.
 pub(crate) async fn facts(e: E<'_>) -> Result<Facts, StoreError> {
+    whole(e, CHECKED_SERVER_COLS, checked_server_from_row).await
+}
+
+/// Every node, live server (its `cols`, decoded by `server`), reservation
+/// and open billing session.
+async fn whole<S>(e: E<'_>, cols: &str, server: fn(&Row) -> Result<S, StoreError>) -> Result<Snapshot<S>, StoreError> {
     let nodes = e.rows(&format!("SELECT {NODE_COLS} FROM nodes"), args![]).await?;
-    let servers = e.rows("SELECT id, status, node_id, generation, memory_mib, queued_at FROM servers WHERE status <> 'deleted'", args![]).await?;
+    let servers = e.rows(&format!("SELECT {cols} FROM servers WHERE status <> 'deleted'"), args![]).await?;
     let res = e.rows(&format!("SELECT {RES_COLS} FROM reservations"), args![]).await?;
-    let open = e.rows(OPEN_SESSIONS_SQL, args![]).await?;
-    Ok(Facts {
+    let open = e.rows("SELECT server_id, generation FROM billing_sessions WHERE ended_at IS NULL", args![]).await?;
+    Ok(Snapshot {
         nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
-        servers: servers.iter().map(checked_server_from_row).collect::<Result<_, _>>()?,
+        servers: servers.iter().map(server).collect::<Result<_, _>>()?,
         reservations: res.iter().map(reservation_from_row).collect::<Result<_, _>>()?,
-        open_sessions: open_pairs(&open)?,
+        open_sessions: open.iter().map(|r| Ok((ServerId(r.text("server_id")?), r.int("generation")? as u64))).collect::<Result<_, StoreError>>()?,
     })
 }
 

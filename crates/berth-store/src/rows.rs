@@ -78,7 +78,9 @@ pub(crate) fn server_from_row(r: &Row) -> Result<Server, StoreError> {
     })
 }
 
-/// A server's columns the invariant checks read (`reads::facts`).
+/// The columns of a server the invariant checks read (`reads::facts`).
+pub(crate) const CHECKED_SERVER_COLS: &str = "id, status, node_id, generation, memory_mib, queued_at";
+
 pub(crate) fn checked_server_from_row(r: &Row) -> Result<berth_core::invariants::CheckedServer, StoreError> {
     let status = r.text("status")?;
     Ok(berth_core::invariants::CheckedServer {
