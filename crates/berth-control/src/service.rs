@@ -58,6 +58,21 @@ pub struct App {
     pub capacity: Arc<crate::capacity::CapacityView>,
 }
 
+/// The bits of the last server id this process made: ids sort in
+/// creation order (`ServerId::next_ordered_bits` says why).
+static LAST_SERVER_ID: AtomicU64 = AtomicU64::new(0);
+
+fn new_server_id(now_ms: i64) -> ServerId {
+    let mut last = LAST_SERVER_ID.load(Ordering::Relaxed);
+    loop {
+        let next = ServerId::next_ordered_bits(last, now_ms, rand::random());
+        match LAST_SERVER_ID.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return ServerId::from_random(next),
+            Err(current) => last = current,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct SyncCounts {
     pub total: AtomicU64,
@@ -183,7 +198,7 @@ impl App {
         };
         let now = self.clock.now_ms();
         let server = Server {
-            id: ServerId::from_random(rand::random()),
+            id: new_server_id(now),
             tenant,
             name: name.to_string(),
             template: template.name.clone(),

@@ -41,6 +41,11 @@ pub struct AdmissionArgs {
     /// Skip the naive path
     #[arg(long)]
     no_baseline: bool,
+    /// Start the servers in a random order, not in the order they were
+    /// created: ids sort by creation time, so creation order keeps each
+    /// batch's index entries together and this order scatters them
+    #[arg(long)]
+    shuffle: bool,
     /// Milliseconds from a simulated instance's start to ready, MIN-MAX
     /// (uniform): when the fleet's confirmations reach the control plane
     #[arg(long, default_value = "200-800")]
@@ -95,7 +100,11 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     };
     let fleet = SimFleet::start(&cp.url, &agent_token, &spec);
     fleet.wait_registered(&client, Duration::from_secs(60)).await?;
-    let ids = create_servers(&client, "adm", a.requests, a.server_mib, None, a.clients).await?;
+    let mut ids = create_servers(&client, "adm", a.requests, a.server_mib, None, a.clients).await?;
+    if a.shuffle {
+        use rand::seq::SliceRandom;
+        ids.shuffle(&mut rand::thread_rng());
+    }
     let before = metrics(&client).await?;
     let cpu_before = cp.cpu_time();
     let sampler = Sampler::start(cp.client(), Duration::from_secs(2));
@@ -152,6 +161,14 @@ async fn measure(a: &AdmissionArgs, dir: &Path, flags: &[&str], label: &str) -> 
     })
 }
 
+fn start_order(a: &AdmissionArgs) -> &'static str {
+    if a.shuffle {
+        "shuffled"
+    } else {
+        "created"
+    }
+}
+
 pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
     if a.requests as u64 * a.server_mib > a.nodes as u64 * a.node_mib {
         bail!("{} servers of {} MiB do not fit on {} nodes of {} MiB", a.requests, a.server_mib, a.nodes, a.node_mib);
@@ -167,6 +184,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         ("nodes × MiB".to_string(), format!("{} × {}", a.nodes, a.node_mib)),
         ("start requests / clients".into(), format!("{} / {}", a.requests, a.clients)),
         ("sim start to ready ms".into(), a.sim_start_ms.to_string()),
+        ("start order".into(), start_order(&a).into()),
         ("durable single-row commits/s on this disk".into(), format!("{durable_commits:.0}")),
         ("placements/s (group commit)".into(), format!("{:.0}", grouped.placements_per_sec)),
         ("admission p50 / p99 / max ms".into(), format!("{:.1} / {:.1} / {:.1}", grouped.latency.p50, grouped.latency.p99, grouped.latency.max)),
@@ -200,6 +218,7 @@ pub async fn run(a: AdmissionArgs, dir: &Path) -> Result<Report> {
         "clients": a.clients,
         "server_mib": a.server_mib,
         "sim_start_ms": [a.sim_start_ms.min, a.sim_start_ms.max],
+        "start_order": start_order(&a),
         "durable_commits_per_sec": round1(durable_commits),
         "placements_per_sec": round1(grouped.placements_per_sec),
         "baseline_placements_per_sec": naive.as_ref().map(|n| round1(n.placements_per_sec)),
