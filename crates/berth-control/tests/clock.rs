@@ -423,3 +423,19 @@ async fn a_sync_naming_the_set_it_holds_gets_only_what_changed() {
     assert!(unknown.base_version.is_none());
     assert_eq!(spec_keys(&unknown.desired), spec_keys(&whole.desired));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_ids_sort_in_creation_order_while_the_clock_stands_still_or_goes_back() {
+    let h = Harness::new(1024).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        if i == 3 {
+            // The wall clock stepped back a minute.
+            h.clock.0.fetch_sub(60_000, Ordering::SeqCst);
+        }
+        let name = format!("s{i}");
+        h.create(&name, 64, "never").await;
+        ids.push(h.server(&name).await.id);
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "each id sorts after the one made before it: {ids:?}");
+}
