@@ -63,14 +63,12 @@ pub struct App {
 static LAST_SERVER_ID: AtomicU64 = AtomicU64::new(0);
 
 fn new_server_id(now_ms: i64) -> ServerId {
-    let mut last = LAST_SERVER_ID.load(Ordering::Relaxed);
-    loop {
-        let next = ServerId::next_ordered_bits(last, now_ms, rand::random());
-        match LAST_SERVER_ID.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return ServerId::from_random(next),
-            Err(current) => last = current,
-        }
-    }
+    // Drawn once, so the step is the same function of `last` however often
+    // the update retries, and the bits it stored can be made again.
+    let random = rand::random();
+    let step = |last| ServerId::next_ordered_bits(last, now_ms, random);
+    let last = LAST_SERVER_ID.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(step(last))).expect("the step always gives bits");
+    ServerId::from_bits(step(last))
 }
 
 #[derive(Default)]
@@ -607,7 +605,7 @@ impl App {
             ports: req.ports,
             max_concurrent_starts: req.max_concurrent_starts,
         };
-        let node = self.store.register_node(&reg, &NodeId::from_random(rand::random()), self.clock.now_ms()).await?;
+        let node = self.store.register_node(&reg, &NodeId::from_bits(rand::random()), self.clock.now_ms()).await?;
         self.queue_wake.notify_one();
         Ok(RegisterResponse { node_id: node.id.0, epoch: node.epoch, sync_interval_ms: self.cfg.sync_interval_ms, lease_ttl_ms: self.cfg.lease_ttl_ms })
     }

@@ -54,9 +54,10 @@ macro_rules! string_id {
         impl $name {
             pub const PREFIX: &'static str = $prefix;
 
-            /// Builds an id from caller-supplied random bits, so core never
+            /// Builds an id from caller-supplied bits (random for a node,
+            /// `ServerId::next_ordered_bits` for a server), so core never
             /// draws randomness itself.
-            pub fn from_random(bits: u64) -> Self {
+            pub fn from_bits(bits: u64) -> Self {
                 $name(format!("{}{:016x}", $prefix, bits))
             }
 
@@ -500,7 +501,7 @@ mod tests {
 
     #[test]
     fn ids_have_a_recognisable_shape() {
-        let id = ServerId::from_random(0xdead_beef);
+        let id = ServerId::from_bits(0xdead_beef);
         assert!(ServerId::looks_like(id.as_str()));
         assert!(!ServerId::looks_like("my-server"));
         assert!(!NodeId::looks_like(id.as_str()));
@@ -514,7 +515,7 @@ mod tests {
         // then a later millisecond, then a clock that went back.
         for (now, random) in [(1_000, 9), (1_000, 3), (1_000, u32::MAX), (1_000, 0), (1_001, 5), (999, 7)] {
             last = ServerId::next_ordered_bits(last, now, random);
-            ids.push(ServerId::from_random(last));
+            ids.push(ServerId::from_bits(last));
         }
         let mut sorted = ids.clone();
         sorted.sort();
