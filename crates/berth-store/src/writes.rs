@@ -311,6 +311,21 @@ pub(crate) async fn delete_server(e: E<'_>, id: &ServerId, now: Millis) -> Resul
 /// in this transaction and inserts those that fit (L1, L2). `fence` is the
 /// leader lease this replica must still hold.
 pub(crate) async fn commit_placements(e: E<'_>, plans: &[Placement], now: Millis, fence: Option<(String, u64)>) -> Result<Vec<PlacementOutcome>, StoreError> {
+    fence_and_lock(e, plans, fence).await?;
+    // Capacity per node is derived from the rows inside this transaction,
+    // then updated as plans are accepted, so every plan is checked against
+    // everything committed before it.
+    let mut caps: HashMap<NodeId, NodeCapacity> = HashMap::new();
+    let mut out = Vec::with_capacity(plans.len());
+    for p in plans {
+        out.push(place_plan(e, p, &mut caps, None, now).await?);
+    }
+    Ok(out)
+}
+
+/// Checks that this replica still holds the leader lease `fence` names,
+/// and where replicas are concurrent locks the nodes `plans` touch.
+async fn fence_and_lock(e: E<'_>, plans: &[Placement], fence: Option<(String, u64)>) -> Result<(), StoreError> {
     let concurrent = !e.lock().is_empty();
     if let Some((holder, epoch)) = fence {
         // FOR SHARE where replicas are concurrent: a replica taking over the
@@ -336,71 +351,102 @@ pub(crate) async fn commit_placements(e: E<'_>, plans: &[Placement], now: Millis
             e.rows(&sql, ids.iter().map(|i| Arg::from(*i)).collect()).await?;
         }
     }
-    // Capacity per node is derived from the rows inside this transaction,
-    // then updated as plans are accepted, so every plan is checked against
-    // everything committed before it.
-    let mut caps: HashMap<NodeId, NodeCapacity> = HashMap::new();
-    // Each query is built once for the batch.
-    // The node's memory and pending starts; its ports are looked up one
-    // plan at a time (a point read of the key), not listed.
-    let totals = format!("SELECT {} FROM reservations WHERE node_id = ?", totals_sql("NULL"));
-    let port_sql = "SELECT port FROM reservations WHERE node_id = ? AND port = ?";
-    let server_sql = format!("SELECT name, status, generation FROM servers WHERE id = ?{}", e.lock());
-    let mut out = Vec::with_capacity(plans.len());
-    for p in plans {
-        let Some(server) = e.row(&server_sql, args![&p.server_id.0]).await? else {
-            out.push(PlacementOutcome::Stale);
-            continue;
-        };
-        let name = server.text("name")?;
-        if server.text("status")? != ServerStatus::Queued.as_str() || server.int("generation")? as u64 != p.expected_generation {
-            out.push(PlacementOutcome::Stale);
-            continue;
-        }
-        if !caps.contains_key(&p.node_id) {
-            let Some(node) = node_by_id(e, &p.node_id).await? else {
-                out.push(PlacementOutcome::Stale);
-                continue;
+    Ok(())
+}
+
+/// A server whose start moved it to queued in this same transaction, its
+/// row not yet written (see `place_now`): the name, and the status the
+/// row still holds.
+struct HeldQueue<'a> {
+    name: &'a str,
+    row_status: ServerStatus,
+}
+
+/// Re-checks one plan against the reservation rows and `caps` (the
+/// batch's nodes so far) and, if it fits, reserves it. `held`: the
+/// server's row is still at its status before its start, and the one
+/// update that places it also writes what queueing it would have.
+async fn place_plan(
+    e: E<'_>,
+    p: &Placement,
+    caps: &mut HashMap<NodeId, NodeCapacity>,
+    held: Option<&HeldQueue<'_>>,
+    now: Millis,
+) -> Result<PlacementOutcome, StoreError> {
+    let name = match held {
+        Some(h) => h.name.to_string(),
+        None => {
+            let server_sql = format!("SELECT name, status, generation FROM servers WHERE id = ?{}", e.lock());
+            let Some(server) = e.row(&server_sql, args![&p.server_id.0]).await? else {
+                return Ok(PlacementOutcome::Stale);
             };
-            // Summed by the database: the rows themselves, not a copy of
-            // them built for each node of the batch.
-            let (reserved, pending, ports) = totals_from_row(&e.one(&totals, args![&p.node_id.0]).await?)?;
-            caps.insert(p.node_id.clone(), NodeCapacity::from_totals(&node, berth_core::MemMib(reserved), pending, ports));
+            if server.text("status")? != ServerStatus::Queued.as_str() || server.int("generation")? as u64 != p.expected_generation {
+                return Ok(PlacementOutcome::Stale);
+            }
+            server.text("name")?
         }
-        let cap = caps.get_mut(&p.node_id).expect("inserted above");
-        // The batch's own ports are in `cap`; those of earlier commits in
-        // the rows.
-        if let Err(misfit) = recheck(cap, p) {
-            out.push(PlacementOutcome::Rejected(misfit));
-            continue;
-        }
-        if e.row(port_sql, args![&p.node_id.0, p.port as i64]).await?.is_some() {
-            out.push(PlacementOutcome::Rejected(berth_core::admission::Misfit::PortTaken));
-            continue;
-        }
-        let new_gen = p.new_generation();
-        e.exec(
-            &format!("INSERT INTO reservations ({RES_COLS}) VALUES (?, ?, ?, ?, ?, 'pending', ?)"),
-            args![&p.server_id.0, new_gen as i64, &p.node_id.0, p.memory_mib.0 as i64, p.port as i64, now],
-        )
-        .await?;
-        e.exec(
-            "UPDATE servers SET status = 'starting', node_id = ?, generation = ?, port = ?, updated_at = ? \
-             WHERE id = ? AND generation = ? AND status = 'queued'",
-            args![&p.node_id.0, new_gen as i64, p.port as i64, now, &p.server_id.0, p.expected_generation as i64],
-        )
-        .await?;
-        cap.take(p.memory_mib, p.port);
-        let ev = NewEvent {
-            kind: "server_placed",
-            server_id: Some(p.server_id.clone()),
-            node_id: Some(p.node_id.clone()),
-            message: format!("server {name} placed on node {} (generation {new_gen}, port {})", p.node_id, p.port),
+    };
+    if !caps.contains_key(&p.node_id) {
+        let Some(node) = node_by_id(e, &p.node_id).await? else {
+            return Ok(PlacementOutcome::Stale);
         };
-        insert_events(e, &[ev], now).await?;
-        out.push(PlacementOutcome::Committed { generation: new_gen, at: now });
+        // Summed by the database: the rows themselves, not a copy of
+        // them built for each node of the batch. The node's memory and
+        // pending starts; its ports are looked up one plan at a time (a
+        // point read of the key), not listed.
+        let totals = format!("SELECT {} FROM reservations WHERE node_id = ?", totals_sql("NULL"));
+        let (reserved, pending, ports) = totals_from_row(&e.one(&totals, args![&p.node_id.0]).await?)?;
+        caps.insert(p.node_id.clone(), NodeCapacity::from_totals(&node, berth_core::MemMib(reserved), pending, ports));
     }
-    Ok(out)
+    let cap = caps.get_mut(&p.node_id).expect("inserted above");
+    // The batch's own ports are in `cap`; those of earlier commits in
+    // the rows.
+    if let Err(misfit) = recheck(cap, p) {
+        return Ok(PlacementOutcome::Rejected(misfit));
+    }
+    if e.row("SELECT port FROM reservations WHERE node_id = ? AND port = ?", args![&p.node_id.0, p.port as i64]).await?.is_some() {
+        return Ok(PlacementOutcome::Rejected(berth_core::admission::Misfit::PortTaken));
+    }
+    let new_gen = p.new_generation();
+    e.exec(
+        &format!("INSERT INTO reservations ({RES_COLS}) VALUES (?, ?, ?, ?, ?, 'pending', ?)"),
+        args![&p.server_id.0, new_gen as i64, &p.node_id.0, p.memory_mib.0 as i64, p.port as i64, now],
+    )
+    .await?;
+    let placed = args![&p.node_id.0, new_gen as i64, p.port as i64, now];
+    let moved = match held {
+        None => {
+            let mut a = placed;
+            a.extend(args![&p.server_id.0, p.expected_generation as i64]);
+            e.exec(
+                "UPDATE servers SET status = 'starting', node_id = ?, generation = ?, port = ?, updated_at = ? \
+                 WHERE id = ? AND generation = ? AND status = 'queued'",
+                a,
+            )
+            .await?
+        }
+        Some(h) => {
+            let mut a = placed;
+            a.extend(args![now, &p.server_id.0, p.expected_generation as i64, h.row_status.as_str()]);
+            e.exec(
+                &format!("UPDATE servers SET status = 'starting', node_id = ?, generation = ?, port = ?, updated_at = ?, {QUEUED_SETS} WHERE id = ? AND generation = ? AND status = ?"),
+                a,
+            )
+            .await?
+        }
+    };
+    if moved != 1 {
+        return Err(StoreError::Corrupt(format!("server {} changed under its row lock", p.server_id)));
+    }
+    cap.take(p.memory_mib, p.port);
+    let ev = NewEvent {
+        kind: "server_placed",
+        server_id: Some(p.server_id.clone()),
+        node_id: Some(p.node_id.clone()),
+        message: format!("server {name} placed on node {} (generation {new_gen}, port {})", p.node_id, p.port),
+    };
+    insert_events(e, &[ev], now).await?;
+    Ok(PlacementOutcome::Committed { generation: new_gen, at: now })
 }
 
 // ---- syncs ----
@@ -879,25 +925,47 @@ async fn finish(
     Ok(())
 }
 
-/// Moves the server to `to` as the first step of an operation or of its
-/// next phase, with the bookkeeping each target needs.
-async fn move_server(e: E<'_>, s: &mut Server, to: ServerStatus, why: &Operation, now: Millis) -> Result<(), StoreError> {
+/// What a move to queued writes besides the status (`queued_at` is bound).
+const QUEUED_SETS: &str = "queued_at = ?, attempts = 0, next_attempt_at = NULL, last_error = NULL";
+
+/// Whether a move writes the server's row now or leaves it to the
+/// placement that follows in the same transaction (`place_now`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowWrite {
+    Now,
+    /// A move to queued only: its row write is held.
+    HoldQueue,
+}
+
+/// The row write of `move_server`: the status, and what the target needs.
+async fn write_move(e: E<'_>, id: &ServerId, generation: u64, from: ServerStatus, to: ServerStatus, now: Millis) -> Result<(), StoreError> {
     let extra = match to {
-        ServerStatus::Queued => ", queued_at = ?, attempts = 0, next_attempt_at = NULL, last_error = NULL",
-        ServerStatus::Stopped => ", queued_at = NULL, next_attempt_at = NULL",
+        ServerStatus::Queued => format!(", {QUEUED_SETS}"),
+        ServerStatus::Stopped => ", queued_at = NULL, next_attempt_at = NULL".into(),
         // The name is free again (the live-name index holds rows without
         // `deleted_at`).
-        ServerStatus::Deleted => ", queued_at = NULL, next_attempt_at = NULL, deleted_at = ?",
-        _ => "",
+        ServerStatus::Deleted => ", queued_at = NULL, next_attempt_at = NULL, deleted_at = ?".into(),
+        _ => String::new(),
     };
     let sql = format!("UPDATE servers SET status = ?, updated_at = ?{extra} WHERE id = ? AND generation = ? AND status = ?");
     let mut args = args![to.as_str(), now];
     if matches!(to, ServerStatus::Queued | ServerStatus::Deleted) {
         args.push(Arg::Int(now));
     }
-    args.extend(args![&s.id.0, s.generation as i64, s.status.as_str()]);
+    args.extend(args![&id.0, generation as i64, from.as_str()]);
     if e.exec(&sql, args).await? != 1 {
-        return Err(StoreError::Corrupt(format!("server {} changed under its row lock", s.id)));
+        return Err(StoreError::Corrupt(format!("server {id} changed under its row lock")));
+    }
+    Ok(())
+}
+
+/// Moves the server to `to` as the first step of an operation or of its
+/// next phase, with the bookkeeping each target needs. With
+/// `RowWrite::HoldQueue` a move to queued records its event and changes
+/// `s` but leaves the row to its caller, which must write it.
+async fn move_server(e: E<'_>, s: &mut Server, to: ServerStatus, why: &Operation, now: Millis, row: RowWrite) -> Result<(), StoreError> {
+    if row == RowWrite::Now || to != ServerStatus::Queued {
+        write_move(e, &s.id, s.generation, s.status, to, now).await?;
     }
     let (kind, message) = match (why.kind, to) {
         (_, ServerStatus::Queued) if why.origin == OpOrigin::RestartPolicy => {
@@ -919,6 +987,8 @@ async fn move_server(e: E<'_>, s: &mut Server, to: ServerStatus, why: &Operation
         s.last_error = None;
     }
     s.status = to;
+    // The answer a request returns is this copy: it must match the row.
+    s.updated_at = now;
     Ok(())
 }
 
@@ -935,14 +1005,20 @@ async fn set_phase(e: E<'_>, op: &mut Operation, phase: OpPhase, now: Millis) ->
     Ok(())
 }
 
-/// Begins `op` on `server` (its turn has come).
-async fn begin_op(e: E<'_>, op: &mut Operation, server: &mut Option<Server>, now: Millis) -> Result<(), StoreError> {
+/// Begins `op` on `server` (its turn has come). Returns the status the
+/// server's row still holds if `row` held its move to queued.
+async fn begin_op(e: E<'_>, op: &mut Operation, server: &mut Option<Server>, now: Millis, row: RowWrite) -> Result<Option<ServerStatus>, StoreError> {
     let Some(s) = server.as_mut() else {
-        return finish(e, op, OpStatus::Failed, Some("deleted"), Some("the server was deleted".into()), None, now).await;
+        finish(e, op, OpStatus::Failed, Some("deleted"), Some("the server was deleted".into()), None, now).await?;
+        return Ok(None);
     };
+    let mut held = None;
     match begin(op.kind, s.status) {
         Begin::Transition { to, phase } => {
-            move_server(e, s, to, op, now).await?;
+            if row == RowWrite::HoldQueue && to == ServerStatus::Queued {
+                held = Some(s.status);
+            }
+            move_server(e, s, to, op, now, row).await?;
             set_phase(e, op, phase, now).await?;
             if phase == OpPhase::Done {
                 let snapshot = s.clone();
@@ -950,7 +1026,7 @@ async fn begin_op(e: E<'_>, op: &mut Operation, server: &mut Option<Server>, now
             }
         }
         Begin::Delete => {
-            move_server(e, s, ServerStatus::Deleted, op, now).await?;
+            move_server(e, s, ServerStatus::Deleted, op, now, RowWrite::Now).await?;
             set_phase(e, op, OpPhase::Done, now).await?;
             finish(e, op, OpStatus::Succeeded, None, None, None, now).await?;
             *server = None;
@@ -965,7 +1041,7 @@ async fn begin_op(e: E<'_>, op: &mut Operation, server: &mut Option<Server>, now
             finish(e, op, OpStatus::Failed, Some("invalid_state"), Some(err.to_string()), Some(&snapshot), now).await?;
         }
     }
-    Ok(())
+    Ok(held)
 }
 
 /// Settles running operations and begins waiting ones until nothing
@@ -995,7 +1071,7 @@ async fn converge(e: E<'_>, server: &mut Option<Server>, ops: &mut Vec<Operation
                 }
                 Settle::Next { to, phase } => {
                     let s = server.as_mut().expect("settle returns next only for a live server");
-                    move_server(e, s, to, op, now).await?;
+                    move_server(e, s, to, op, now, RowWrite::Now).await?;
                     set_phase(e, op, phase, now).await?;
                     changed.push(op.clone());
                     progress = true;
@@ -1017,7 +1093,7 @@ async fn converge(e: E<'_>, server: &mut Option<Server>, ops: &mut Vec<Operation
         // kill too: what waits behind it needs the instance confirmed gone).
         if !ops.iter().any(|o| o.status == OpStatus::Running) {
             if let Some(next) = ops.iter_mut().find(|o| o.status == OpStatus::Pending) {
-                begin_op(e, next, server, now).await?;
+                begin_op(e, next, server, now, RowWrite::Now).await?;
                 changed.push(next.clone());
                 progress = true;
             }
@@ -1073,9 +1149,10 @@ pub(crate) async fn request_operation(e: E<'_>, req: &OpRequest, now: Millis) ->
             s.home_node = None;
         }
     }
-    if admission.begin_now {
-        begin_op(e, &mut op, &mut server, now).await?;
-    }
+    // A start that proposes a node is placed right after it is queued,
+    // in this transaction: one row write for both steps when it fits.
+    let row = if req.place.is_some() { RowWrite::HoldQueue } else { RowWrite::Now };
+    let held = if admission.begin_now { begin_op(e, &mut op, &mut server, now, row).await? } else { None };
     let seq = e
         .insert_key(
             "INSERT INTO operations (id, server_id, kind, status, phase, origin, attempts, next_attempt_at, error_code, error, created_at, \
@@ -1104,35 +1181,53 @@ pub(crate) async fn request_operation(e: E<'_>, req: &OpRequest, now: Millis) ->
         None => Server { status: ServerStatus::Deleted, ..current },
     };
     if let (Some(p), ServerStatus::Queued) = (&req.place, after.status) {
-        place_now(e, &mut after, p, now).await?;
+        place_now(e, &mut after, p, now, held).await?;
     }
     Ok((op, after))
 }
 
 /// Places a server its start just queued on the node the start proposed,
-/// in the start's own transaction, through `commit_placements`: re-checked
-/// against the reservation rows like any plan (L1). Not while another
-/// queued server has waited past the starvation bound (it blocks
-/// backfill in the planner too), nor off the server's home node: then the
-/// server stays queued for the queue worker, as does one the re-check
-/// refuses.
-async fn place_now(e: E<'_>, s: &mut Server, p: &crate::Proposal, now: Millis) -> Result<(), StoreError> {
+/// in the start's own transaction: re-checked against the reservation
+/// rows like any plan (L1). Not while another queued server has waited
+/// past the starvation bound (it blocks backfill in the planner too), nor
+/// off the server's home node: then the server stays queued for the queue
+/// worker, as does one the re-check refuses. `held`: the status the row
+/// still holds when its move to queued was held (`RowWrite::HoldQueue`);
+/// this writes it, placed or queued.
+async fn place_now(e: E<'_>, s: &mut Server, p: &crate::Proposal, now: Millis, held: Option<ServerStatus>) -> Result<(), StoreError> {
+    if !placed_now(e, s, p, now, held).await? {
+        if let Some(row_status) = held {
+            write_move(e, &s.id, s.generation, row_status, ServerStatus::Queued, now).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `place_now` placed the server.
+async fn placed_now(e: E<'_>, s: &mut Server, p: &crate::Proposal, now: Millis, held: Option<ServerStatus>) -> Result<bool, StoreError> {
     if s.next_attempt_at.is_some_and(|t| t > now) || s.home_node.as_ref().is_some_and(|h| *h != p.node_id) {
-        return Ok(());
+        return Ok(false);
     }
     let starved = e.row("SELECT id FROM servers WHERE status = 'queued' AND queued_at <= ? AND id <> ? LIMIT 1", args![now - p.starvation_ms, &s.id.0]).await?;
     if starved.is_some() {
-        return Ok(());
+        return Ok(false);
     }
     let plan = Placement { server_id: s.id.clone(), expected_generation: s.generation, node_id: p.node_id.clone(), memory_mib: s.memory_mib, port: p.port };
-    if let [PlacementOutcome::Committed { generation, at }] = commit_placements(e, std::slice::from_ref(&plan), now, p.fence.clone()).await?.as_slice() {
-        s.status = ServerStatus::Starting;
-        s.node_id = Some(plan.node_id);
-        s.port = Some(plan.port);
-        s.generation = *generation;
-        s.updated_at = *at;
-    }
-    Ok(())
+    let plans = std::slice::from_ref(&plan);
+    let outcome = match held {
+        Some(row_status) => {
+            fence_and_lock(e, plans, p.fence.clone()).await?;
+            place_plan(e, &plan, &mut HashMap::new(), Some(&HeldQueue { name: &s.name, row_status }), now).await?
+        }
+        None => commit_placements(e, plans, now, p.fence.clone()).await?.remove(0),
+    };
+    let PlacementOutcome::Committed { generation, at } = outcome else { return Ok(false) };
+    s.status = ServerStatus::Starting;
+    s.node_id = Some(plan.node_id);
+    s.port = Some(plan.port);
+    s.generation = generation;
+    s.updated_at = at;
+    Ok(true)
 }
 
 /// Settles and begins a server's operations.

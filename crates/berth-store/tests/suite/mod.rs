@@ -105,25 +105,37 @@ pub async fn a_start_is_placed_in_its_own_write_when_it_fits(store: &dyn Store) 
     let (op, placed) = store.request_operation(&start(&a, "op_direct_a", 30005), 100).await.unwrap();
     assert_eq!((placed.status, placed.node_id.as_ref(), placed.port, placed.generation), (ServerStatus::Starting, Some(&node.id), Some(30005), 1));
     assert_eq!(op.status, OpStatus::Running, "the start runs until the instance is confirmed");
-    // The answer is the row.
+    // The answer is the row, with what queueing wrote (its place in the
+    // queue, a fresh attempt count) though both steps were one row write.
     assert_eq!(store.get_server(&a.id.0).await.unwrap().unwrap(), placed);
+    assert_eq!((placed.queued_at, placed.attempts, placed.updated_at), (Some(100), 0, 100));
     assert_eq!(store.node_usage().await.unwrap()[0].reserved, MemMib(1024));
+    // The history keeps both steps, in order.
+    let kinds = |evs: Vec<berth_core::Event>| evs.into_iter().map(|e| e.kind).collect::<Vec<_>>();
+    let of = |id: &ServerId| berth_store::EventFilter { server_id: Some(id.clone()), limit: 100, ..Default::default() };
+    let of_a = kinds(store.list_events(&of(&a.id)).await.unwrap());
+    assert_eq!(of_a[of_a.len() - 2..], ["server_queued", "server_placed"], "{of_a:?}");
     // The port is taken: refused by the re-check, queued.
     let b = server("direct-b", 512);
     store.insert_server(&b, &ev()).await.unwrap();
     let (_, b_after) = store.request_operation(&start(&b, "op_direct_b", 30005), 110).await.unwrap();
-    assert_eq!((b_after.status, b_after.node_id), (ServerStatus::Queued, None));
+    assert_eq!((b_after.status, b_after.node_id.as_ref(), b_after.queued_at), (ServerStatus::Queued, None, Some(110)));
+    // Refused, the server's row is written queued all the same.
+    assert_eq!(store.get_server(&b.id.0).await.unwrap().unwrap(), b_after);
+    assert_eq!(kinds(store.list_events(&of(&b.id)).await.unwrap()).last().map(String::as_str), Some("server_queued"));
     // Too big for what is left: refused, queued.
     let c = server("direct-c", 1536);
     store.insert_server(&c, &ev()).await.unwrap();
     let (_, c_after) = store.request_operation(&start(&c, "op_direct_c", 30006), 120).await.unwrap();
     assert_eq!(c_after.status, ServerStatus::Queued);
+    assert_eq!(store.get_server(&c.id.0).await.unwrap().unwrap(), c_after);
     // `c` has waited past the starvation bound: it blocks backfill, so a
     // start that fits waits in the queue behind it.
     let d = server("direct-d", 256);
     store.insert_server(&d, &ev()).await.unwrap();
     let (_, d_after) = store.request_operation(&start(&d, "op_direct_d", 30007), 120 + 60_000).await.unwrap();
     assert_eq!(d_after.status, ServerStatus::Queued, "a starved server blocks backfill");
+    assert_eq!(store.get_server(&d.id.0).await.unwrap().unwrap(), d_after);
     // Before the bound, backfill: `e` fits and is placed past the queue.
     let e = server("direct-e", 256);
     store.insert_server(&e, &ev()).await.unwrap();
