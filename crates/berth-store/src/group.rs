@@ -336,8 +336,13 @@ const WRITER_CHECKPOINT_PAGES: i64 = 10_000;
 const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// How long the checkpoint thread lets commits gather before it copies
-/// them into the database file.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// them into the database file. A checkpoint copies each page once however
+/// often commits rewrote it, and fsyncs the file once: the hot pages (a
+/// node's row, the ends of the indexes) are copied and flushed a tenth as
+/// often at 1 s as at 100 ms. Six alternating pairs of admission bursts:
+/// 6,642 against 6,163 placements/s (mean), p99 better in four. Neither
+/// bounds the log: the writer's own threshold does.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// Copies committed pages from the log into the database file, off the
 /// writer's thread. SQLite's automatic checkpoint runs inside the COMMIT
