@@ -339,8 +339,9 @@ const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
 /// them into the database file. A checkpoint copies each page once however
 /// often commits rewrote it, and fsyncs the file once: the hot pages (a
 /// node's row, the ends of the indexes) are copied and flushed a tenth as
-/// often at 1 s as at 100 ms. Six alternating pairs of admission bursts:
-/// 6,642 against 6,163 placements/s (mean), p99 better in four. Neither
+/// often at 1 s as at 100 ms. Nine alternating pairs of admission bursts:
+/// 6,445 against 6,200 placements/s (mean), more in seven, p99 lower in
+/// five: a small gain, within the VM's noise in a single pair. Neither
 /// bounds the log: the writer's own threshold does.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1000);
 
