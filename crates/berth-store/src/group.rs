@@ -336,14 +336,12 @@ const WRITER_CHECKPOINT_PAGES: i64 = 10_000;
 const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// How long the checkpoint thread lets commits gather before it copies
-/// them into the database file. A checkpoint copies each page once however
-/// often commits rewrote it, and fsyncs the file once: the hot pages (a
-/// node's row, the ends of the indexes) are copied and flushed a tenth as
-/// often at 1 s as at 100 ms. Nine alternating pairs of admission bursts:
-/// 6,445 against 6,200 placements/s (mean), more in seven, p99 lower in
-/// five: a small gain, within the VM's noise in a single pair. Neither
-/// bounds the log: the writer's own threshold does.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1000);
+/// them into the database file. At 1 s instead (fewer copies of the hot
+/// pages) the writer's own checkpoint, when the log reaches its threshold,
+/// found more left to copy: its COMMIT took up to 27.6 and 46.6 ms in two
+/// bursts against 14.5 and 13.7 ms at 100 ms, and every start in flight
+/// waits for that commit (`BENCHMARKS.md`, 2026-12-06, night).
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Copies committed pages from the log into the database file, off the
 /// writer's thread. SQLite's automatic checkpoint runs inside the COMMIT
