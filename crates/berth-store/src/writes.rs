@@ -413,29 +413,17 @@ async fn place_plan(
         args![&p.server_id.0, new_gen as i64, &p.node_id.0, p.memory_mib.0 as i64, p.port as i64, now],
     )
     .await?;
-    let placed = args![&p.node_id.0, new_gen as i64, p.port as i64, now];
-    let moved = match held {
-        None => {
-            let mut a = placed;
-            a.extend(args![&p.server_id.0, p.expected_generation as i64]);
-            e.exec(
-                "UPDATE servers SET status = 'starting', node_id = ?, generation = ?, port = ?, updated_at = ? \
-                 WHERE id = ? AND generation = ? AND status = 'queued'",
-                a,
-            )
-            .await?
-        }
+    let mut args = args![&p.node_id.0, new_gen as i64, p.port as i64, now];
+    let (queued_sets, row_status) = match held {
+        None => (String::new(), ServerStatus::Queued),
         Some(h) => {
-            let mut a = placed;
-            a.extend(args![now, &p.server_id.0, p.expected_generation as i64, h.row_status.as_str()]);
-            e.exec(
-                &format!("UPDATE servers SET status = 'starting', node_id = ?, generation = ?, port = ?, updated_at = ?, {QUEUED_SETS} WHERE id = ? AND generation = ? AND status = ?"),
-                a,
-            )
-            .await?
+            args.push(Arg::Int(now));
+            (format!(", {QUEUED_SETS}"), h.row_status)
         }
     };
-    if moved != 1 {
+    args.extend(args![&p.server_id.0, p.expected_generation as i64, row_status.as_str()]);
+    let sql = format!("UPDATE servers SET status = 'starting', node_id = ?, generation = ?, port = ?, updated_at = ?{queued_sets} WHERE id = ? AND generation = ? AND status = ?");
+    if e.exec(&sql, args).await? != 1 {
         return Err(StoreError::Corrupt(format!("server {} changed under its row lock", p.server_id)));
     }
     cap.take(p.memory_mib, p.port);
@@ -962,9 +950,11 @@ async fn write_move(e: E<'_>, id: &ServerId, generation: u64, from: ServerStatus
 /// Moves the server to `to` as the first step of an operation or of its
 /// next phase, with the bookkeeping each target needs. With
 /// `RowWrite::HoldQueue` a move to queued records its event and changes
-/// `s` but leaves the row to its caller, which must write it.
-async fn move_server(e: E<'_>, s: &mut Server, to: ServerStatus, why: &Operation, now: Millis, row: RowWrite) -> Result<(), StoreError> {
-    if row == RowWrite::Now || to != ServerStatus::Queued {
+/// `s` but leaves the row to its caller, which must write it: then it
+/// returns the status the row still holds.
+async fn move_server(e: E<'_>, s: &mut Server, to: ServerStatus, why: &Operation, now: Millis, row: RowWrite) -> Result<Option<ServerStatus>, StoreError> {
+    let held = (row == RowWrite::HoldQueue && to == ServerStatus::Queued).then_some(s.status);
+    if held.is_none() {
         write_move(e, &s.id, s.generation, s.status, to, now).await?;
     }
     let (kind, message) = match (why.kind, to) {
@@ -989,7 +979,7 @@ async fn move_server(e: E<'_>, s: &mut Server, to: ServerStatus, why: &Operation
     s.status = to;
     // The answer a request returns is this copy: it must match the row.
     s.updated_at = now;
-    Ok(())
+    Ok(held)
 }
 
 async fn set_phase(e: E<'_>, op: &mut Operation, phase: OpPhase, now: Millis) -> Result<(), StoreError> {
@@ -1015,10 +1005,7 @@ async fn begin_op(e: E<'_>, op: &mut Operation, server: &mut Option<Server>, now
     let mut held = None;
     match begin(op.kind, s.status) {
         Begin::Transition { to, phase } => {
-            if row == RowWrite::HoldQueue && to == ServerStatus::Queued {
-                held = Some(s.status);
-            }
-            move_server(e, s, to, op, now, row).await?;
+            held = move_server(e, s, to, op, now, row).await?;
             set_phase(e, op, phase, now).await?;
             if phase == OpPhase::Done {
                 let snapshot = s.clone();
@@ -1213,14 +1200,9 @@ async fn placed_now(e: E<'_>, s: &mut Server, p: &crate::Proposal, now: Millis, 
         return Ok(false);
     }
     let plan = Placement { server_id: s.id.clone(), expected_generation: s.generation, node_id: p.node_id.clone(), memory_mib: s.memory_mib, port: p.port };
-    let plans = std::slice::from_ref(&plan);
-    let outcome = match held {
-        Some(row_status) => {
-            fence_and_lock(e, plans, p.fence.clone()).await?;
-            place_plan(e, &plan, &mut HashMap::new(), Some(&HeldQueue { name: &s.name, row_status }), now).await?
-        }
-        None => commit_placements(e, plans, now, p.fence.clone()).await?.remove(0),
-    };
+    fence_and_lock(e, std::slice::from_ref(&plan), p.fence.clone()).await?;
+    let held = held.map(|row_status| HeldQueue { name: &s.name, row_status });
+    let outcome = place_plan(e, &plan, &mut HashMap::new(), held.as_ref(), now).await?;
     let PlacementOutcome::Committed { generation, at } = outcome else { return Ok(false) };
     s.status = ServerStatus::Starting;
     s.node_id = Some(plan.node_id);
