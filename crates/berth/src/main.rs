@@ -17,7 +17,7 @@ use clap::Parser;
 // per-thread pages keep the many short-lived buffers of requests and
 // rows off that path. Built without transparent huge pages (`no_thp`):
 // with them every fresh or purged 2 MiB region was zeroed whole on its
-// first touch, 10 % of the machine's CPU in the burst (clear_page_erms
+// first touch, 10.5 % of the machine's CPU in the burst (clear_page_erms
 // under mimalloc's page allocation), in the bench's process and here.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
