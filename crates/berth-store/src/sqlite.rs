@@ -361,4 +361,16 @@ mod tests {
         conn.execute_batch("UPDATE servers SET status = 'running', updated_at = 62 WHERE id = 's2' AND status = 'starting'").unwrap();
         assert_eq!(size() - frame, frame - 32, "starting to running wrote more than the row's page");
     }
+
+    /// SQLite is built without its process-wide page-cache lock and
+    /// allocation counters (`.cargo/config.toml`): a build that lost the
+    /// flags would still pass every other test, only slower.
+    #[test]
+    fn sqlite_is_built_without_global_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = connect(&dir.path().join("berth.db")).unwrap();
+        let options: Vec<String> = conn.prepare("PRAGMA compile_options").unwrap().query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap();
+        assert!(!options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"), "SQLite shares one locked page cache: {options:?}");
+        assert!(options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"), "SQLite counts allocations under a lock: {options:?}");
+    }
 }
