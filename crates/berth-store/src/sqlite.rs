@@ -38,6 +38,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../migrations/sqlite/0006_reservations_key.sql")),
     (7, include_str!("../migrations/sqlite/0007_reservations_by_node.sql")),
     (8, include_str!("../migrations/sqlite/0008_servers_indexes.sql")),
+    (9, include_str!("../migrations/sqlite/0009_operations_check.sql")),
 ];
 
 /// How a `SqliteStore` writes.
@@ -360,6 +361,70 @@ mod tests {
         assert!(frame > 0, "the log holds the first commit");
         conn.execute_batch("UPDATE servers SET status = 'running', updated_at = 62 WHERE id = 's2' AND status = 'starting'").unwrap();
         assert_eq!(size() - frame, frame - 32, "starting to running wrote more than the row's page");
+    }
+
+    /// Schema 9: operations keep their rows, keys, rules and indexes, the
+    /// key counter goes on from where it was (a deleted newest operation's
+    /// `seq` is not given again), and inserting or settling an operation
+    /// opens no temporary b-tree, which the status CHECK's IN list did.
+    #[test]
+    fn operations_rebuilt_keep_their_rows_and_check_status_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = connect(&dir.path().join("berth.db")).unwrap();
+        migrate_through(&mut conn, 8).unwrap();
+        let ephemeral = |conn: &rusqlite::Connection, sql: &str| -> usize {
+            let ops: Vec<String> = conn.prepare(&format!("EXPLAIN {sql}")).unwrap().query_map([], |r| r.get(1)).unwrap().collect::<Result<_, _>>().unwrap();
+            ops.iter().filter(|o| *o == "OpenEphemeral").count()
+        };
+        let insert = "INSERT INTO operations (id, server_id, kind, status, origin, created_at) VALUES ('o9', 's1', 'start', 'running', 'user', 9)";
+        let settle = "UPDATE operations SET status = 'succeeded', finished_at = 10 WHERE id = 'o1'";
+        assert_eq!((ephemeral(&conn, insert), ephemeral(&conn, settle)), (1, 1), "schema 8 is not what this test thinks");
+        conn.execute_batch(
+            "INSERT INTO servers (id, tenant, name, template, memory_mib, config, status, generation, created_at, updated_at) \
+             VALUES ('s1', 't', 'one', 'x', 512, '{}', 'running', 1, 0, 0); \
+             INSERT INTO operations (id, server_id, kind, status, phase, origin, attempts, created_at, started_at) VALUES \
+             ('o1', 's1', 'start', 'running', 'wait_running', 'user', 2, 5, 6), ('o2', 's1', 'stop', 'pending', NULL, 'user', 0, 7, NULL), \
+             ('o3', 's1', 'kill', 'failed', NULL, 'user', 0, 8, NULL); \
+             DELETE FROM operations WHERE id = 'o3';",
+        )
+        .unwrap();
+        migrate_through(&mut conn, 9).unwrap();
+
+        let rows: Vec<(i64, String, String, Option<String>, i64)> = conn
+            .prepare("SELECT seq, id, status, phase, attempts FROM operations ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [(1, "o1".into(), "running".into(), Some("wait_running".into()), 2), (2, "o2".into(), "pending".into(), None, 0)]);
+        assert_eq!((ephemeral(&conn, insert), ephemeral(&conn, settle)), (0, 0), "the status CHECK builds a temporary b-tree again");
+        conn.execute_batch(insert).unwrap();
+        let seq: i64 = conn.query_row("SELECT seq FROM operations WHERE id = 'o9'", [], |r| r.get(0)).unwrap();
+        assert_eq!(seq, 4, "the deleted operation's key was given again");
+        assert!(conn.execute_batch("UPDATE operations SET status = 'paused' WHERE id = 'o1'").is_err(), "an unknown status was accepted");
+        assert!(
+            conn.execute_batch("INSERT INTO operations (id, server_id, kind, status, origin, created_at) VALUES ('o1', 's1', 'stop', 'pending', 'user', 11)")
+                .is_err(),
+            "an operation id was taken twice"
+        );
+        assert!(
+            conn.execute_batch(
+                "INSERT INTO operations (id, server_id, kind, status, origin, created_at) VALUES ('o8', 'ghost', 'stop', 'pending', 'user', 11)"
+            )
+            .is_err(),
+            "an operation of a missing server was accepted"
+        );
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_index_list('operations') WHERE origin = 'c' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(indexes, ["operations_active", "operations_server"]);
+        let plan: String = conn.query_row("EXPLAIN QUERY PLAN SELECT seq FROM operations WHERE status IN ('pending', 'running')", [], |r| r.get(3)).unwrap();
+        assert!(plan.contains("operations_active"), "{plan}");
     }
 
     /// SQLite is built without its process-wide page-cache lock and
