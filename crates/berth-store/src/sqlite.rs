@@ -236,6 +236,11 @@ impl Backend for SqliteBackend {
 mod tests {
     use super::*;
 
+    /// Column `i` of every row `sql` returns.
+    fn column<T: rusqlite::types::FromSql>(conn: &rusqlite::Connection, sql: &str, i: usize) -> Vec<T> {
+        conn.prepare(sql).unwrap().query_map([], |r| r.get(i)).unwrap().collect::<Result<_, _>>().unwrap()
+    }
+
     /// A database at version 5 with a node, a running server with its
     /// reservation and a queued server, migrated through `through`; the
     /// reservation's row and rules are checked after. Returns the
@@ -301,17 +306,10 @@ mod tests {
         assert_eq!(indexes[0], ("c".to_string(), "reservations_server".to_string()));
         assert_eq!(indexes[1].0, "pk");
         // The key is the node and its port: a node's rows are neighbours.
-        let key: Vec<String> = conn
-            .prepare(&format!("SELECT name FROM pragma_index_info('{}') ORDER BY seqno", indexes[1].1))
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let key: Vec<String> = column(&conn, &format!("SELECT name FROM pragma_index_info('{}') ORDER BY seqno", indexes[1].1), 0);
         assert_eq!(key, ["node_id", "port"]);
         // Read in key order: the node's ports, the lowest first.
-        let ports: Vec<i64> =
-            conn.prepare("SELECT port FROM reservations WHERE node_id = 'n1'").unwrap().query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap();
+        let ports: Vec<i64> = column(&conn, "SELECT port FROM reservations WHERE node_id = 'n1'", 0);
         assert_eq!(ports, [20001, 20002]);
     }
 
@@ -343,11 +341,7 @@ mod tests {
         insert("s3", "one").expect("the deleted server's name is free");
         assert!(insert("s4", "two").is_err(), "a live server's name was taken twice");
 
-        let plan = |sql: &str| -> String {
-            let rows: Vec<String> =
-                conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap().query_map([], |r| r.get(3)).unwrap().collect::<Result<_, _>>().unwrap();
-            rows.join("; ")
-        };
+        let plan = |sql: &str| -> String { column::<String>(&conn, &format!("EXPLAIN QUERY PLAN {sql}"), 3).join("; ") };
         assert!(plan(&format!("{} ORDER BY queued_at, id", crate::rows::QUEUED_SQL)).contains("servers_queue"));
         assert!(plan("SELECT id FROM servers WHERE name = 'one' AND deleted_at IS NULL").contains("servers_live_name"));
         assert!(plan("SELECT id FROM servers WHERE status = 'crashed'").contains("servers_crashed"));
@@ -373,8 +367,7 @@ mod tests {
         let mut conn = connect(&dir.path().join("berth.db")).unwrap();
         migrate_through(&mut conn, 8).unwrap();
         let ephemeral = |conn: &rusqlite::Connection, sql: &str| -> usize {
-            let ops: Vec<String> = conn.prepare(&format!("EXPLAIN {sql}")).unwrap().query_map([], |r| r.get(1)).unwrap().collect::<Result<_, _>>().unwrap();
-            ops.iter().filter(|o| *o == "OpenEphemeral").count()
+            column::<String>(conn, &format!("EXPLAIN {sql}"), 1).iter().filter(|o| *o == "OpenEphemeral").count()
         };
         let insert = "INSERT INTO operations (id, server_id, kind, status, origin, created_at) VALUES ('o9', 's1', 'start', 'running', 'user', 9)";
         let settle = "UPDATE operations SET status = 'succeeded', finished_at = 10 WHERE id = 'o1'";
@@ -415,13 +408,7 @@ mod tests {
             .is_err(),
             "an operation of a missing server was accepted"
         );
-        let indexes: Vec<String> = conn
-            .prepare("SELECT name FROM pragma_index_list('operations') WHERE origin = 'c' ORDER BY name")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let indexes: Vec<String> = column(&conn, "SELECT name FROM pragma_index_list('operations') WHERE origin = 'c' ORDER BY name", 0);
         assert_eq!(indexes, ["operations_active", "operations_server"]);
         let plan: String = conn.query_row("EXPLAIN QUERY PLAN SELECT seq FROM operations WHERE status IN ('pending', 'running')", [], |r| r.get(3)).unwrap();
         assert!(plan.contains("operations_active"), "{plan}");
@@ -434,7 +421,7 @@ mod tests {
     fn sqlite_is_built_without_global_locks() {
         let dir = tempfile::tempdir().unwrap();
         let conn = connect(&dir.path().join("berth.db")).unwrap();
-        let options: Vec<String> = conn.prepare("PRAGMA compile_options").unwrap().query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap();
+        let options: Vec<String> = column(&conn, "PRAGMA compile_options", 0);
         assert!(!options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"), "SQLite shares one locked page cache: {options:?}");
         assert!(options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"), "SQLite counts allocations under a lock: {options:?}");
     }
